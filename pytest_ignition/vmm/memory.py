@@ -1,0 +1,182 @@
+"""Guest physical memory: the host mappings behind guest RAM and checked access to them.
+
+Invariants:
+- RAM is one or two regions: ``[0, min(size, MMIO_START))`` and, for guests larger than
+  the low window, ``[4 GiB, 4 GiB + rest)``. ``[MMIO_START, 4 GiB)`` is the 32-bit MMIO gap
+  (virtio-mmio devices, the boot timer, the IOAPIC/LAPIC pages); it is never RAM.
+- Every access from device code goes through :meth:`GuestMemory.read` /
+  :meth:`GuestMemory.write` / :meth:`GuestMemory.view`, which raise
+  :class:`GuestMemoryError` for any range that is not wholly inside one region. Guest
+  addresses are hostile input: callers catch the error, fail the request, keep running.
+- Writes made by the VMM itself are recorded in a page bitmap (``vmm_dirty``) because KVM's
+  dirty log only sees writes made by the vCPUs; in-place rollback needs both.
+- A mapping made from a snapshot file is ``MAP_PRIVATE``: the file is never written, and
+  ``madvise(MADV_DONTNEED)`` over a page brings the file's contents back (the rollback
+  primitive). Python's ``mmap.mmap(-1, n)`` would be MAP_SHARED, where that does not hold.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+MMIO_START = 0xD000_0000
+FOUR_GIB = 1 << 32
+
+
+class GuestMemoryError(Exception):
+    """A guest physical range that is not wholly inside guest RAM."""
+
+
+@dataclass
+class Region:
+    """One contiguous run of guest RAM backed by one host mapping."""
+
+    gpa: int
+    size: int
+    mm: mmap.mmap
+    file_offset: int = 0  # where this region starts in the backing file (0 for anonymous)
+
+    @property
+    def host_addr(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def layout(size: int) -> list[tuple[int, int]]:
+    """Split ``size`` bytes of RAM into (gpa, length) regions around the MMIO gap."""
+    if size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"guest memory size must be a positive multiple of 4 KiB, got {size}")
+    low = min(size, MMIO_START)
+    regions = [(0, low)]
+    if size > low:
+        regions.append((FOUR_GIB, size - low))
+    return regions
+
+
+class GuestMemory:
+    """Guest RAM. Construct with :meth:`anonymous` (fresh boot) or :meth:`from_file` (restore)."""
+
+    def __init__(self, regions: list[Region]):
+        self.regions = regions
+        self.size = sum(r.size for r in regions)
+        self.vmm_dirty = bytearray((self._page_span() + 7) // 8)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def anonymous(cls, size: int) -> GuestMemory:
+        regions = []
+        for gpa, length in layout(size):
+            mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            regions.append(Region(gpa, length, mm))
+        return cls(regions)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], size: int) -> GuestMemory:
+        """Map a memory file privately: pages load lazily and the file is never written."""
+        regions = []
+        offset = 0
+        with open(path, "rb") as f:
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:
+                raise GuestMemoryError(f"{path}: memory file is {actual} bytes, expected {size}")
+            for gpa, length in layout(size):
+                mm = mmap.mmap(
+                    f.fileno(),
+                    length,
+                    flags=mmap.MAP_PRIVATE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=offset,
+                )
+                regions.append(Region(gpa, length, mm, offset))
+                offset += length
+        return cls(regions)
+
+    def close(self) -> None:
+        for r in self.regions:
+            try:
+                r.mm.close()
+            except BufferError:
+                pass  # an exported view is still alive; the mapping goes with the process
+
+    # -- checked access ------------------------------------------------------------------
+    def _locate(self, gpa: int, length: int) -> tuple[Region, int]:
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r, gpa - r.gpa
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
+
+    def check(self, gpa: int, length: int) -> bool:
+        try:
+            self._locate(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r, off = self._locate(gpa, length)
+        return r.mm[off : off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        r, off = self._locate(gpa, len(data))
+        r.mm[off : off + len(data)] = data
+        self._mark(gpa, len(data))
+
+    def view(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
+        """A zero-copy view of a checked range; ``writable`` marks the pages VMM-dirty."""
+        r, off = self._locate(gpa, length)
+        if writable:
+            self._mark(gpa, length)
+        return memoryview(r.mm)[off : off + length]
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.read(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.read(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<H", value & 0xFFFF))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value & 0xFFFF_FFFF))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF))
+
+    # -- VMM-side dirty tracking -----------------------------------------------------------
+    def _page_span(self) -> int:
+        return max(r.end for r in self.regions) // PAGE_SIZE
+
+    def _mark(self, gpa: int, length: int) -> None:
+        if length == 0:
+            return
+        for page in range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1):
+            self.vmm_dirty[page >> 3] |= 1 << (page & 7)
+
+    def take_vmm_dirty(self) -> list[int]:
+        """Guest page numbers the VMM wrote since the last call; clears the bitmap."""
+        pages = []
+        bm = self.vmm_dirty
+        for i, byte in enumerate(bm):
+            if byte:
+                for bit in range(8):
+                    if byte & (1 << bit):
+                        pages.append(i * 8 + bit)
+        self.vmm_dirty = bytearray(len(bm))
+        return pages

@@ -1,0 +1,57 @@
+# pytest-ignition: two commands on a fresh Debian 12 machine as root:
+#   make demo   installs what it needs, builds the guest, runs examples/
+#   make test   the same setup, then the test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+APT_PACKAGES := linux-source busybox-static musl-tools qemu-system-x86 qemu-utils e2fsprogs cpio \
+	socat flex bison bc libelf-dev libssl-dev xz-utils make gcc python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: setup system-packages venv guest host-kernel demo test test-nested bench lint clean
+
+setup: system-packages venv
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "==> installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install: $$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VPY): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	@touch $(VPY)
+
+venv: $(VPY)
+
+guest: setup
+	$(VPY) -m pytest_ignition.guest build
+
+host-kernel: setup
+	$(VPY) -m pytest_ignition.guest build --host
+
+demo: guest
+	$(VPY) -m pytest examples/ -v $(PYTEST_ARGS)
+
+test: guest host-kernel
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-nested: guest host-kernel
+	$(VPY) -m pytest_ignition.nested run -- $(VPY) -m pytest tests/nested -v $(PYTEST_ARGS)
+
+bench: guest host-kernel
+	$(VPY) -m benchmarks
+
+lint: venv
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

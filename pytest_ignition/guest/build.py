@@ -27,15 +27,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from . import kconfig
 
-# Bump when the pipeline's own behaviour changes in a way that affects outputs.
-PIPELINE_VERSION = "1"
+# Bump when the pipeline's own behaviour changes in a way that affects outputs (separately,
+# so an initramfs change never forces a kernel rebuild).
+KERNEL_PIPELINE_VERSION = "1"
+INITRD_PIPELINE_VERSION = "2"
 
 DEFAULT_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 BUSYBOX = Path("/bin/busybox")
@@ -97,6 +100,23 @@ def _sha(*parts: str | bytes) -> str:
     return h.hexdigest()[:20]
 
 
+@contextmanager
+def _lock(name: str, progress: Progress) -> Iterator[None]:
+    """Hold ``locks/<name>.lock``, saying so when another process holds it first."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _emit(progress, f"waiting for another process building {name} ({lock.lock_file})")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 # --------------------------------------------------------------------------- tools
 
 
@@ -128,8 +148,7 @@ def _check_static_busybox(path: Path) -> bytes:
     data = path.read_bytes()
     if _elf_has_interp(data):
         raise GuestBuildError(
-            f"{path} is dynamically linked: install the static one "
-            "(apt-get install busybox-static)"
+            f"{path} is dynamically linked: install the static one (apt-get install busybox-static)"
         )
     return data
 
@@ -197,8 +216,7 @@ def _extracted_tree(kernel_source: Path | None, ident: str, progress: Progress) 
     root = cache_dir() / "src" / _sha(ident)
     done = root / ".complete"
     if not done.exists():
-        (cache_dir() / "locks").mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache_dir() / "locks" / "src.lock")):
+        with _lock("src", progress):
             if not done.exists():
                 tarball = _tarball_for(kernel_source)
                 require_tools({"tar": "tar", "xz": "xz-utils"})
@@ -233,7 +251,7 @@ def kernel_key(flavour: str, fragment: str, ident: str) -> str:
     """Hash of every input of a kernel build."""
     return _sha(
         "kernel",
-        PIPELINE_VERSION,
+        KERNEL_PIPELINE_VERSION,
         flavour,
         fragment,
         ident,
@@ -305,9 +323,7 @@ def build_kernel(
     if (out / "config").is_file():
         return out, key
     require_tools(KERNEL_TOOLS)
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"kernel-{flavour}.lock")):
+    with _lock(f"kernel-{flavour}", progress):
         if (out / "config").is_file():  # another process built it while we waited
             return out, key
         if tree is None:
@@ -356,7 +372,9 @@ def build_kernel(
     return out, key
 
 
-def find_kernel(flavour: str, fragment_path: Path, kernel_source: Path | None = None) -> Path | None:
+def find_kernel(
+    flavour: str, fragment_path: Path, kernel_source: Path | None = None
+) -> Path | None:
     """The cached kernel output dir for these inputs, or None (never builds)."""
     try:
         fragment = fragment_path.read_text()
@@ -383,7 +401,11 @@ def _init_files(src: Path) -> list[Path]:
 
 
 def initrd_key(src: Path, busybox: bytes) -> str:
-    parts: list[str | bytes] = ["initrd", PIPELINE_VERSION, hashlib.sha256(busybox).hexdigest()]
+    parts: list[str | bytes] = [
+        "initrd",
+        INITRD_PIPELINE_VERSION,
+        hashlib.sha256(busybox).hexdigest(),
+    ]
     for p in _init_files(src) + _agent_sources(src):
         parts += [str(p.relative_to(src)), p.read_bytes()]
     if any(p.suffix == ".c" for p in _agent_sources(src)):
@@ -490,13 +512,17 @@ def make_initrd_bytes(src: Path, busybox: Path, agent: Path | None) -> bytes:
         entries[rel] = ("file", (data, perm))
     if agent is not None:
         entries["sbin/ignition-agent"] = ("file", (agent.read_bytes(), 0o755))
+    # The kernel opens /dev/console before anything mounts devtmpfs.
+    entries["dev/console"] = ("chardev", (5, 1, 0o600))
+    entries["dev/null"] = ("chardev", (1, 3, 0o666))
     cpio = _Cpio()
     cpio.dir(".")
-    cpio.chardev("dev/console", 5, 1)  # the kernel opens it before devtmpfs is mounted
-    cpio.chardev("dev/null", 1, 3, 0o666)
-    for name in sorted(entries):
+    for name in sorted(entries):  # sorted: every directory precedes its contents
         kind, val = entries[name]
-        if kind == "dir":
+        if kind == "chardev":
+            major, minor, perm = val  # type: ignore[misc]
+            cpio.chardev(name, major, minor, perm)
+        elif kind == "dir":
             cpio.dir(name, val)  # type: ignore[arg-type]
         elif kind == "symlink":
             cpio.symlink(name, val)  # type: ignore[arg-type]
@@ -515,9 +541,7 @@ def build_initrd(progress: Progress = None) -> tuple[Path, str]:
     out = cache_dir() / f"initrd-{key}.cpio.gz"
     if out.is_file():
         return out, key
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    (cache_dir() / "locks").mkdir(exist_ok=True)
-    with FileLock(str(cache_dir() / "locks" / "initrd.lock")):
+    with _lock("initrd", progress):
         if out.is_file():
             return out, key
         t0 = time.monotonic()

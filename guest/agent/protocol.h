@@ -1,0 +1,49 @@
+/* Wire constants of the pytest-ignition agent protocol, version 1 (docs/agent-protocol.md).
+ * Mirrored on the host side by pytest_ignition/agent.py: keep the two in step. */
+#ifndef IGNITION_PROTOCOL_H
+#define IGNITION_PROTOCOL_H
+
+#define IG_MAGIC0 0x49u /* magic 0x4749 little-endian: the bytes "IG" */
+#define IG_MAGIC1 0x47u
+#define IG_VERSION 1u
+#define IG_HEADER 12u
+#define IG_MAX_PAYLOAD (1u << 20)
+#define IG_CHUNK (64u * 1024u) /* largest STDOUT/STDERR/DATA/LIST payload the agent sends */
+
+/* host -> agent */
+#define T_PING 0x01
+#define T_EXEC 0x02
+#define T_STDIN 0x03
+#define T_SIGNAL 0x04
+#define T_PUT 0x05
+#define T_DATA 0x06 /* both directions */
+#define T_GET 0x07
+#define T_SYNC 0x08
+/* agent -> host */
+#define T_PONG 0x81
+#define T_STDOUT 0x83
+#define T_STDERR 0x84
+#define T_EXIT 0x85
+#define T_OK 0x87
+#define T_STAT 0x88
+#define T_LIST 0x89
+#define T_ERROR 0xFF
+
+#define EXEC_SHELL 0x1u
+#define EXEC_STDIN 0x2u
+#define EXIT_TIMED_OUT 0x1u
+#define PUT_FILE 0u
+#define PUT_DIR 1u
+#define GET_STAT_ONLY 0x1u
+
+/* ERROR codes: 1..999 are Linux errno values; protocol errors are >= 1000. */
+#define E_BAD_MAGIC 1001
+#define E_BAD_VERSION 1002
+#define E_UNKNOWN_TYPE 1003
+#define E_TOO_LARGE 1004
+#define E_BAD_PAYLOAD 1005
+#define E_UNKNOWN_CHAN 1006
+#define E_CHAN_BUSY 1007
+#define E_LIMIT 1008
+
+#endif

@@ -1,0 +1,588 @@
+"""The plugin's fixtures and the per-session machinery behind them.
+
+Owns :class:`IgnitionSession` (one per pytest process: engine choice, the default guest,
+snapshots by config key, a restore pool per config, background closing, restore timings)
+and the fixtures ``ignition_snapshot`` (session), ``ignition_vm`` and ``ignition_vm_factory``
+(function).
+
+Snapshots live under a directory shared by pytest-xdist workers (the parent of each
+worker's basetemp) and are created under a :class:`filelock.FileLock`, so ``pytest -n N``
+boots and prepares each configuration once. Each restore pool keeps the next test's VM
+restoring in a background thread while the current test runs; VMs are closed in the
+background too. Everything is torn down in ``pytest_sessionfinish`` and at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from filelock import FileLock
+
+from pytest_ignition import config as cfgmod
+
+if TYPE_CHECKING:
+    from pytest_ignition.engines.base import Engine, VMConfig
+    from pytest_ignition.vm import VM
+
+SESSION_KEY = pytest.StashKey["IgnitionSession"]()
+ITEM_VMS_KEY = pytest.StashKey[list]()  # [(label, VM)] used by the failure report
+RESTORE_PROPERTY = "ignition_restore_seconds"
+SNAPSHOT_SUBDIR = "ignition-snapshots"
+MARKER = "ignition"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A prepared snapshot of one guest configuration, ready to restore."""
+
+    key: str
+    config: VMConfig
+    directory: Path
+    engine: Engine
+    boot_seconds: float | None  # None when another worker (or an earlier run) made it
+
+
+def _worker_id() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def _new_loop_for_thread() -> None:
+    # qemu.qmp's synchronous client binds to the calling thread's event loop; a machine
+    # created in a pool thread gets a loop of its own so closing it elsewhere never finds
+    # that loop running.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+class Pool:
+    """Hands out VMs of one snapshot; keeps one restoring in the background."""
+
+    def __init__(self, session: IgnitionSession, snapshot: Snapshot, reset: str) -> None:
+        self.session = session
+        self.snapshot = snapshot
+        self.reset = reset
+        self.pending: Future[tuple[VM, float]] | None = None
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def _restore(self) -> tuple[VM, float]:
+        _new_loop_for_thread()
+        return self.session.restore_vm(self.snapshot, self.reset)
+
+    def acquire(self, prefetch: bool) -> tuple[VM, float]:
+        """A fresh VM and its restore seconds; start restoring the next one if ``prefetch``."""
+        with self.lock:
+            fut, self.pending = self.pending, None
+        vm_and_time: tuple[VM, float] | None = None
+        if fut is not None:
+            try:
+                vm_and_time = fut.result()
+            except Exception:
+                # A background restore that failed is retried in the foreground, where its
+                # error (if it happens again) is reported against the test.
+                vm_and_time = None
+        if vm_and_time is None:
+            vm_and_time = self.session.restore_vm(self.snapshot, self.reset)
+        if prefetch:
+            self.start_prefetch()
+        return vm_and_time
+
+    def start_prefetch(self) -> None:
+        with self.lock:
+            if self.pending is None and not self.closed:
+                self.pending = self.session.restorer.submit(self._restore)
+
+    def give_back(self, vm: VM) -> bool:
+        """Roll ``vm`` back in place and keep it as the next VM; False if that is not possible."""
+        with self.lock:
+            if self.closed or self.pending is not None:
+                return False
+
+            def rollback() -> tuple[VM, float]:
+                t0 = time.monotonic()
+                try:
+                    vm.reset()
+                except BaseException:
+                    self.session.close_vm(vm)
+                    raise
+                return vm, time.monotonic() - t0
+
+            self.pending = self.session.restorer.submit(rollback)
+            return True
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            fut, self.pending = self.pending, None
+        if fut is None:
+            return
+        if fut.cancel():
+            return
+        try:
+            vm, _ = fut.result()
+        except Exception:
+            return
+        self.session.close_vm(vm, background=False)
+
+
+class IgnitionSession:
+    """Per-process plugin state; created in ``pytest_configure``, closed in ``pytest_sessionfinish``."""
+
+    def __init__(self, config: pytest.Config, settings: cfgmod.Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.lock = threading.RLock()
+        self._engine: Engine | None = None
+        self._engine_reason = ""
+        self._engine_error: str | None = None
+        self._guest: Any = None
+        self.root: Path | None = None  # snapshots, shared by xdist workers
+        self._tmp: Path | None = None  # short per-process directory for VM workdirs (sockets)
+        self.snapshots: dict[str, Snapshot] = {}
+        self.failures: dict[str, str] = {}
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.live: set[Any] = set()
+        self.restore_times: list[float] = []
+        self.boots: list[tuple[str, float]] = []
+        # Tests per marker signature still to run: prefetching for a configuration no test
+        # needs again would only waste CPU.
+        self.remaining: Counter[cfgmod.Overrides] = Counter()
+        self.restorer = ThreadPoolExecutor(1, thread_name_prefix="ignition-restore")
+        self.closer = ThreadPoolExecutor(1, thread_name_prefix="ignition-close")
+        self.closed = False
+        atexit.register(self.close)
+
+    # ------------------------------------------------------------------ engine and guest
+
+    def skip_or_fail(self, message: str) -> None:
+        if self.settings.require:
+            pytest.fail(f"IGNITION_REQUIRE=1 but: {message}", pytrace=False)
+        pytest.skip(message)
+
+    def engine_info(self) -> tuple[Engine | None, str]:
+        """The engine (or None) and the reason it was chosen (or why there is none)."""
+        with self.lock:
+            if self._engine is None and self._engine_error is None:
+                from pytest_ignition.engines.base import EngineUnavailable
+
+                try:
+                    from pytest_ignition.engines.select import select_engine
+
+                    self._engine, self._engine_reason = select_engine(self.settings.engine)
+                except ImportError as e:
+                    self._engine_error = f"the engine modules failed to import: {e}"
+                except EngineUnavailable as e:
+                    self._engine_error = f"no usable VM engine ({self.settings.engine}): {e.reason}"
+                    if e.hint:
+                        self._engine_error += f"; to fix: {e.hint}"
+            if self._engine is None:
+                return None, self._engine_error or "no engine"
+            return self._engine, self._engine_reason
+
+    def engine(self) -> Engine:
+        engine, reason = self.engine_info()
+        if engine is None:
+            self.skip_or_fail(reason)
+        assert engine is not None
+        return engine
+
+    def describe_kernel(self) -> str:
+        s = self.settings
+        if s.kernel is not None:
+            return f"{s.kernel}" + (f" + {s.initrd}" if s.initrd else "")
+        try:
+            from pytest_ignition.guest import find_guest
+
+            g = find_guest()
+        except Exception as e:  # a broken pipeline must not break the header
+            return f"default guest (unavailable: {e})"
+        if g is None:
+            return "default guest (not built yet: built on first use, or `make guest`)"
+        return f"default guest {g.kernel}"
+
+    def _progress(self, message: str) -> None:
+        line = f"pytest-ignition: {message}"
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        tr = self.config.pluginmanager.getplugin("terminalreporter")
+        if tr is not None and capman is not None and _worker_id() == "main":
+            with capman.global_and_fixture_disabled():
+                tr.write_line(line)
+        else:
+            print(line, file=sys.__stderr__, flush=True)
+
+    def default_guest(self) -> Any:
+        """The bundled guest image, built (under the pipeline's file lock) on first use."""
+        with self.lock:
+            if self._guest is not None:
+                return self._guest
+            from pytest_ignition.guest import GuestBuildError, build_guest, find_guest
+
+            guest = find_guest()
+            if guest is None:
+                self._progress(
+                    "building the default guest (kernel + initramfs; minutes the first time)"
+                )
+                try:
+                    guest = build_guest(progress=self._progress)
+                except GuestBuildError as e:
+                    self.skip_or_fail(f"the default guest could not be built: {e}")
+                self._progress("default guest ready")
+            self._guest = guest
+            return guest
+
+    def vm_config(self, overrides: cfgmod.Overrides) -> tuple[VMConfig, str]:
+        """The VMConfig and reset mode for the session settings plus ``overrides``."""
+        s = cfgmod.apply_overrides(self.settings, overrides)
+        if s.kernel is not None:
+            kernel, initrd = s.kernel, s.initrd
+        else:
+            g = self.default_guest()
+            kernel, initrd = g.kernel, g.initrd
+        return cfgmod.vm_config(s, kernel, initrd), s.reset
+
+    # ------------------------------------------------------------------ directories
+
+    def set_root(self, basetemp: Path) -> None:
+        with self.lock:
+            if self.root is None:
+                # xdist workers have basetemp/<parent>/popen-gwN: the parent is shared.
+                base = basetemp.parent if _worker_id() != "main" else basetemp
+                self.root = base / SNAPSHOT_SUBDIR
+                self.root.mkdir(parents=True, exist_ok=True)
+
+    def tmp(self) -> Path:
+        with self.lock:
+            if self._tmp is None:
+                # Short path: machine workdirs hold Unix sockets (108-byte path limit).
+                self._tmp = Path(tempfile.mkdtemp(prefix="ignition-"))
+            return self._tmp
+
+    def workdir(self, prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp()))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot_for(self, vmcfg: VMConfig) -> Snapshot:
+        """The prepared snapshot of ``vmcfg``: made once per config across xdist workers."""
+        key = vmcfg.key()
+        with self.lock:
+            if key in self.snapshots:
+                return self.snapshots[key]
+            if key in self.failures:
+                pytest.fail(self.failures[key], pytrace=False)
+            engine = self.engine()
+            assert self.root is not None, "set_root() first"
+            directory = self.root / key[:24]
+            ready, failed = directory / "READY", directory / "FAILED"
+            with FileLock(str(self.root / f"{key[:24]}.lock")):
+                if failed.exists():
+                    msg = failed.read_text(errors="replace")
+                    self.failures[key] = msg
+                    pytest.fail(msg, pytrace=False)
+                boot_seconds = None
+                if not ready.exists():
+                    if directory.exists():
+                        shutil.rmtree(directory)  # a half-made snapshot of an interrupted run
+                    directory.mkdir(parents=True)
+                    try:
+                        boot_seconds = self._make_snapshot(engine, vmcfg, directory)
+                    except _SnapshotFailed as e:
+                        failed.write_text(str(e))
+                        self.failures[key] = str(e)
+                        pytest.fail(str(e), pytrace=False)
+                    ready.write_text(json.dumps({"key": key, "engine": engine.name}))
+            snap = Snapshot(key, vmcfg, directory, engine, boot_seconds)
+            self.snapshots[key] = snap
+            return snap
+
+    def _describe(self, vmcfg: VMConfig) -> str:
+        args = f", kernel args {vmcfg.kernel_args!r}" if vmcfg.kernel_args else ""
+        return (
+            f"{vmcfg.kernel.name} ({vmcfg.kernel}), {vmcfg.memory_mib} MiB, "
+            f"{vmcfg.cpus} CPU(s){args}"
+        )
+
+    def _make_snapshot(self, engine: Engine, vmcfg: VMConfig, directory: Path) -> float:
+        from pytest_ignition.engines.base import BootError, EngineError
+        from pytest_ignition.vm import VM
+
+        workdir = self.workdir("boot-")
+        t0 = time.monotonic()
+        try:
+            machine = engine.boot(vmcfg, workdir)
+        except BootError as e:
+            raise _SnapshotFailed(
+                f"pytest-ignition: the guest did not boot ({engine.describe()}; "
+                f"{self._describe(vmcfg)}; timeout {vmcfg.boot_timeout:g} s): {e}"
+            ) from None
+        except EngineError as e:
+            raise _SnapshotFailed(
+                f"pytest-ignition: {engine.name} could not start the guest "
+                f"({self._describe(vmcfg)}): {e}"
+            ) from None
+        vm = VM(engine, machine, vmcfg)
+        try:
+            boot_seconds = time.monotonic() - t0
+            try:
+                self.config.hook.pytest_ignition_prepare(vm=vm)
+            except Exception as e:
+                tb = "".join(traceback.format_exception(e)[-12:])
+                raise _SnapshotFailed(
+                    f"pytest-ignition: pytest_ignition_prepare failed on the booted guest "
+                    f"({self._describe(vmcfg)}):\n{tb}\n--- console tail ---\n{_tail(vm)}"
+                ) from None
+            try:
+                engine.snapshot(machine, directory)
+            except EngineError as e:
+                raise _SnapshotFailed(f"pytest-ignition: snapshot failed: {e}") from None
+        finally:
+            vm.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.boots.append((vmcfg.key(), boot_seconds))
+        with (self.root / "boots.log").open("a") as f:  # type: ignore[operator]
+            f.write(
+                json.dumps(
+                    {
+                        "key": vmcfg.key(),
+                        "worker": _worker_id(),
+                        "pid": os.getpid(),
+                        "boot_seconds": round(boot_seconds, 3),
+                    }
+                )
+                + "\n"
+            )
+        return boot_seconds
+
+    # ------------------------------------------------------------------ VMs
+
+    def restore_vm(self, snap: Snapshot, reset: str) -> tuple[VM, float]:
+        """A new VM restored from ``snap`` and its time to agent-ready."""
+        from pytest_ignition.engines.base import BootError, EngineError
+        from pytest_ignition.vm import VM
+
+        if self.closed:
+            raise RuntimeError("pytest-ignition session is closed")
+        workdir = self.workdir("vm-")
+        t0 = time.monotonic()
+        try:
+            machine = snap.engine.restore(snap.config, snap.directory, workdir)
+        except (BootError, EngineError) as e:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RestoreFailed(
+                f"pytest-ignition: restoring the snapshot failed ({snap.engine.describe()}; "
+                f"{self._describe(snap.config)}): {e}"
+            ) from None
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        seconds = getattr(machine, "ready_seconds", None)
+        if not isinstance(seconds, (int, float)):
+            seconds = time.monotonic() - t0
+        mode = reset if (reset != "rollback" or snap.engine.supports_rollback) else "restore"
+        vm = VM(snap.engine, machine, snap.config, snapshot_dir=snap.directory, reset_mode=mode)
+        vm._ignition_workdir = workdir  # type: ignore[attr-defined]
+        with self.lock:
+            if self.closed:
+                vm.close()
+                raise RuntimeError("pytest-ignition session is closed")
+            self.live.add(vm)
+        return vm, float(seconds)
+
+    def pool(self, snap: Snapshot, reset: str) -> Pool:
+        with self.lock:
+            k = (snap.key, reset)
+            if k not in self.pools:
+                self.pools[k] = Pool(self, snap, reset)
+            return self.pools[k]
+
+    def close_vm(self, vm: Any, background: bool = True) -> None:
+        def close() -> None:
+            try:
+                vm.close()
+            except Exception as e:  # closing must never fail a test
+                print(f"pytest-ignition: closing a VM failed: {e!r}", file=sys.__stderr__)
+            finally:
+                wd = getattr(vm, "_ignition_workdir", None)
+                if wd is not None:
+                    shutil.rmtree(wd, ignore_errors=True)
+                with self.lock:
+                    self.live.discard(vm)
+
+        if background and not self.closed:
+            try:
+                self.closer.submit(close)
+                return
+            except RuntimeError:  # executor already shut down
+                pass
+        close()
+
+    def release(self, vm: VM, pool: Pool | None) -> None:
+        """A test is done with ``vm``: roll it back for the next test, or close it."""
+        if (
+            pool is not None
+            and pool.reset == "rollback"
+            and pool.snapshot.engine.supports_rollback
+            and pool.give_back(vm)
+        ):
+            return
+        self.close_vm(vm)
+
+    def close(self) -> None:
+        """Stop prefetching, close every VM, remove temporary directories. Idempotent."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            pools = list(self.pools.values())
+        for p in pools:
+            p.close()
+        self.restorer.shutdown(wait=True, cancel_futures=True)
+        for p in pools:  # a restore that finished during shutdown
+            p.close()
+        self.closer.shutdown(wait=True)
+        with self.lock:
+            leftovers = list(self.live)
+        for vm in leftovers:
+            self.close_vm(vm, background=False)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+class _SnapshotFailed(Exception):
+    pass
+
+
+class RestoreFailed(Exception):
+    """Restoring a VM from its snapshot failed."""
+
+
+def _tail(vm: Any) -> str:
+    try:
+        return str(vm.console_tail())
+    except Exception as e:
+        return f"(console tail unavailable: {e!r})"
+
+
+def get_session(config: pytest.Config) -> IgnitionSession:
+    return config.stash[SESSION_KEY]
+
+
+def marker_overrides(item: pytest.Item) -> cfgmod.Overrides:
+    """The validated ``@pytest.mark.ignition(...)`` settings of ``item`` (closest wins per key)."""
+    merged: dict[str, Any] = {}
+    for mark in reversed(list(item.iter_markers(MARKER))):
+        if mark.args:
+            raise pytest.UsageError(
+                f"pytest-ignition: {item.nodeid}: @pytest.mark.ignition takes keyword "
+                f"arguments only (e.g. memory='1G', cpus=2), got {mark.args!r}"
+            )
+        merged.update(mark.kwargs)
+    return cfgmod.parse_overrides(merged, where=f"{item.nodeid}: @pytest.mark.ignition")
+
+
+def _track(request: pytest.FixtureRequest, label: str, vm: Any) -> None:
+    item = request.node
+    vms = item.stash.setdefault(ITEM_VMS_KEY, [])
+    vms.append((label, vm))
+
+
+def _record_restore(request: pytest.FixtureRequest, seconds: float) -> None:
+    request.node.user_properties.append((RESTORE_PROPERTY, round(seconds, 6)))
+
+
+def _map_restore_error(session: IgnitionSession, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except RestoreFailed as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def _ignition_session(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> IgnitionSession:
+    session = get_session(request.config)
+    session.set_root(tmp_path_factory.getbasetemp())
+    return session
+
+
+@pytest.fixture(scope="session")
+def ignition_snapshot(_ignition_session: IgnitionSession) -> Snapshot:
+    """The session's guest (default configuration), booted once, prepared and snapshotted."""
+    vmcfg, _ = _ignition_session.vm_config(cfgmod.Overrides())
+    return _ignition_session.snapshot_for(vmcfg)
+
+
+@pytest.fixture
+def ignition_vm(request: pytest.FixtureRequest, _ignition_session: IgnitionSession) -> Iterator[VM]:
+    """A VM restored from the session snapshot for this test's configuration; closed afterwards."""
+    session = _ignition_session
+    overrides = marker_overrides(request.node)
+    vmcfg, reset = session.vm_config(overrides)
+    snap = session.snapshot_for(vmcfg)
+    pool = session.pool(snap, reset)
+    with session.lock:
+        session.remaining[overrides] -= 1
+        more = session.remaining[overrides] > 0
+    vm, seconds = _map_restore_error(session, lambda: pool.acquire(prefetch=more))
+    _record_restore(request, seconds)
+    _track(request, "ignition_vm", vm)
+    try:
+        yield vm
+    finally:
+        session.release(vm, pool)
+
+
+class VMFactory:
+    """``factory(**config) -> VM``: VMs of other configurations; all closed at teardown."""
+
+    def __init__(self, session: IgnitionSession, request: pytest.FixtureRequest) -> None:
+        self._session = session
+        self._request = request
+        self._vms: list[Any] = []
+
+    def __call__(self, **config: Any) -> VM:
+        overrides = cfgmod.parse_overrides(config, where="ignition_vm_factory(...)")
+        vmcfg, reset = self._session.vm_config(overrides)
+        snap = self._session.snapshot_for(vmcfg)
+        pool = self._session.pool(snap, reset)
+        vm, seconds = _map_restore_error(self._session, lambda: pool.acquire(prefetch=False))
+        self._vms.append(vm)
+        _record_restore(self._request, seconds)
+        _track(self._request, f"ignition_vm_factory #{len(self._vms)}", vm)
+        return vm
+
+    def close(self) -> None:
+        for vm in self._vms:
+            self._session.close_vm(vm)
+        self._vms.clear()
+
+
+@pytest.fixture
+def ignition_vm_factory(
+    request: pytest.FixtureRequest, _ignition_session: IgnitionSession
+) -> Iterator[Callable[..., VM]]:
+    """Make VMs with other settings (``kernel``, ``memory``, ``cpus``, ``kernel_args``, ...)."""
+    factory = VMFactory(_ignition_session, request)
+    try:
+        yield factory
+    finally:
+        factory.close()

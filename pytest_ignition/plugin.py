@@ -1,0 +1,200 @@
+"""The pytest plugin (entry point ``pytest11: ignition``): options, ini keys, marker, hooks.
+
+Owns the wiring into pytest: registering the ``--ignition-*`` options and their ini keys,
+the ``ignition`` marker and the ``pytest_ignition_prepare`` hookspec; creating and closing
+the per-session state (:class:`pytest_ignition.fixtures.IgnitionSession`); the report
+header; the console tail and command history attached to failing tests; the per-test
+restore-time summary. Setting precedence: command line > ``IGNITION_*`` environment
+variable > ini key > default (see :mod:`pytest_ignition.config`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from pytest_ignition import config as cfgmod
+from pytest_ignition import fixtures as fx
+from pytest_ignition.fixtures import (  # noqa: F401  (fixtures are found on this module)
+    _ignition_session,
+    ignition_snapshot,
+    ignition_vm,
+    ignition_vm_factory,
+)
+
+HISTORY_LIMIT = 50
+TAIL_CHARS = 4000
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_ignition import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ignition", f"pytest-ignition ({cfgmod.PRECEDENCE_HELP})")
+    for opt in cfgmod.OPTIONS:
+        default = f" [default: {opt.default}]" if opt.default else ""
+        group.addoption(
+            opt.flag,
+            dest=opt.dest,
+            default=None,  # None = not given, so env and ini can apply
+            metavar=opt.metavar,
+            help=f"{opt.help}{default}; env {opt.env}, ini {opt.ini}",
+        )
+        parser.addini(opt.ini, f"{opt.help} (same as {opt.flag})", type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "ignition(memory=None, cpus=None, kernel_args=None, reset=None, kernel=None, initrd=None, "
+        "rootfs=None, timeout=None): guest settings for this test's ignition_vm (another "
+        "configuration gets its own snapshot; kernel_args are appended to the session's)",
+    )
+    settings = cfgmod.from_pytest_config(config)  # UsageError on a bad value
+    config.stash[fx.SESSION_KEY] = fx.IgnitionSession(config, settings)
+    collector = _RestoreTimes()
+    config.stash[RESTORE_TIMES_KEY] = collector
+    config.pluginmanager.register(collector, "ignition-restore-times")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(fx.SESSION_KEY, None)
+    if session is not None:
+        session.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(fx.SESSION_KEY, None)
+    if state is not None:
+        state.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash.get(fx.SESSION_KEY, None)
+    if state is None:
+        return []
+    s = state.settings
+    engine, reason = state.engine_info()
+    if engine is None:
+        what = "skipped" if not s.require else "errors (IGNITION_REQUIRE=1)"
+        return [f"ignition: {reason}; VM tests will be {what}"]
+    lines = [
+        f"ignition: engine {engine.describe()}, accelerator {engine.accelerator}: {reason}",
+        f"ignition: kernel {state.describe_kernel()}",
+        f"ignition: {s.memory_mib} MiB, {s.cpus} CPU(s), reset {s.reset}, timeout {s.timeout:g} s"
+        + (f", kernel args {s.kernel_args!r}" if s.kernel_args else "")
+        + (f", rootfs {s.rootfs}" if s.rootfs else ""),
+    ]
+    if s.reset == "rollback" and not engine.supports_rollback:
+        lines.append(
+            f"ignition: {engine.name} cannot roll back in place; restoring per test instead"
+        )
+    return lines
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    state = config.stash.get(fx.SESSION_KEY, None)
+    if state is None:
+        return
+    for item in items:
+        # Validate markers now: a typo stops the run with a usage error, not N test errors.
+        overrides = fx.marker_overrides(item)
+        if "ignition_vm" in getattr(item, "fixturenames", ()):
+            state.remaining[overrides] += 1
+
+
+def _format_history(vm: Any) -> str:
+    try:
+        history = list(vm.history)
+    except Exception as e:
+        return f"(history unavailable: {e!r})"
+    if not history:
+        return "(no commands)"
+    lines = []
+    skipped = max(0, len(history) - HISTORY_LIMIT)
+    if skipped:
+        lines.append(f"... {skipped} earlier commands")
+    for entry in history[-HISTORY_LIMIT:]:
+        lines.append(_format_entry(entry))
+    return "\n".join(lines)
+
+
+def _format_entry(entry: Any) -> str:
+    cmd = getattr(entry, "command", None)
+    if cmd is None:
+        cmd = getattr(entry, "cmd", None)
+    code = getattr(entry, "exit_code", None)
+    if cmd is None and isinstance(entry, (tuple, list)) and entry:
+        cmd = entry[0]
+        code = entry[1] if len(entry) > 1 else None
+    if cmd is None:
+        return str(entry)[:500]
+    if isinstance(cmd, (list, tuple)):
+        import shlex
+
+        cmd = shlex.join(str(c) for c in cmd)
+    dur = getattr(entry, "duration", None)
+    extra = f" ({dur:.3f} s)" if isinstance(dur, (int, float)) else ""
+    status = "timeout" if getattr(entry, "timed_out", False) else f"exit {code}"
+    return f"$ {str(cmd)[:500]}  -> {status}{extra}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, Any]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        for label, vm in item.stash.get(fx.ITEM_VMS_KEY, []):
+            report.sections.append((f"ignition {label}: commands", _format_history(vm)))
+            report.sections.append(
+                (f"ignition {label}: console tail", fx._tail(vm)[-TAIL_CHARS:] or "(empty)")
+            )
+    return report
+
+
+class _RestoreTimes:
+    """Collects per-test restore times from reports (they travel in ``user_properties``, so
+    they reach the xdist controller too)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "setup":
+            return
+        for name, value in report.user_properties:
+            if name == fx.RESTORE_PROPERTY and isinstance(value, (int, float)):
+                self.seconds.append(float(value))
+
+
+RESTORE_TIMES_KEY = pytest.StashKey[_RestoreTimes]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    collector = config.stash.get(RESTORE_TIMES_KEY, None)
+    times = list(collector.seconds) if collector is not None else []
+    if not times:
+        return
+    state = config.stash.get(fx.SESSION_KEY, None)
+    engine = None
+    if state is not None:
+        engine, _ = state.engine_info()
+    ms = sorted(t * 1000 for t in times)
+    where = f" ({engine.describe()})" if engine is not None else ""
+    terminalreporter.write_sep("-", "pytest-ignition")
+    terminalreporter.write_line(
+        f"{len(ms)} VM(s) restored{where}: per-test restore to agent-ready "
+        f"median {statistics.median(ms):.0f} ms, min {ms[0]:.0f} ms, max {ms[-1]:.0f} ms"
+    )
+    if state is not None and state.boots:
+        boots = ", ".join(f"{b:.1f} s" for _, b in state.boots)
+        terminalreporter.write_line(f"{len(state.boots)} snapshot(s) booted and prepared: {boots}")

@@ -1,0 +1,162 @@
+"""One thread per VM that waits on device backends' file descriptors (console stdin, vsock
+Unix sockets, eventfds) and runs their callbacks.
+
+Callbacks run on the loop thread only; other threads hand work to it with
+:meth:`EventLoop.call_soon_threadsafe`, which wakes the loop through an eventfd. An exception
+in a callback is logged and the loop keeps running: a backend bug must not stall the VM.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], object]
+
+
+class EventLoop:
+    """A ``selectors`` loop on its own daemon thread.
+
+    ``add_reader``/``remove_reader`` may be called from any thread (they are forwarded to the
+    loop thread when called elsewhere), so devices can register backends from vCPU threads.
+    """
+
+    def __init__(self, name: str = "vmm-events"):
+        self.name = name
+        self._sel = selectors.DefaultSelector()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
+        self._pending: collections.deque[Callback] = collections.deque()
+        self._readers: dict[int, Callback] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: already started")
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the loop thread and close the selector; registered fds are not closed."""
+        self._stopping = True
+        self._wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+        if t is None or not t.is_alive():
+            self._close()
+
+    def __enter__(self) -> EventLoop:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # -- API ------------------------------------------------------------------------------
+    def call_soon_threadsafe(self, fn: Callback) -> None:
+        """Run ``fn()`` on the loop thread as soon as possible."""
+        self._pending.append(fn)
+        self._wake()
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
+        if self._thread is None or self.in_loop_thread():
+            self._add_reader(fd, callback)
+        else:
+            self.call_soon_threadsafe(lambda: self._add_reader(fd, callback))
+
+    def remove_reader(self, fd: int) -> None:
+        if self._thread is None or self.in_loop_thread():
+            self._remove_reader(fd)
+        else:
+            self.call_soon_threadsafe(lambda: self._remove_reader(fd))
+
+    # -- internals ------------------------------------------------------------------------
+    def _add_reader(self, fd: int, callback: Callback) -> None:
+        if self._closed:
+            return
+        if fd in self._readers:
+            self._sel.modify(fd, selectors.EVENT_READ, callback)
+        else:
+            self._sel.register(fd, selectors.EVENT_READ, callback)
+        self._readers[fd] = callback
+
+    def _remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None and not self._closed:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except (OSError, ValueError):
+            pass  # closed, or the counter is saturated: the loop is awake anyway
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+
+    def _run_pending(self) -> None:
+        while self._pending:
+            fn = self._pending.popleft()
+            self._call(fn)
+
+    def _call(self, fn: Callback) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s: callback %r raised; the loop keeps running", self.name, fn)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._run_pending()
+            try:
+                events = self._sel.select()
+            except OSError as e:
+                # a registered fd was closed behind our back: drop the dead ones and go on
+                log.error("%s: select failed (%s); pruning closed fds", self.name, e)
+                self._prune()
+                continue
+            for key, _mask in events:
+                if key.data is None:
+                    self._drain_wake()
+                    continue
+                if key.fd in self._readers:  # an earlier callback may have removed it
+                    self._call(key.data)
+        self._run_pending()
+
+    def _prune(self) -> None:
+        for fd in list(self._readers):
+            try:
+                os.fstat(fd)
+            except OSError:
+                log.warning("%s: fd %d was closed while registered; removing it", self.name, fd)
+                self._remove_reader(fd)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sel.close()
+        os.close(self._wake_fd)

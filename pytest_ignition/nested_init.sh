@@ -1,0 +1,63 @@
+#!/bin/sh
+# PID 1 of the nested hypervisor host booted by pytest_ignition/nested.py.
+#
+# Stage 1 runs on the read-only virtio-9p root (the outer machine's `/`): it stacks an overlayfs
+# with a tmpfs upper layer on that root, so that everything is writable in RAM and nothing reaches
+# the outer machine, and re-executes itself inside it as stage 2. Stage 2 mounts the kernel
+# filesystems, the control share (`ignctl`: run.sh, nonce, cwd; rc is written back) and the
+# writable share of the caller's directory (`igncwd`), prints the start marker on the console,
+# runs run.sh with its output on the console, prints the exit marker and reboots (QEMU runs with
+# -no-reboot, so that ends it). If anything here fails, PID 1 exits and the kernel panics
+# (panic=-1 reboots at once), which the outer side reports with the console tail.
+
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+SELF="$1"
+STAGE="${2:-1}"
+P9="trans=virtio,version=9p2000.L,msize=262144"
+
+say() { echo "ignition-nested-init: $*" >/dev/console; }
+
+if [ "$STAGE" = 1 ]; then
+    mount -t tmpfs -o mode=0755 tmpfs /run || exit 1
+    mkdir -p /run/ovl/upper /run/ovl/work /run/ovl/root
+    if mount -t overlay -o lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work \
+        overlay /run/ovl/root 2>/dev/console; then
+        exec chroot /run/ovl/root /bin/sh "$SELF" "$SELF" 2
+    fi
+    say "overlayfs over the 9p root failed; the root stays read-only (tmpfs on /tmp, /var/tmp)"
+    umount /run
+    exec /bin/sh "$SELF" "$SELF" 2
+fi
+
+# ---- stage 2
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o mode=0620,ptmxmode=0666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp 2>/dev/null
+CTL=/run/ignition-nested
+mkdir -p "$CTL"
+mount -t 9p -o "$P9" ignctl "$CTL" || { say "cannot mount the control share"; exit 1; }
+NONCE=$(cat "$CTL/nonce")
+if [ -s "$CTL/cwd" ]; then
+    CWD=$(cat "$CTL/cwd")
+    mkdir -p "$CWD" 2>/dev/null
+    mount -t 9p -o "$P9,cache=mmap" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
+fi
+ip link set lo up 2>/dev/null
+# Raw console: CMD's bytes reach the outer side unchanged (no \n -> \r\n, no echo).
+stty raw -echo </dev/ttyS0 2>/dev/null
+
+printf '@@ignition-nested:%s:start@@\n' "$NONCE" >/dev/ttyS0
+/bin/sh "$CTL/run.sh" </dev/null >/dev/ttyS0 2>&1
+rc=$?
+echo "$rc" >"$CTL/rc"
+printf '@@ignition-nested:%s:exit=%s@@\n' "$NONCE" "$rc" >/dev/ttyS0
+sync
+echo b >/proc/sysrq-trigger
+exit "$rc"

@@ -1,0 +1,242 @@
+"""The nested harness outside any VM: argument parsing, errors, QEMU command line, console parsing."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_ignition import nested
+
+
+@pytest.fixture
+def outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IGNITION_NESTED", raising=False)
+    monkeypatch.delenv("IGNITION_NESTED_KERNEL", raising=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def test_run_takes_the_command_after_double_dash() -> None:
+    a = nested.parse_args(["run", "--mem", "2048", "--timeout", "60", "--", "ls", "-l", "--x"])
+    assert a.command == "run"
+    assert a.cmd == ["ls", "-l", "--x"]
+    assert a.mem == 2048
+    assert a.timeout == 60.0
+
+
+def test_run_without_double_dash_keeps_options_of_the_command() -> None:
+    a = nested.parse_args(["run", "python3", "-c", "pass", "--mem", "1"])
+    assert a.cmd == ["python3", "-c", "pass", "--mem", "1"]
+    assert a.mem == nested.DEFAULT_MEM_MB
+
+
+def test_defaults() -> None:
+    a = nested.parse_args(["run", "--", "true"])
+    assert (a.mem, a.cpus, a.timeout, a.kernel, a.verbose) == (
+        nested.DEFAULT_MEM_MB,
+        nested.DEFAULT_CPUS,
+        nested.DEFAULT_TIMEOUT,
+        None,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"],
+        ["run", "--"],
+        ["run", "--mem", "10", "--", "true"],
+        ["run", "--cpus", "0", "--", "true"],
+        ["run", "--timeout", "-1", "--", "true"],
+        ["run", "--mem", "lots", "--", "true"],
+        [],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        nested.parse_args(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err  # argparse said why
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_host_kernel_is_a_clear_error(
+    outside: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(nested, "_host_kernel", lambda: None)
+    ok, reason = nested.available()
+    if nested.shutil.which(nested.QEMU) is None:
+        assert not ok and "qemu" in reason.lower()
+        return
+    assert not ok
+    assert "python -m pytest_ignition.guest build --host" in reason
+    assert nested.main(["run", "--", "true"]) == nested.EXIT_HARNESS
+    assert "not built" in capsys.readouterr().err
+
+
+def test_missing_qemu_is_a_clear_error(
+    outside: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(nested, "QEMU", "qemu-system-does-not-exist")
+    ok, reason = nested.available()
+    assert not ok
+    assert "qemu-system-does-not-exist not found" in reason
+    assert nested.main(["check"]) == 1
+    assert "not usable" in capsys.readouterr().out
+
+
+def test_explicit_kernel_that_does_not_exist(
+    outside: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-bzImage"
+    assert nested.main(["run", "--kernel", str(missing), "--", "true"]) == nested.EXIT_HARNESS
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_refuses_to_nest_inside_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IGNITION_NESTED", "1")
+    ok, reason = nested.available()
+    assert not ok and "already inside" in reason
+    with pytest.raises(nested.NestedError, match="already inside"):
+        nested.run(["true"])
+
+
+def test_empty_command_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        nested.run([])
+
+
+def test_cli_entry_point_runs_as_a_module(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "IGNITION_NESTED_KERNEL": str(tmp_path / "none")}
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest_ignition.nested", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert p.returncode == 1
+    assert "not usable" in p.stdout
+
+
+# ----------------------------------------------------------------------------- QEMU argv
+
+
+def test_qemu_command_line(tmp_path: Path) -> None:
+    ctl = tmp_path / "ctl,with,commas"
+    argv = nested.build_qemu_argv(Path("/k/bzImage"), ctl, Path("/work/x"), mem_mb=1024, cpus=1)
+    joined = shlex.join(argv)
+    assert argv[0] == nested.QEMU
+    assert "-accel tcg" in joined
+    assert "EPYC,+svm,+npt" in argv
+    assert "-no-reboot" in argv
+    assert argv[argv.index("-m") + 1] == "1024"
+    assert argv[argv.index("-smp") + 1] == "1"
+    assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in argv
+    assert f"local,id=ctl,path={str(ctl).replace(',', ',,')},security_model=none" in argv
+    assert any(a.startswith("local,id=cwd,path=/work/x,") and "readonly" not in a for a in argv)
+    append = argv[argv.index("-append") + 1]
+    assert "root=ignroot" in append and "rootfstype=9p" in append and "panic=-1" in append
+    init = str(nested.INIT_SCRIPT)
+    assert append.endswith(f"-- {init} {init}")
+
+
+def test_qemu_command_line_without_cwd_share(tmp_path: Path) -> None:
+    argv = nested.build_qemu_argv(Path("/k"), tmp_path, None)
+    assert not any("id=cwd" in a for a in argv)
+
+
+# ----------------------------------------------------------------------------- run.sh and env
+
+
+def test_child_env_keeps_essentials_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IGNITION_ENGINE", "qemu")
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/agent")
+    monkeypatch.setenv("PYTHONHOME", "/nowhere")
+    env = nested._child_env({"EXTRA": "1"})
+    assert env["IGNITION_ENGINE"] == "qemu"
+    assert env["EXTRA"] == "1"
+    assert env["IGNITION_NESTED"] == "1"
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert "SSH_AUTH_SOCK" not in env and "PYTHONHOME" not in env
+    assert "PATH" in env and "HOME" in env
+
+
+def test_run_script_quotes_everything(tmp_path: Path) -> None:
+    cmd = ["printf", "%s|", "a b", "$HOME", "it's", "`x`"]
+    script = nested._run_script(cmd, tmp_path, {"PATH": "/usr/bin:/bin", "V": "x y $z"})
+    p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "a b|$HOME|it's|`x`|"
+
+
+def test_run_script_runs_in_cwd_with_only_the_given_env(tmp_path: Path) -> None:
+    cmd = ["sh", "-c", 'pwd; echo "$V"; env | wc -l']
+    script = nested._run_script(cmd, tmp_path, {"PATH": "/usr/bin:/bin", "V": "x y $z"})
+    p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    lines = p.stdout.splitlines()
+    assert lines[0] == str(tmp_path)
+    assert lines[1] == "x y $z"
+    assert int(lines[2]) <= 4  # PATH, V, PWD, SHLVL/_ added by sh itself
+
+
+def test_run_script_rejects_nul() -> None:
+    with pytest.raises(ValueError):
+        nested._run_script(["echo", "a\0b"], Path("/"), {})
+    with pytest.raises(ValueError):
+        nested._run_script(["echo"], Path("/"), {"A=B": "1"})
+
+
+# ----------------------------------------------------------------------------- console parsing
+
+
+def _split(chunks: list[bytes], nonce: str = "abc") -> tuple[nested._Splitter, bytes]:
+    out: list[bytes] = []
+    s = nested._Splitter(nonce, out.append)
+    for c in chunks:
+        s.feed(c)
+    s.flush()
+    return s, b"".join(out)
+
+
+def test_splitter_separates_boot_log_output_and_exit_code() -> None:
+    stream = (
+        b"[ 0.1] booting\r\n@@ignition-nested:abc:start@@\n"
+        b"hello\nno newline at end@@ignition-nested:abc:exit=3@@\nreboot: Restarting"
+    )
+    s, out = _split([stream])
+    assert out == b"hello\nno newline at end"
+    assert s.started and s.exit_code == 3
+    assert b"booting" in s.tail
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
+def test_splitter_handles_any_chunking(size: int) -> None:
+    stream = (
+        b"log @@ @@ignition-nested:abc:start@@\n"
+        b"a@b@@c @@ignition-nested:abd:exit=1@@ x@@ignition-nested:abc:exit=42@@\n"
+    )
+    s, out = _split([stream[i : i + size] for i in range(0, len(stream), size)])
+    assert out == b"a@b@@c @@ignition-nested:abd:exit=1@@ x"
+    assert s.exit_code == 42
+
+
+def test_splitter_without_exit_marker_keeps_output() -> None:
+    s, out = _split([b"@@ignition-nested:abc:start@@\npartial @@ignition-nested:abc:ex"])
+    assert s.started and s.exit_code is None
+    assert out == b"partial @@ignition-nested:abc:ex"
+
+
+def test_splitter_never_started() -> None:
+    s, out = _split([b"Kernel panic - not syncing: VFS: Unable to mount root fs\r\n"])
+    assert not s.started and out == b""
+    assert b"Kernel panic" in s.tail

@@ -6,7 +6,7 @@
  * loop blocks on the host or on a child: pipes and sockets are non-blocking, output is buffered with
  * back-pressure, and every length and string from the host is bounds-checked before use.
  *
- * Built static: musl-gcc -static -Os -o ignition-agent guest/agent/[all].c (plain gcc works too). */
+ * Built static: musl-gcc -static -Os -o ignition-agent <every .c in guest/agent> (plain gcc works too). */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>

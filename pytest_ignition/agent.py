@@ -1,0 +1,778 @@
+"""Host side of the guest agent protocol (docs/agent-protocol.md).
+
+Owns the wire format on the host (``encode_frame``, the incremental ``FrameDecoder``; the guest's
+copy is ``guest/agent/protocol.h``) and ``AgentClient``, which runs commands and moves files over one
+framed byte stream (virtio-serial, Firecracker-style vsock over a Unix socket, or a plain Unix
+socket). One reader thread demultiplexes the guest's frames by channel id, so any number of
+threads may use one client at once.
+
+Everything the guest sends is hostile input: the decoder never raises on garbage, every payload is
+length-checked before it is unpacked, and paths the guest names are validated before they touch
+the host's filesystem.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import math
+import os
+import posixpath
+import queue
+import socket
+import stat as stat_mod
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x4749  # the bytes "IG" on the wire
+MAGIC_BYTES = b"IG"
+VERSION = 1
+HEADER = struct.Struct("<HBBII")  # magic, version, type, chan, len
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1 << 20
+CHUNK = 64 * 1024  # payload size for STDIN and DATA frames the host sends
+
+DEFAULT_VSOCK_PORT = 52
+REQUEST_TIMEOUT = 120.0  # file transfers, sync: a guest that is alive answers well within this
+HOST_TIMEOUT_GRACE = 5.0  # past an exec's own timeout, before the host kills it itself
+KILL_GRACE = 5.0  # after the host's SIGKILL, for the EXIT to arrive
+
+
+class FrameType(enum.IntEnum):
+    PING = 0x01
+    EXEC = 0x02
+    STDIN = 0x03
+    SIGNAL = 0x04
+    PUT = 0x05
+    DATA = 0x06
+    GET = 0x07
+    SYNC = 0x08
+    PONG = 0x81
+    STDOUT = 0x83
+    STDERR = 0x84
+    EXIT = 0x85
+    OK = 0x87
+    STAT = 0x88
+    LIST = 0x89
+    ERROR = 0xFF
+
+
+class ErrorCode(enum.IntEnum):
+    """Protocol error codes in ERROR frames; codes below 1000 are Linux errno values."""
+
+    BAD_MAGIC = 1001
+    BAD_VERSION = 1002
+    UNKNOWN_TYPE = 1003
+    TOO_LARGE = 1004
+    BAD_PAYLOAD = 1005
+    UNKNOWN_CHAN = 1006
+    CHAN_BUSY = 1007
+    LIMIT = 1008
+
+
+EXEC_SHELL = 0x1
+EXEC_STDIN = 0x2
+EXIT_TIMED_OUT = 0x1
+PUT_FILE = 0
+PUT_DIR = 1
+GET_STAT_ONLY = 0x1
+
+_EXEC_HEAD = struct.Struct("<IIII")  # timeout_ms, flags, argc, envc
+_EXIT = struct.Struct("<iiI")  # exit code or -1, signal or 0, flags
+_STAT = struct.Struct("<IQ")  # st_mode, size
+_ERROR_HEAD = struct.Struct("<I")
+
+
+# ---------------------------------------------------------------------------------- framing
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    chan: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class FrameError:
+    """Something in the stream that is not a frame; the decoder has skipped past it."""
+
+    reason: str
+    chan: int = 0
+
+
+def encode_frame(ftype: int, chan: int, payload: bytes = b"") -> bytes:
+    """One frame: the 12-byte header and the payload."""
+    if not 0 <= ftype <= 0xFF:
+        raise ValueError(f"frame type {ftype} out of range")
+    if not 0 <= chan <= 0xFFFFFFFF:
+        raise ValueError(f"channel {chan} out of range")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, VERSION, ftype, chan, len(payload)) + bytes(payload)
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, get complete frames back.
+
+    Never raises on garbage. Bytes that do not start with the magic are skipped up to the next
+    magic (one FrameError per run of garbage); a header with another version is treated as garbage;
+    a frame longer than MAX_PAYLOAD yields a FrameError and its payload is skipped. The same rules
+    as the guest's decoder, so both sides resynchronise alike.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+        self._resyncing = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back waiting for the rest of a frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame | FrameError]:
+        buf = self._buf
+        buf += data
+        out: list[Frame | FrameError] = []
+        while True:
+            if self._skip:
+                k = min(self._skip, len(buf))
+                del buf[:k]
+                self._skip -= k
+                if self._skip:
+                    break
+                continue
+            if len(buf) < 2:
+                break
+            if buf[0] != MAGIC_BYTES[0] or buf[1] != MAGIC_BYTES[1]:
+                if not self._resyncing:
+                    out.append(FrameError("bad magic: skipping to the next frame"))
+                self._resyncing = True
+                i = buf.find(MAGIC_BYTES, 1)
+                if i < 0:  # keep a trailing first magic byte: its partner may come next
+                    i = len(buf) - 1 if buf[-1] == MAGIC_BYTES[0] else len(buf)
+                del buf[:i]
+                continue
+            if len(buf) < HEADER_SIZE:
+                break
+            _, version, ftype, chan, length = HEADER.unpack_from(buf)
+            if version != VERSION:
+                if not self._resyncing:
+                    out.append(FrameError(f"unsupported version {version}", chan))
+                self._resyncing = True
+                del buf[:2]
+                continue
+            self._resyncing = False
+            if length > MAX_PAYLOAD:
+                out.append(FrameError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}", chan))
+                del buf[:HEADER_SIZE]
+                self._skip = length
+                continue
+            end = HEADER_SIZE + length
+            if len(buf) < end:
+                break
+            out.append(Frame(ftype, chan, bytes(buf[HEADER_SIZE:end])))
+            del buf[:end]
+        return out
+
+
+# ---------------------------------------------------------------------------------- client
+
+
+@dataclass
+class ExecResult:
+    exit_code: int | None  # None when the process was killed by a signal
+    signal: int | None  # None when it exited
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    timed_out: bool
+
+
+class AgentError(Exception):
+    """The agent refused a request or broke the protocol. ``code``: errno or ErrorCode, if any."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AgentTimeout(AgentError):
+    """No answer in time. For exec, the command was killed; ``result`` holds the partial output."""
+
+    def __init__(self, message: str, result: ExecResult | None = None) -> None:
+        super().__init__(message, errno.ETIMEDOUT)
+        self.result = result
+
+    @property
+    def stdout(self) -> bytes:
+        return self.result.stdout if self.result else b""
+
+    @property
+    def stderr(self) -> bytes:
+        return self.result.stderr if self.result else b""
+
+
+class AgentDisconnected(AgentError):
+    """The byte stream to the agent closed."""
+
+
+_DISCONNECTED = object()
+
+
+def _fsencode(value: str | bytes, what: str) -> bytes:
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise ValueError(f"{what} contains a NUL byte: {value!r}")
+    return raw
+
+
+def _error_from(frame: Frame, what: str) -> AgentError:
+    if len(frame.payload) < _ERROR_HEAD.size:
+        return AgentError(f"{what}: malformed ERROR frame from the agent")
+    (code,) = _ERROR_HEAD.unpack_from(frame.payload)
+    message = frame.payload[_ERROR_HEAD.size :].decode("utf-8", "replace")
+    return AgentError(f"{what}: {message} (code {code})", code)
+
+
+def _check_rel_path(rel: str) -> bool:
+    """A guest-supplied relative path that stays inside the directory it is joined to."""
+    if not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+class AgentClient:
+    """A connection to one guest agent. Thread-safe: requests run concurrently on channels."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(None)
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._chans: dict[int, queue.SimpleQueue[object]] = {}
+        self._next_chan = 1
+        self._closed = False
+        self._disconnected: str | None = None
+        self.request_timeout = REQUEST_TIMEOUT
+        # ERROR frames nobody waits for (garbage, late replies): (chan, code, message), newest last
+        self.protocol_errors: deque[tuple[int, int, str]] = deque(maxlen=100)
+        self._reader = threading.Thread(
+            target=self._read_loop, name="ignition-agent-reader", daemon=True
+        )
+        self._reader.start()
+
+    # -- connecting
+
+    @classmethod
+    def connect_unix(cls, path: str | os.PathLike[str], timeout: float = 10.0) -> AgentClient:
+        """Connect to a Unix socket the agent (or QEMU's chardev) listens on; retry until timeout."""
+        return cls(_connect_unix_retry(os.fspath(path), timeout))
+
+    @classmethod
+    def connect_vsock_uds(
+        cls, uds_path: str | os.PathLike[str], port: int = DEFAULT_VSOCK_PORT, timeout: float = 10.0
+    ) -> AgentClient:
+        """Firecracker's host-initiated vsock: ``CONNECT <port>\\n`` answered by ``OK <n>\\n``."""
+        deadline = time.monotonic() + timeout
+        last = "no attempt"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentTimeout(f"vsock port {port} via {uds_path}: not connected ({last})")
+            sock = _connect_unix_retry(os.fspath(uds_path), remaining)
+            try:
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
+                sock.sendall(f"CONNECT {port}\n".encode())
+                line = b""
+                while not line.endswith(b"\n") and len(line) < 64:
+                    b = sock.recv(1)  # byte by byte: nothing past the line may be consumed
+                    if not b:
+                        break
+                    line += b
+                if line.startswith(b"OK ") and line.endswith(b"\n"):
+                    return cls(sock)
+                last = f"answer {line!r}"
+            except OSError as e:
+                last = str(e)
+            sock.close()
+            time.sleep(0.05)
+
+    # -- plumbing
+
+    def _read_loop(self) -> None:
+        decoder = FrameDecoder()
+        reason = "agent closed the connection"
+        try:
+            while True:
+                data = self._sock.recv(256 * 1024)
+                if not data:
+                    break
+                for item in decoder.feed(data):
+                    if isinstance(item, FrameError):
+                        log.warning("agent stream: %s", item.reason)
+                        self.protocol_errors.append((item.chan, -1, item.reason))
+                        continue
+                    with self._lock:
+                        q = self._chans.get(item.chan)
+                    if q is not None:
+                        q.put(item)
+                    elif item.type == FrameType.ERROR:
+                        err = _error_from(item, "agent")
+                        self.protocol_errors.append((item.chan, err.code or 0, str(err)))
+                        log.debug("agent error on idle channel %d: %s", item.chan, err)
+        except OSError as e:
+            reason = f"connection to the agent failed: {e}"
+        with self._lock:
+            self._disconnected = "client closed" if self._closed else reason
+            waiting = list(self._chans.values())
+        for q in waiting:
+            q.put(_DISCONNECTED)
+
+    def _open_chan(self) -> tuple[int, queue.SimpleQueue[object]]:
+        with self._lock:
+            if self._disconnected is not None or self._closed:
+                raise AgentDisconnected(self._disconnected or "client closed")
+            chan = self._next_chan
+            self._next_chan = self._next_chan % 0xFFFFFFFF + 1  # never 0: that is "no channel"
+            q: queue.SimpleQueue[object] = queue.SimpleQueue()
+            self._chans[chan] = q
+            return chan, q
+
+    def _close_chan(self, chan: int) -> None:
+        with self._lock:
+            self._chans.pop(chan, None)
+
+    def _send(self, ftype: int, chan: int, payload: bytes = b"") -> None:
+        frame = encode_frame(ftype, chan, payload)
+        try:
+            with self._send_lock:
+                self._sock.sendall(frame)
+        except OSError as e:
+            raise AgentDisconnected(f"sending to the agent failed: {e}") from e
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes to the stream as they are (tests use it to send malformed frames)."""
+        try:
+            with self._send_lock:
+                self._sock.sendall(data)
+        except OSError as e:
+            raise AgentDisconnected(f"sending to the agent failed: {e}") from e
+
+    def _recv(self, q: queue.SimpleQueue[object], deadline: float | None, what: str) -> Frame:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            item = q.get(timeout=timeout)
+        except queue.Empty:
+            raise AgentTimeout(f"{what}: no answer from the agent") from None
+        if item is _DISCONNECTED:
+            raise AgentDisconnected(f"{what}: {self._disconnected or 'disconnected'}")
+        assert isinstance(item, Frame)
+        return item
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.request_timeout
+
+    # -- requests
+
+    def ping(self, payload: bytes = b"", timeout: float | None = 5.0) -> float:
+        """Round trip of a PING; returns the seconds it took."""
+        chan, q = self._open_chan()
+        try:
+            start = time.monotonic()
+            self._send(FrameType.PING, chan, payload)
+            deadline = None if timeout is None else start + timeout
+            frame = self._recv(q, deadline, "ping")
+            if frame.type == FrameType.ERROR:
+                raise _error_from(frame, "ping")
+            if frame.type != FrameType.PONG or frame.payload != payload:
+                raise AgentError(f"ping: unexpected answer (type 0x{frame.type:02x})")
+            return time.monotonic() - start
+        finally:
+            self._close_chan(chan)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Ping until the agent answers. Early bytes may be lost while a serial port comes up."""
+        deadline = time.monotonic() + timeout
+        attempt = 0.25
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentTimeout(f"agent not ready after {timeout:.1f} s")
+            try:
+                self.ping(timeout=min(attempt, remaining))
+                return
+            except AgentTimeout:
+                attempt = min(attempt * 1.5, 2.0)
+
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command: a str through ``/bin/sh -c``, a sequence as an argv (never interpreted).
+
+        Raises AgentTimeout (with the partial output in ``.result``) when ``timeout`` passes; the
+        command's whole process group has been killed by then.
+        """
+        if isinstance(cmd, str | bytes):
+            argv = [_fsencode(cmd, "command")]
+            flags = EXEC_SHELL
+        else:
+            argv = [_fsencode(a, "argument") for a in cmd]
+            flags = 0
+            if not argv:
+                raise ValueError("empty argv")
+        if not argv[0]:
+            raise ValueError("empty command")
+        envs = []
+        for key, value in (env or {}).items():
+            k = _fsencode(key, "environment name")
+            if not k or b"=" in k:
+                raise ValueError(f"bad environment variable name {key!r}")
+            envs.append(k + b"=" + _fsencode(value, "environment value"))
+        timeout_ms = 0
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError("timeout must be positive")
+            timeout_ms = min(max(1, math.ceil(timeout * 1000)), 0xFFFFFFFF)
+        if input is not None:
+            flags |= EXEC_STDIN
+        payload = b"".join(
+            [_EXEC_HEAD.pack(timeout_ms, flags, len(argv), len(envs))]
+            + [a + b"\0" for a in argv]
+            + [e + b"\0" for e in envs]
+            + [_fsencode(cwd or "", "cwd") + b"\0"]
+        )
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError("command, environment and cwd exceed the 1 MiB frame limit")
+
+        chan, q = self._open_chan()
+        stop = threading.Event()
+        writer: threading.Thread | None = None
+        out, err = bytearray(), bytearray()
+        out_eof = err_eof = False
+        start = time.monotonic()
+        host_deadline = None if timeout is None else start + timeout + HOST_TIMEOUT_GRACE
+        try:
+            self._send(FrameType.EXEC, chan, payload)
+            if input is not None:
+                data = memoryview(bytes(input))
+                if len(data) <= CHUNK:
+                    self._send_stdin(chan, data, stop)
+                else:  # stdin and stdout must flow at once: a big `cat` would deadlock otherwise
+                    writer = threading.Thread(
+                        target=self._send_stdin, args=(chan, data, stop), daemon=True
+                    )
+                    writer.start()
+            killed = False
+            while True:
+                try:
+                    frame = self._recv(q, host_deadline, "exec")
+                except AgentTimeout:
+                    if killed:
+                        result = ExecResult(
+                            None, None, bytes(out), bytes(err), time.monotonic() - start, True
+                        )
+                        raise AgentTimeout(f"exec {cmd!r}: no exit after SIGKILL", result) from None
+                    killed = True
+                    try:
+                        self._send(FrameType.SIGNAL, chan, struct.pack("<I", 9))
+                    except AgentDisconnected:
+                        pass
+                    host_deadline = time.monotonic() + KILL_GRACE
+                    continue
+                if frame.type == FrameType.STDOUT and not out_eof:
+                    out += frame.payload
+                    out_eof = not frame.payload
+                elif frame.type == FrameType.STDERR and not err_eof:
+                    err += frame.payload
+                    err_eof = not frame.payload
+                elif frame.type == FrameType.EXIT:
+                    if len(frame.payload) != _EXIT.size:
+                        raise AgentError(f"exec {cmd!r}: malformed EXIT frame")
+                    code, sig, xflags = _EXIT.unpack(frame.payload)
+                    timed_out = bool(xflags & EXIT_TIMED_OUT) or killed
+                    result = ExecResult(
+                        exit_code=code if code >= 0 else None,
+                        signal=sig if sig > 0 else None,
+                        stdout=bytes(out),
+                        stderr=bytes(err),
+                        duration=time.monotonic() - start,
+                        timed_out=timed_out,
+                    )
+                    if timed_out:
+                        raise AgentTimeout(f"exec {cmd!r}: timed out after {timeout} s", result)
+                    return result
+                elif frame.type == FrameType.ERROR:
+                    e = _error_from(frame, f"exec {cmd!r}")
+                    if e.code == ErrorCode.UNKNOWN_CHAN:
+                        continue  # stdin sent after the process had gone: harmless
+                    raise e
+                else:
+                    log.warning("exec: unexpected frame type 0x%02x from the agent", frame.type)
+        finally:
+            stop.set()
+            self._close_chan(chan)
+
+    def _send_stdin(self, chan: int, data: memoryview, stop: threading.Event) -> None:
+        try:
+            for off in range(0, len(data), CHUNK):
+                if stop.is_set():
+                    return
+                self._send(FrameType.STDIN, chan, bytes(data[off : off + CHUNK]))
+            if not stop.is_set():
+                self._send(FrameType.STDIN, chan, b"")
+        except AgentDisconnected:
+            pass  # the reader reports the disconnect to the waiting exec
+
+    def put_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write a file in the guest atomically (temp file + rename); parents are created."""
+        if not 0 <= mode <= 0o7777:
+            raise ValueError(f"mode {mode:o} out of range")
+        header = struct.pack("<II", mode, PUT_FILE) + _fsencode(guest_path, "path") + b"\0"
+        chan, q = self._open_chan()
+        try:
+            self._send(FrameType.PUT, chan, header)
+            view = memoryview(bytes(data))
+            for off in range(0, len(view), CHUNK):
+                try:  # stop early if the agent already refused (ENOSPC, EACCES, ...)
+                    early = q.get_nowait()
+                except queue.Empty:
+                    early = None
+                if early is not None:
+                    self._send(FrameType.DATA, chan, b"")
+                    return self._expect_ok(early, f"put {guest_path}")
+                self._send(FrameType.DATA, chan, bytes(view[off : off + CHUNK]))
+            self._send(FrameType.DATA, chan, b"")
+            self._expect_ok(
+                self._recv(q, self._deadline(), f"put {guest_path}"), f"put {guest_path}"
+            )
+        finally:
+            self._close_chan(chan)
+
+    def _expect_ok(self, item: object, what: str) -> None:
+        if item is _DISCONNECTED:
+            raise AgentDisconnected(f"{what}: {self._disconnected or 'disconnected'}")
+        assert isinstance(item, Frame)
+        if item.type == FrameType.ERROR:
+            raise _error_from(item, what)
+        if item.type != FrameType.OK:
+            raise AgentError(f"{what}: unexpected answer (type 0x{item.type:02x})")
+
+    def _put_dir(self, guest_path: str, mode: int) -> None:
+        payload = struct.pack("<II", mode, PUT_DIR) + _fsencode(guest_path, "path") + b"\0"
+        chan, q = self._open_chan()
+        try:
+            self._send(FrameType.PUT, chan, payload)
+            self._expect_ok(
+                self._recv(q, self._deadline(), f"mkdir {guest_path}"), f"mkdir {guest_path}"
+            )
+        finally:
+            self._close_chan(chan)
+
+    def _get(self, guest_path: str, flags: int) -> tuple[int, queue.SimpleQueue[object], int, int]:
+        """Send a GET and read its STAT; the caller closes the returned channel."""
+        payload = _fsencode(guest_path, "path") + b"\0"
+        if flags:
+            payload += struct.pack("<I", flags)
+        chan, q = self._open_chan()
+        try:
+            self._send(FrameType.GET, chan, payload)
+            frame = self._recv(q, self._deadline(), f"get {guest_path}")
+            if frame.type == FrameType.ERROR:
+                raise _error_from(frame, f"get {guest_path}")
+            if frame.type != FrameType.STAT or len(frame.payload) != _STAT.size:
+                raise AgentError(f"get {guest_path}: expected STAT, got type 0x{frame.type:02x}")
+            mode, size = _STAT.unpack(frame.payload)
+            return chan, q, mode, size
+        except BaseException:
+            self._close_chan(chan)
+            raise
+
+    def stat(self, guest_path: str) -> tuple[int, int]:
+        """(st_mode, size) of a guest path, symlinks followed."""
+        chan, _, mode, size = self._get(guest_path, GET_STAT_ONLY)
+        self._close_chan(chan)
+        return mode, size
+
+    def get_file(self, guest_path: str) -> bytes:
+        """The contents of a regular file in the guest."""
+        chan, q, mode, _ = self._get(guest_path, 0)
+        try:
+            if not stat_mod.S_ISREG(mode):
+                code = errno.EISDIR if stat_mod.S_ISDIR(mode) else errno.EINVAL
+                raise AgentError(f"get {guest_path}: not a regular file", code)
+            data = bytearray()
+            while True:
+                frame = self._recv(q, self._deadline(), f"get {guest_path}")
+                if frame.type == FrameType.ERROR:
+                    raise _error_from(frame, f"get {guest_path}")
+                if frame.type != FrameType.DATA:
+                    raise AgentError(f"get {guest_path}: unexpected frame type 0x{frame.type:02x}")
+                if not frame.payload:
+                    return bytes(data)
+                data += frame.payload
+        finally:
+            self._close_chan(chan)
+
+    def _list(self, guest_path: str) -> list[tuple[int, int, str]]:
+        chan, q, mode, _ = self._get(guest_path, 0)
+        entries: list[tuple[int, int, str]] = []
+        try:
+            if not stat_mod.S_ISDIR(mode):
+                raise AgentError(f"list {guest_path}: not a directory", errno.ENOTDIR)
+            while True:
+                frame = self._recv(q, self._deadline(), f"list {guest_path}")
+                if frame.type == FrameType.ERROR:
+                    raise _error_from(frame, f"list {guest_path}")
+                if frame.type != FrameType.LIST:
+                    raise AgentError(f"list {guest_path}: unexpected frame type 0x{frame.type:02x}")
+                if not frame.payload:
+                    return entries
+                p, pos = frame.payload, 0
+                while pos < len(p):
+                    if len(p) - pos < _STAT.size:
+                        raise AgentError(f"list {guest_path}: truncated entry")
+                    emode, esize = _STAT.unpack_from(p, pos)
+                    nul = p.find(b"\0", pos + _STAT.size)
+                    if nul < 0:
+                        raise AgentError(f"list {guest_path}: unterminated entry name")
+                    rel = os.fsdecode(p[pos + _STAT.size : nul])
+                    if not _check_rel_path(rel):
+                        raise AgentError(f"list {guest_path}: refusing entry path {rel!r}")
+                    entries.append((emode, esize, rel))
+                    pos = nul + 1
+        finally:
+            self._close_chan(chan)
+
+    def put_tree(self, host_path: Path, guest_path: str) -> None:
+        """Copy a host file or directory tree into the guest, modes kept.
+
+        Symlinks to files are copied as files; symlinked directories, sockets and devices are
+        skipped. Directories are made writable while they are filled and get their modes last.
+        """
+        root = Path(host_path)
+        if not root.is_dir():
+            st = root.stat()
+            self.put_file(guest_path, root.read_bytes(), stat_mod.S_IMODE(st.st_mode))
+            return
+        dirs: list[tuple[str, int]] = []
+        for dirpath, _dirnames, filenames in os.walk(root):
+            rel = Path(dirpath).relative_to(root).as_posix()
+            gdir = guest_path if rel == "." else posixpath.join(guest_path, rel)
+            mode = stat_mod.S_IMODE(os.stat(dirpath).st_mode)
+            self._put_dir(gdir, mode | 0o700)
+            dirs.append((gdir, mode))
+            for name in sorted(filenames):
+                hp = Path(dirpath, name)
+                try:
+                    st = hp.stat()
+                except OSError:
+                    continue  # a dangling symlink
+                if stat_mod.S_ISREG(st.st_mode):
+                    self.put_file(
+                        posixpath.join(gdir, name), hp.read_bytes(), stat_mod.S_IMODE(st.st_mode)
+                    )
+        for gdir, mode in reversed(dirs):
+            self._put_dir(gdir, mode)
+
+    def get_tree(self, guest_path: str, host_path: Path) -> None:
+        """Copy a guest file or directory tree to the host, modes kept; other file types skipped."""
+        dest = Path(host_path)
+        mode, _ = self.stat(guest_path)
+        if not stat_mod.S_ISDIR(mode):
+            data = self.get_file(guest_path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            dest.chmod(stat_mod.S_IMODE(mode))
+            return
+        entries = self._list(guest_path)
+        dest.mkdir(parents=True, exist_ok=True)
+        dirs: list[tuple[Path, int]] = [(dest, stat_mod.S_IMODE(mode))]
+        for emode, _size, rel in entries:
+            target = dest.joinpath(*rel.split("/"))
+            if stat_mod.S_ISDIR(emode):
+                target.mkdir(exist_ok=True)
+                target.chmod(0o700)  # writable while it is filled
+                dirs.append((target, stat_mod.S_IMODE(emode)))
+            elif stat_mod.S_ISREG(emode):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = self.get_file(posixpath.join(guest_path, rel))
+                if target.is_symlink():
+                    target.unlink()
+                target.write_bytes(data)
+                target.chmod(stat_mod.S_IMODE(emode))
+        for d, m in reversed(dirs):
+            d.chmod(m)
+
+    def sync(self, time_ns: int | None = None, entropy: bytes | None = None) -> None:
+        """Set the guest's clock and reseed its CRNG (after a restore, two guests must differ)."""
+        t = time.time_ns() if time_ns is None else time_ns
+        e = os.urandom(64) if entropy is None else bytes(entropy)
+        if not 32 <= len(e) <= 4096:
+            raise ValueError("entropy must be 32 to 4096 bytes")
+        if not 0 <= t < 1 << 64:
+            raise ValueError("time_ns out of range")
+        chan, q = self._open_chan()
+        try:
+            self._send(FrameType.SYNC, chan, struct.pack("<Q", t) + e)
+            self._expect_ok(self._recv(q, self._deadline(), "sync"), "sync")
+        finally:
+            self._close_chan(chan)
+
+    def close(self) -> None:
+        """Close the stream; requests in flight raise AgentDisconnected."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed and self._disconnected is None
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _connect_unix_retry(path: str, timeout: float) -> socket.socket:
+    """Connect to a Unix socket that may not exist yet (a VMM or agent still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise AgentTimeout(f"cannot connect to {path}: {e}") from e
+            time.sleep(0.02)
+        except OSError:
+            sock.close()
+            raise

@@ -1,0 +1,612 @@
+"""The QEMU engine: ``qemu-system-x86_64 -M microvm`` driven over QMP.
+
+Owns launching QEMU (one process per machine, its own session, killed when the parent
+thread that spawned it dies), the serial console (a chardev socket with a log file), the
+agent channel (virtio-serial port ``org.ignition.agent`` on a chardev socket), disks as
+qcow2 overlays over a base that is never written, and snapshots:
+
+* snapshot: QMP ``stop``, ``migrate`` to ``exec:cat > <dir>/state``, wait for completion,
+  copy the disk overlay to ``<dir>/disk.qcow2``, write ``<dir>/meta.json``, QMP ``cont``
+  (the machine keeps running, per the engine contract).
+* restore: QEMU with the identical device arguments plus ``-incoming 'exec:cat state'``
+  and a fresh overlay backed by ``disk.qcow2``; QEMU resumes the guest on its own once the
+  state is loaded (no ``-S``, which saves a QMP round trip), the agent is reconnected, the
+  guest clock set and its CRNG reseeded, then a ping confirms it.
+
+QEMU 7.2 has no ``file:`` migration URI, hence ``exec:cat``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pytest_ignition.console import SerialConsole, read_tail
+from pytest_ignition.engines.base import (
+    BootError,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Machine,
+    SnapshotMismatch,
+    VMConfig,
+)
+
+__all__ = ["QemuEngine", "QemuMachine", "SNAPSHOT_FORMAT"]
+
+SNAPSHOT_FORMAT = 1
+AGENT_PORT_NAME = "org.ignition.agent"
+QEMU_HINT = "apt-get install qemu-system-x86 (provides qemu-system-x86_64 and qemu-img)"
+# sun_path is 108 bytes; keep socket paths well below it.
+_MAX_SOCK_PATH = 100
+
+T = TypeVar("T")
+
+
+def _default_cmdline() -> str:
+    try:
+        from pytest_ignition.guest import DEFAULT_CMDLINE
+    except ImportError:  # the guest package is optional for users with their own kernel
+        return "console=ttyS0 reboot=k panic=-1 quiet"
+    return DEFAULT_CMDLINE
+
+
+# --------------------------------------------------------------------------- process spawning
+
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class _Spawner:
+    """Starts every QEMU from one long-lived daemon thread.
+
+    PDEATHSIG fires when the *thread* that forked the child exits, not the process: a QEMU
+    started from a short-lived worker thread (e.g. one that prepares the next test's VM)
+    would be killed with it. This thread lives as long as the interpreter.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            fn, reply = self._q.get()
+            try:
+                reply.put((True, fn()))
+            except BaseException as exc:  # handed back to the caller
+                reply.put((False, exc))
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="ignition-qemu-spawner", daemon=True
+                )
+                self._thread.start()
+        reply: queue.Queue[Any] = queue.Queue()
+        self._q.put((lambda: subprocess.Popen(argv, **kw), reply))
+        ok, value = reply.get()
+        if not ok:
+            raise value
+        return value
+
+
+_spawner = _Spawner()
+
+
+# --------------------------------------------------------------------------- QMP
+
+
+class _LoopThread:
+    """One private asyncio event loop on a daemon thread, for every QMP connection.
+
+    ``qemu.qmp`` is asyncio; running it here keeps it away from any loop the user's
+    tests run, and lets machines be driven from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=self._loop.run_forever, name="ignition-qmp", daemon=True
+                ).start()
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+
+_qmp_loop = _LoopThread()
+
+
+class QmpError(EngineError):
+    """A QMP command failed or QEMU's monitor did not answer."""
+
+
+class _Qmp:
+    """A synchronous face on ``qemu.qmp.QMPClient`` (run on :data:`_qmp_loop`)."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        from qemu.qmp import QMPClient
+
+        self.timeout = timeout
+
+        async def connect() -> Any:
+            client = QMPClient("ignition")
+            await client.connect(str(path))
+            return client
+
+        self._client = _qmp_loop.run(connect(), timeout)
+
+    def cmd(self, name: str, timeout: float | None = None, **args: Any) -> Any:
+        from qemu.qmp import ExecuteError
+
+        try:
+            return _qmp_loop.run(self._client.execute(name, args or None), timeout or self.timeout)
+        except ExecuteError as exc:
+            raise QmpError(f"QMP {name} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise QmpError(f"QMP {name}: no answer within {timeout or self.timeout}s") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            _qmp_loop.run(self._client.disconnect(), 5.0)
+
+
+# --------------------------------------------------------------------------- the machine
+
+_live: weakref.WeakSet[QemuMachine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for m in list(_live):
+        with contextlib.suppress(Exception):
+            m.close()
+
+
+class QemuMachine(Machine):
+    """One QEMU process and everything it owns (a private directory under ``workdir``)."""
+
+    def __init__(self, engine: QemuEngine, config: VMConfig, workdir: Path) -> None:
+        self.engine = engine
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # A private directory per machine, so machines may share a workdir.
+        self.dir = Path(tempfile.mkdtemp(prefix="qemu-", dir=self.workdir))
+        self._sockdir_owned = False
+        sockdir = self.dir
+        if len(str(sockdir / "console.sock")) > _MAX_SOCK_PATH:
+            sockdir = Path(tempfile.mkdtemp(prefix="ign-"))
+            self._sockdir_owned = True
+        self.sockdir = sockdir
+        self.console_sock = sockdir / "console.sock"
+        self.agent_sock = sockdir / "agent.sock"
+        self.qmp_sock = sockdir / "qmp.sock"
+        self.console_log = self.dir / "console.log"
+        self.qemu_log = self.dir / "qemu.log"
+        self.overlay: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.agent: Any = None
+        self.ready_seconds = 0.0
+        self.restored_from: Path | None = None
+        self._console = SerialConsole(self.console_sock, self.console_log)
+        self._qmp: _Qmp | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    # -- Machine API -------------------------------------------------------------------------
+
+    @property
+    def console(self) -> Any:
+        return self._console.spawn
+
+    def console_tail(self, max_chars: int = 4000) -> str:
+        return self._console.tail(max_chars)
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def qmp(self) -> _Qmp:
+        """The QMP connection (opened on first use; only snapshots need it)."""
+        if self._qmp is None:
+            if not self.is_alive():
+                raise EngineError("QEMU is not running")
+            self._qmp = _Qmp(self.qmp_sock)
+        return self._qmp
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self.agent is not None:
+                with contextlib.suppress(Exception):
+                    self.agent.close()
+            if self._qmp is not None:
+                self._qmp.close()
+                self._qmp = None
+            self._kill()
+            self._console.close()  # after the kill: the log is complete
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._sockdir_owned:
+                shutil.rmtree(self.sockdir, ignore_errors=True)
+            _live.discard(self)
+
+    def _kill(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            # QEMU leads its own session: the group holds the `cat` of a migration too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+            pass
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def qemu_stderr(self, max_chars: int = 2000) -> str:
+        return read_tail(self.qemu_log, max_chars)
+
+    def __repr__(self) -> str:
+        return f"<QemuMachine pid={self.pid} {'closed' if self._closed else 'open'}>"
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class QemuEngine(Engine):
+    """QEMU ``microvm`` with virtio-mmio devices; snapshots by migration to a file."""
+
+    name = "qemu"
+    supports_rollback = False
+
+    def __init__(
+        self,
+        accelerator: str = "tcg",
+        qemu: str = "qemu-system-x86_64",
+        qemu_img: str = "qemu-img",
+    ) -> None:
+        if accelerator not in ("kvm", "hvf", "tcg"):
+            raise ValueError(f"unknown accelerator {accelerator!r}")
+        self.accelerator = accelerator
+        found = shutil.which(qemu)
+        if found is None:
+            raise EngineUnavailable(f"{qemu} was not found on PATH", hint=QEMU_HINT)
+        self.qemu = found
+        self.qemu_img = shutil.which(qemu_img)
+        self._version: str | None = None
+
+    @property
+    def version(self) -> str:
+        """QEMU's version, e.g. ``7.2.22``."""
+        if self._version is None:
+            out = subprocess.run(
+                [self.qemu, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+            m = re.search(r"version (\S+)", out)
+            self._version = m.group(1) if m else "unknown"
+        return self._version
+
+    def describe(self) -> str:
+        return f"qemu {self.version} ({self.accelerator})"
+
+    # -- argument building ----------------------------------------------------------------------
+
+    def cmdline(self, config: VMConfig) -> str:
+        parts = [_default_cmdline()]
+        if config.rootfs is not None:
+            parts.append("ignition.rootfs=/dev/vda")
+        if config.kernel_args.strip():
+            parts.append(config.kernel_args.strip())
+        return " ".join(parts)
+
+    def device_args(self, config: VMConfig) -> list[str]:
+        """Everything but per-instance paths: identical between boot and restore."""
+        args = [
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            self.accelerator,
+        ]
+        if self.accelerator in ("kvm", "hvf"):
+            args += ["-cpu", "host"]
+        args += [
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-m",
+            str(config.memory_mib),
+            "-smp",
+            str(config.cpus),
+            "-append",
+            self.cmdline(config),
+            "-serial",
+            "chardev:con",
+            "-device",
+            "virtio-serial-device",
+            "-device",
+            f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-device,rng=rng0",
+        ]
+        if config.rootfs is not None:
+            args += ["-device", "virtio-blk-device,drive=root"]
+        return args
+
+    def _instance_args(self, m: QemuMachine, config: VMConfig) -> list[str]:
+        args = ["-kernel", str(Path(config.kernel).resolve())]
+        if config.initrd is not None:
+            args += ["-initrd", str(Path(config.initrd).resolve())]
+        args += [
+            "-chardev",
+            f"socket,id=con,path={m.console_sock},server=on,wait=off,logfile={m.console_log}",
+            "-chardev",
+            f"socket,id=agent,path={m.agent_sock},server=on,wait=off",
+            "-qmp",
+            f"unix:{m.qmp_sock},server=on,wait=off",
+        ]
+        if m.overlay is not None:
+            args += ["-drive", f"if=none,id=root,file={m.overlay},format=qcow2,cache=unsafe"]
+        return args
+
+    def _overlay(self, m: QemuMachine, base: Path, base_format: str) -> None:
+        if self.qemu_img is None:
+            raise EngineUnavailable("qemu-img was not found on PATH", hint=QEMU_HINT)
+        overlay = m.dir / "overlay.qcow2"
+        res = subprocess.run(
+            [
+                self.qemu_img,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(base.resolve()),
+                "-F",
+                base_format,
+                str(overlay),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if res.returncode != 0:
+            raise EngineError(f"qemu-img create over {base} failed: {res.stderr.strip()}")
+        m.overlay = overlay
+
+    # -- launching and waiting -----------------------------------------------------------------
+
+    def _check_files(self, config: VMConfig) -> None:
+        for name, path in config.files().items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{name} {path} does not exist")
+
+    def _launch(self, m: QemuMachine, config: VMConfig, extra: list[str]) -> float:
+        argv = [self.qemu, *self.device_args(config), *self._instance_args(m, config), *extra]
+        log = open(m.qemu_log, "wb")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            started = time.monotonic()
+            m.proc = _spawner.popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+        return started
+
+    def _fail(self, m: QemuMachine, what: str) -> BootError:
+        # Give a dying QEMU a moment so that the log holds its last words.
+        if m.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                m.proc.wait(timeout=0.5)
+        msg = what
+        if m.proc is not None and m.proc.poll() is not None:
+            msg += f" (QEMU exited with {m.proc.returncode})"
+        err = m.qemu_stderr().strip()
+        if err:
+            msg += f"\nQEMU said: {err}"
+        m.close()
+        return BootError(msg, m.console_tail())
+
+    def _wait_for_agent(self, m: QemuMachine, started: float, timeout: float, what: str) -> None:
+        from pytest_ignition.agent import AgentClient
+
+        deadline = started + timeout
+        # The sockets appear once QEMU has parsed its arguments.
+        while not m.agent_sock.exists():
+            if m.proc is not None and m.proc.poll() is not None:
+                raise self._fail(m, f"QEMU exited before the guest {what}")
+            if time.monotonic() > deadline:
+                raise self._fail(m, f"QEMU did not start within {timeout:g}s")
+            time.sleep(0.002)
+        try:
+            m.agent = AgentClient.connect_unix(
+                str(m.agent_sock), timeout=max(0.1, deadline - time.monotonic())
+            )
+            m.agent.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            if m.proc is not None and m.proc.poll() is not None:
+                raise self._fail(m, f"the guest stopped before it {what}") from exc
+            if time.monotonic() >= deadline - 0.05:
+                raise self._fail(
+                    m, f"the guest agent did not answer within {timeout:g}s after launch"
+                ) from exc
+            raise self._fail(m, f"the guest agent failed: {exc!r}") from exc
+
+    # -- Engine API ------------------------------------------------------------------------------
+
+    def boot(self, config: VMConfig, workdir: Path) -> QemuMachine:
+        self._check_files(config)
+        m = QemuMachine(self, config, workdir)
+        try:
+            if config.rootfs is not None:
+                self._overlay(m, Path(config.rootfs), "raw")
+            started = self._launch(m, config, [])
+            self._wait_for_agent(m, started, config.boot_timeout, "booted")
+            m.ready_seconds = time.monotonic() - started
+            return m
+        except BaseException:
+            m.close()
+            raise
+
+    def snapshot(self, machine: Machine, directory: Path) -> None:
+        if not isinstance(machine, QemuMachine) or machine.engine is not self:
+            raise TypeError("snapshot() needs a machine of this engine")
+        if not machine.is_alive():
+            raise EngineError("cannot snapshot a machine whose QEMU is not running")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        qmp = machine.qmp()
+        state = directory / "state"
+        partial = directory / "state.partial"
+        for stale in (state, partial, directory / "meta.json", directory / "disk.qcow2"):
+            stale.unlink(missing_ok=True)
+        qmp.cmd("stop")
+        try:
+            # The stream goes to a local pipe: no reason to throttle it (default 128 MiB/s).
+            qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+            qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(partial)))
+            deadline = time.monotonic() + 600
+            while True:
+                info = qmp.cmd("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise EngineError(
+                        f"snapshot migration {status}: {info.get('error-desc', 'no detail')}"
+                    )
+                if time.monotonic() > deadline:
+                    raise EngineError("snapshot migration did not complete within 600s")
+                time.sleep(0.005)
+            # Images were flushed and inactivated by the completed migration: copy now.
+            if machine.overlay is not None:
+                shutil.copyfile(machine.overlay, directory / "disk.qcow2")
+            os.replace(partial, state)
+            meta = {
+                "format": SNAPSHOT_FORMAT,
+                "engine": self.name,
+                "config_key": machine.config.key(),
+                "qemu_version": self.version,
+                "accelerator": self.accelerator,
+                "args": self.device_args(machine.config),
+                "disk": machine.overlay is not None,
+                "state_bytes": state.stat().st_size,
+                "created": time.time(),
+            }
+            tmp = directory / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, directory / "meta.json")  # written last: marks the snapshot whole
+        finally:
+            if machine.is_alive():
+                qmp.cmd("cont")
+
+    def read_meta(self, config: VMConfig, directory: Path) -> dict[str, Any]:
+        """The snapshot's metadata, checked against ``config`` and this engine."""
+        meta_path = Path(directory) / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise SnapshotMismatch(f"{meta_path}: no such snapshot metadata") from None
+        except (OSError, ValueError) as exc:
+            raise SnapshotMismatch(f"{meta_path}: unreadable snapshot metadata: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise SnapshotMismatch(f"{meta_path}: not a snapshot metadata object")
+        problems = []
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            problems.append(f"format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT}")
+        if meta.get("engine") != self.name:
+            problems.append(f"taken by engine {meta.get('engine')!r}, not {self.name!r}")
+        if meta.get("config_key") != config.key():
+            problems.append(
+                "taken with another configuration (kernel, initrd, rootfs, kernel_args, "
+                "memory or cpus differ, or a file changed since)"
+            )
+        if meta.get("args") != self.device_args(config):
+            problems.append("QEMU device arguments differ (other accelerator or version)")
+        if meta.get("qemu_version") != self.version:
+            problems.append(f"taken with QEMU {meta.get('qemu_version')}, this is {self.version}")
+        if problems:
+            raise SnapshotMismatch(f"{meta_path}: snapshot does not match: " + "; ".join(problems))
+        return meta
+
+    def restore(self, config: VMConfig, directory: Path, workdir: Path) -> QemuMachine:
+        directory = Path(directory)
+        meta = self.read_meta(config, directory)
+        state = directory / "state"
+        if not state.is_file():
+            raise SnapshotMismatch(f"{directory / 'meta.json'}: its state file {state} is missing")
+        self._check_files(config)
+        m = QemuMachine(self, config, workdir)
+        m.restored_from = directory
+        try:
+            if meta.get("disk"):
+                self._overlay(m, directory / "disk.qcow2", "qcow2")
+            started = self._launch(m, config, ["-incoming", "exec:cat " + shlex.quote(str(state))])
+            self._wait_for_agent(m, started, config.boot_timeout, "was restored")
+            try:
+                m.agent.sync(time_ns=time.time_ns(), entropy=os.urandom(64))
+                m.agent.ping()
+            except Exception as exc:
+                raise self._fail(m, f"the restored guest's agent failed: {exc!r}") from exc
+            m.ready_seconds = time.monotonic() - started
+            return m
+        except BaseException:
+            m.close()
+            raise

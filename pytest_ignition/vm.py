@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pytest_ignition.agent import AgentTimeout
 from pytest_ignition.engines.base import Engine, Machine, VMConfig
 
 __all__ = ["VM", "CommandFailed", "CommandResult", "CommandTimeout", "HistoryEntry"]
@@ -179,11 +180,22 @@ class VM:
                 input=data,
                 timeout=timeout,
             )
+        except AgentTimeout as exc:
+            partial = exc.result
+            self.history.append((shown, None, time.monotonic() - started))
+            if timeout is None:
+                raise  # no command timeout was asked for: the agent itself stopped answering
+            raise CommandTimeout(
+                shown,
+                timeout,
+                partial.stdout if partial else b"",
+                partial.stderr if partial else b"",
+            ) from None
         except BaseException:
             self.history.append((shown, None, time.monotonic() - started))
             raise
-        duration = res.duration if res.duration is not None else time.monotonic() - started
-        if res.timed_out:
+        duration = res.duration
+        if res.timed_out:  # agents that report a timeout in the result instead of raising
             self.history.append((shown, None, duration))
             raise CommandTimeout(shown, timeout or 0.0, res.stdout, res.stderr)
         if res.exit_code is not None:
@@ -217,29 +229,21 @@ class VM:
         """Copy a host file or directory tree into the guest, keeping permission bits."""
         self._check_open()
         src = Path(host_path)
-        if src.is_dir():
-            self.machine.agent.put_tree(src, str(guest_path))
-        elif src.is_file():
-            mode = stat.S_IMODE(src.stat().st_mode)
-            self.machine.agent.put_file(str(guest_path), src.read_bytes(), mode=mode)
-        else:
+        if not src.exists():
             raise FileNotFoundError(f"no such host file or directory: {src}")
+        self.machine.agent.put_tree(src, str(guest_path))
 
     def copy_from(self, guest_path: str, host_path: str | os.PathLike[str]) -> None:
-        """Copy a guest file or directory tree to the host, keeping permission bits."""
+        """Copy a guest file or directory tree to the host, keeping permission bits.
+
+        A guest file copied onto an existing host directory lands inside it.
+        """
         self._check_open()
         dst = Path(host_path)
-        info = self.machine.agent.stat(str(guest_path))
-        if _is_dir(info):
-            self.machine.agent.get_tree(str(guest_path), dst)
-            return
-        data = self.machine.agent.get_file(str(guest_path))
-        if dst.is_dir():
+        mode, _size = self.machine.agent.stat(str(guest_path))
+        if not stat.S_ISDIR(mode) and dst.is_dir():
             dst = dst / PurePosixPath(guest_path).name
-        dst.write_bytes(data)
-        mode = _mode(info)
-        if mode is not None:
-            os.chmod(dst, mode)
+        self.machine.agent.get_tree(str(guest_path), dst)
 
     # -- console, reset, lifecycle ----------------------------------------------------------
 
@@ -289,20 +293,3 @@ class VM:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running"
         return f"<VM {self.engine.name}/{self.engine.accelerator} {state}>"
-
-
-def _is_dir(info: Any) -> bool:
-    mode = _mode(info, full=True)
-    if mode is not None:
-        return stat.S_ISDIR(mode)
-    kind = getattr(info, "type", None) or (info.get("type") if isinstance(info, dict) else None)
-    return kind in ("dir", "directory", "d")
-
-
-def _mode(info: Any, full: bool = False) -> int | None:
-    mode = getattr(info, "mode", None)
-    if mode is None and isinstance(info, dict):
-        mode = info.get("mode")
-    if mode is None:
-        return None
-    return int(mode) if full else stat.S_IMODE(int(mode))

@@ -238,10 +238,13 @@ class IgnitionSession:
                 self._progress(
                     "building the default guest (kernel + initramfs; minutes the first time)"
                 )
+                failure = None
                 try:
                     guest = build_guest(progress=self._progress)
                 except GuestBuildError as e:
-                    self.skip_or_fail(f"the default guest could not be built: {e}")
+                    failure = f"the default guest could not be built: {e}"
+                if failure is not None:
+                    self.skip_or_fail(failure)
                 self._progress("default guest ready")
             self._guest = guest
             return guest
@@ -249,6 +252,7 @@ class IgnitionSession:
     def vm_config(self, overrides: cfgmod.Overrides) -> tuple[VMConfig, str]:
         """The VMConfig and reset mode for the session settings plus ``overrides``."""
         s = cfgmod.apply_overrides(self.settings, overrides)
+        self.engine()  # no engine: skip (or fail) before building a guest for nothing
         if s.kernel is not None:
             kernel, initrd = s.kernel, s.initrd
         else:

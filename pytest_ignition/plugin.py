@@ -128,23 +128,17 @@ def _format_history(vm: Any) -> str:
 
 
 def _format_entry(entry: Any) -> str:
-    cmd = getattr(entry, "command", None)
-    if cmd is None:
-        cmd = getattr(entry, "cmd", None)
-    code = getattr(entry, "exit_code", None)
-    if cmd is None and isinstance(entry, (tuple, list)) and entry:
-        cmd = entry[0]
-        code = entry[1] if len(entry) > 1 else None
-    if cmd is None:
-        return str(entry)[:500]
-    if isinstance(cmd, (list, tuple)):
-        import shlex
-
-        cmd = shlex.join(str(c) for c in cmd)
-    dur = getattr(entry, "duration", None)
-    extra = f" ({dur:.3f} s)" if isinstance(dur, (int, float)) else ""
-    status = "timeout" if getattr(entry, "timed_out", False) else f"exit {code}"
-    return f"$ {str(cmd)[:500]}  -> {status}{extra}"
+    # vm.HistoryEntry: (command as shown, exit code or None when it timed out / was cut off, seconds)
+    if isinstance(entry, (tuple, list)) and len(entry) >= 2:
+        cmd, code = entry[0], entry[1]
+        dur = entry[2] if len(entry) > 2 else None
+    else:
+        cmd = getattr(entry, "command", entry)
+        code = getattr(entry, "exit_code", None)
+        dur = getattr(entry, "duration", None)
+    status = f"exit {code}" if isinstance(code, int) else "no exit code (timed out or interrupted)"
+    extra = f", {dur:.3f} s" if isinstance(dur, (int, float)) else ""
+    return f"$ {str(cmd)[:500]}\n    -> {status}{extra}"
 
 
 @pytest.hookimpl(wrapper=True)

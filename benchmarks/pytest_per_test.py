@@ -1,0 +1,165 @@
+"""Benchmark: pytest wall time per trivial test with the plugin (session setup excluded).
+
+Runs a generated suite of N tests, each ``ignition_vm.run("true")``, in a pytest subprocess.
+An inner conftest times every test's whole protocol (setup + call + teardown); the first
+test, which carries the session setup (boot, prepare, snapshot), is reported separately and
+left out of the per-test statistics. Appends one record to
+``benchmarks/results/pytest_per_test.json``:
+
+    {"metric": "pytest_per_test", "engine": "qemu", "where": "tcg", "params": {...},
+     "median_ms", "p10_ms", "p90_ms", "n", "host", ...}
+
+Usage: ``python -m benchmarks.pytest_per_test [-n 20] [-- extra pytest args]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pytest_per_test.json"
+
+INNER_CONFTEST = """
+import json, os, time
+import pytest
+
+OUT = os.environ["IGNITION_BENCH_OUT"]
+_times = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    t0 = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        _times.append((item.name, time.perf_counter() - t0))
+
+
+def pytest_sessionfinish(session):
+    from pytest_ignition.fixtures import get_session
+
+    engine, reason = get_session(session.config).engine_info()
+    with open(OUT, "w") as f:
+        json.dump({
+            "times": _times,
+            "engine": getattr(engine, "name", None),
+            "accelerator": getattr(engine, "accelerator", None),
+            "describe": engine.describe() if engine is not None else reason,
+        }, f)
+"""
+
+INNER_TESTS = """
+import pytest
+
+
+@pytest.mark.parametrize("i", range({n}))
+def test_trivial(ignition_vm, i):
+    assert ignition_vm.run("true").exit_code == 0
+"""
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    if len(sorted_ms) == 1:
+        return sorted_ms[0]
+    pos = q * (len(sorted_ms) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def host_description() -> str:
+    kvm = (
+        "kvm-pvm"
+        if Path("/sys/module/kvm_pvm").exists()
+        else ("kvm" if Path("/dev/kvm").exists() else "no-kvm")
+    )
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
+
+
+def run(n: int, extra: list[str]) -> dict:
+    """Run the suite once; returns the record (also appended to the results file)."""
+    with tempfile.TemporaryDirectory(prefix="ign-bench-") as d:
+        root = Path(d)
+        (root / "conftest.py").write_text(INNER_CONFTEST)
+        (root / "test_trivial.py").write_text(INNER_TESTS.format(n=n + 1))
+        (root / "pytest.ini").write_text("[pytest]\n")
+        out = root / "times.json"
+        env = dict(os.environ, IGNITION_BENCH_OUT=str(out))
+        cmd = [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            f"--basetemp={root / 'bt'}", *extra, str(root),
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        total = time.perf_counter() - t0
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise SystemExit(f"the benchmark suite failed (exit {proc.returncode})")
+        data = json.loads(out.read_text())
+    times = [t for _, t in data["times"]]
+    first, rest = times[0], times[1:]
+    ms = sorted(t * 1000 for t in rest)
+    record = {
+        "metric": "pytest_per_test",
+        "engine": data["engine"],
+        "where": data["accelerator"],
+        "params": {
+            "n_tests": n,
+            "test": 'ignition_vm.run("true")',
+            "pytest_args": extra,
+            "engine_description": data["describe"],
+        },
+        "median_ms": round(statistics.median(ms), 1),
+        "p10_ms": round(_percentile(ms, 0.10), 1),
+        "p90_ms": round(_percentile(ms, 0.90), 1),
+        "min_ms": round(ms[0], 1),
+        "max_ms": round(ms[-1], 1),
+        "n": len(ms),
+        "session_setup_s": round(first, 2),
+        "total_wall_s": round(total, 2),
+        "host": host_description(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return record
+
+
+def append(record: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    if path.exists():
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            records = []
+    if not isinstance(records, list):
+        records = [records]
+    records.append(record)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=20, help="tests measured (one more runs the setup)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("extra", nargs="*", help="extra pytest arguments (after --)")
+    args = p.parse_args(argv)
+    record = run(args.n, args.extra)
+    print(json.dumps(record, indent=2))
+    if not args.no_write:
+        append(record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Benchmark: the QEMU engine's cold boot, snapshot and restore on the default guest.
+
+Metrics (each a record in ``benchmarks/results/qemu.json``, which this script rewrites):
+
+* ``launch_to_ready``: QEMU launched → the agent answered a ping (cold boot).
+* ``snapshot_time``: QMP stop → migration stream written → disk copied → metadata → cont.
+* ``restore_to_ready``: QEMU launched with ``-incoming`` → agent answered, clock and CRNG
+  synced, ping confirmed.
+
+Records: ``{"metric", "engine": "qemu", "where": <accelerator>, "params", "median_ms",
+"p10_ms", "p90_ms", "n", "host"}``.
+
+Usage: ``python -m benchmarks.qemu_engine [--boots 5] [--snapshots 20] [--restores 20]
+[--memory 512]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "qemu.json"
+
+
+def _pct(sorted_ms: list[float], q: float) -> float:
+    pos = (len(sorted_ms) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def host_description() -> str:
+    kvm = (
+        "kvm-pvm"
+        if Path("/sys/module/kvm_pvm").exists()
+        else ("kvm" if Path("/dev/kvm").exists() else "no-kvm")
+    )
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
+
+
+def record(metric: str, where: str, params: dict, seconds: list[float]) -> dict:
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        "metric": metric,
+        "engine": "qemu",
+        "where": where,
+        "params": params,
+        "median_ms": round(statistics.median(ms), 2),
+        "p10_ms": round(_pct(ms, 0.1), 2),
+        "p90_ms": round(_pct(ms, 0.9), 2),
+        "n": len(ms),
+        "host": host_description(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--boots", type=int, default=5, help="cold boots (each takes seconds)")
+    ap.add_argument("--snapshots", type=int, default=20)
+    ap.add_argument("--restores", type=int, default=20)
+    ap.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
+    ap.add_argument("--accel", default=None, help="kvm|hvf|tcg (default: as auto-selected)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+
+    from pytest_ignition.engines.base import VMConfig
+    from pytest_ignition.engines.qemu import QemuEngine
+    from pytest_ignition.engines.select import decide, probe_host
+    from pytest_ignition.guest import build_guest, find_guest
+
+    guest = find_guest() or build_guest(progress=lambda m: print(m, file=sys.stderr))
+    accel = args.accel or decide("qemu", probe_host()).accelerator
+    engine = QemuEngine(accelerator=accel)
+    config = VMConfig(kernel=guest.kernel, initrd=guest.initrd, memory_mib=args.memory)
+    params = {"memory_mib": args.memory, "cpus": 1, "qemu": engine.version}
+    boots: list[float] = []
+    snaps: list[float] = []
+    restores: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="ign-bench-") as d:
+        root = Path(d)
+        for i in range(args.boots):
+            m = engine.boot(config, root / f"boot{i}")
+            try:
+                boots.append(m.ready_seconds)
+                if i == 0:
+                    for j in range(args.snapshots):
+                        t0 = time.perf_counter()
+                        engine.snapshot(m, root / "snap")
+                        snaps.append(time.perf_counter() - t0)
+                        assert m.agent.exec("true").exit_code == 0, j
+            finally:
+                m.close()
+            print(f"boot {i}: {boots[-1] * 1000:.0f} ms", file=sys.stderr)
+        state_bytes = (root / "snap" / "state").stat().st_size
+        for i in range(args.restores):
+            m = engine.restore(config, root / "snap", root / f"r{i}")
+            try:
+                restores.append(m.ready_seconds)
+                assert m.agent.exec("true").exit_code == 0
+            finally:
+                m.close()
+    records = [
+        record("launch_to_ready", accel, params, boots),
+        record("snapshot_time", accel, {**params, "state_bytes": state_bytes}, snaps),
+        record("restore_to_ready", accel, params, restores),
+    ]
+    print(json.dumps(records, indent=2))
+    if not args.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        tmp = RESULTS.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(records, indent=2) + "\n")
+        os.replace(tmp, RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -213,7 +213,8 @@ def _elf_notes(data: bytes, off: int, size: int, what: str):
         pos = desc_off + ((descsz + 3) & ~3)
 
 
-def load_elf(mem: GuestMemory, data: bytes, what: str = "vmlinux") -> KernelImage:
+def _parse_elf_header(data: bytes, what: str) -> tuple[int, int, int, int]:
+    """Check the ELF header; return (e_entry, e_phoff, e_phentsize, e_phnum)."""
     if len(data) < 64:
         raise KernelLoadError(f"{what}: {len(data)} bytes is too short for an ELF header")
     if data[4] != 2 or data[5] != 1:
@@ -233,6 +234,11 @@ def load_elf(mem: GuestMemory, data: bytes, what: str = "vmlinux") -> KernelImag
         )
     if e_phoff + e_phnum * e_phentsize > len(data):
         raise KernelLoadError(f"{what}: program headers run past the end of the file")
+    return e_entry, e_phoff, e_phentsize, e_phnum
+
+
+def load_elf(mem: GuestMemory, data: bytes, what: str = "vmlinux") -> KernelImage:
+    e_entry, e_phoff, e_phentsize, e_phnum = _parse_elf_header(data, what)
 
     low_end = _low_ram_end(mem)
     segments: list[tuple[int, int]] = []
@@ -288,6 +294,24 @@ def load_elf(mem: GuestMemory, data: bytes, what: str = "vmlinux") -> KernelImag
     if not any(a <= entry_phys < a + n for a, n in segments):
         raise KernelLoadError(f"{what}: entry point {e_entry:#x} is outside the loaded segments")
     return KernelImage("elf64", entry_phys, load_addr, end, None, segments)
+
+
+def check_kernel_file(path: str | os.PathLike[str]) -> str:
+    """Validate a kernel file's format without guest memory; returns its kind.
+
+    Lets a front end reject a bad kernel with a precise message before it opens /dev/kvm.
+    """
+    data = read_kernel_file(path)
+    what = f"kernel {os.fspath(path)!r}"
+    if not data:
+        raise KernelLoadError(f"{what}: file is empty")
+    if data[:4] == ELF_MAGIC:
+        _parse_elf_header(data, what)
+        return "elf"
+    if len(data) >= 0x206 and data[0x202:0x206] == HDRS_MAGIC:
+        parse_setup_header(data, what)
+        return "bzimage"
+    raise KernelLoadError(f"{what}: neither a bzImage (no 'HdrS' at 0x202) nor an ELF vmlinux")
 
 
 def load_kernel(mem: GuestMemory, path: str | os.PathLike[str]) -> KernelImage:

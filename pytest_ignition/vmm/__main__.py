@@ -1,0 +1,340 @@
+"""``python -m pytest_ignition.vmm boot ...``: one microVM per process.
+
+    python -m pytest_ignition.vmm boot --kernel K [--initrd I] [--mem 512M] [--cpus N]
+        [--cmdline ...] [--vsock PATH] [--disk IMG]... [--console stdio|PATH|none]
+        [--boot-timer] [--control PATH] [--paused]
+
+The process serves a JSON-lines control socket (:mod:`.control`: status, pause, resume,
+shutdown), dies with its parent (``PR_SET_PDEATHSIG``), and removes its sockets on every
+exit path (guest reboot/power-off, SIGTERM, SIGINT, SIGHUP, control ``shutdown``).
+
+Exit status: 0 when the guest rebooted or powered off or a shutdown was requested, 1 when
+the VM broke (KVM internal error, failed entry, crash), 2 when it could not be set up (bad
+arguments or paths, no /dev/kvm, a kernel that cannot be loaded): one line on stderr, never
+a traceback (set ``IGNITION_VMM_DEBUG=1`` to get one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import traceback
+from typing import Any, NoReturn
+
+PROG = "python -m pytest_ignition.vmm"
+EXIT_SETUP = 2
+PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("pytest_ignition.vmm")
+
+
+class SetupError(Exception):
+    """Bad arguments or environment: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_SETUP)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``1G``, ``1GiB``, ``536870912`` -> bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 512M or 2G)")
+    n = int(m.group(1)) << (10 * "_kmgt".index(m.group(2).lower() or "_"))
+    if not m.group(2) and n < 1 << 20:
+        n <<= 20  # a bare small number means MiB, as QEMU's -m does
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="The bundled pytest-ignition microVM monitor (KVM).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    b = sub.add_parser("boot", help="boot a kernel in a new microVM and serve it until it stops")
+    b.add_argument("--kernel", required=True, help="bzImage or uncompressed vmlinux (PVH)")
+    b.add_argument("--initrd", help="initramfs to load")
+    b.add_argument("--mem", type=parse_size, default=512 << 20, help="guest RAM (default 512M)")
+    b.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    b.add_argument("--cmdline", help="kernel command line (default: the project's guest one)")
+    b.add_argument("--vsock", metavar="PATH", help="virtio-vsock over this Unix socket path")
+    b.add_argument("--vsock-cid", type=int, default=3, help="guest CID (default 3)")
+    b.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="IMG",
+        help="virtio-blk over IMG, copy-on-write (repeatable)",
+    )
+    b.add_argument("--disk-read-only", action="store_true", help="present disks read-only")
+    b.add_argument("--no-rng", action="store_true", help="no virtio-rng device")
+    b.add_argument(
+        "--console",
+        default="stdio",
+        metavar="stdio|PATH|none",
+        help="serial console: this terminal (default), a file, or nowhere",
+    )
+    b.add_argument(
+        "--boot-timer",
+        action="store_true",
+        help="boot-timer device at 0xd0000000 (logs Guest-boot-time)",
+    )
+    b.add_argument("--control", metavar="PATH", help="JSON-lines control socket path")
+    b.add_argument(
+        "--paused",
+        action="store_true",
+        help="create the VM but start the vCPUs only on a control 'resume'",
+    )
+    b.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+# -- process plumbing -------------------------------------------------------------------
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` when the parent dies (best effort, Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        log.warning("prctl unavailable: %s", e)
+
+
+class _Console:
+    """The serial console's host end: stdio (raw mode on a tty, restored), a file, or none."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.out: Any = None
+        self.in_fd: int | None = None
+        self._saved_tty: list | None = None
+        self._file = None
+        if where == "none":
+            return
+        if where == "stdio":
+            self.out = sys.stdout.buffer
+            try:
+                fd = sys.stdin.fileno()
+            except (ValueError, OSError, AttributeError):
+                fd = None
+            if fd is not None:
+                self.in_fd = fd
+                if os.isatty(fd):
+                    import termios
+                    import tty
+
+                    self._saved_tty = termios.tcgetattr(fd)
+                    tty.setraw(fd)
+            return
+        try:
+            self._file = open(where, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise SetupError(f"console file {where!r}: {e.strerror}") from None
+        self.out = self._file
+
+    @property
+    def raw(self) -> bool:
+        return self._saved_tty is not None
+
+    def close(self) -> None:
+        if self._saved_tty is not None and self.in_fd is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(self.in_fd, termios.TCSADRAIN, self._saved_tty)
+            except termios.error:
+                pass
+            self._saved_tty = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _CrlfHandler(logging.StreamHandler):
+    """Log lines end in CRLF while the terminal is raw, so they do not staircase."""
+
+    def __init__(self, console: _Console | None = None):
+        super().__init__(sys.stderr)
+        self.console = console
+
+    def format(self, record: logging.LogRecord) -> str:
+        s = super().format(record)
+        if self.console is not None and self.console.raw:
+            s = s.replace("\n", "\r\n") + "\r"
+        return s
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    def readable(path: str, what: str) -> None:
+        if not os.path.exists(path):
+            raise SetupError(f"{what} {path!r}: no such file")
+        if os.path.isdir(path):
+            raise SetupError(f"{what} {path!r}: is a directory")
+        if not os.access(path, os.R_OK):
+            raise SetupError(f"{what} {path!r}: permission denied")
+
+    readable(args.kernel, "kernel")
+    if args.initrd:
+        readable(args.initrd, "initrd")
+    for d in args.disk:
+        readable(d, "disk")
+    for path, what in ((args.vsock, "vsock socket"), (args.control, "control socket")):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path)) or "."
+            if not os.path.isdir(parent):
+                raise SetupError(f"{what} {path!r}: directory {parent!r} does not exist")
+            if len(os.fsencode(os.path.abspath(path))) > 107 and len(os.fsencode(path)) > 107:
+                raise SetupError(f"{what} {path!r}: too long for a Unix socket path (max 107)")
+    if args.console not in ("stdio", "none"):
+        parent = os.path.dirname(os.path.abspath(args.console))
+        if not os.path.isdir(parent):
+            raise SetupError(f"console file {args.console!r}: directory {parent!r} does not exist")
+    if args.cpus < 1:
+        raise SetupError(f"--cpus {args.cpus}: must be at least 1")
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from .kvm import KvmError, KvmUnavailable
+    from .machine import Machine, MachineError, MachineSpec
+    from .memory import GuestMemoryError
+    from .vcpu import install_kick_handler
+    from .x86_64.loader import KernelLoadError, check_kernel_file
+
+    set_parent_death_signal()
+    parent = os.getppid()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    console: _Console | None = None
+    machine: Machine | None = None
+    control = None
+    sockets = [p for p in (args.vsock, args.control) if p]
+    try:
+        _check_paths(args)
+        check_kernel_file(args.kernel)
+        console = _Console(args.console)
+        handler = _CrlfHandler(console)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(args.log_level.upper())
+        install_kick_handler()
+        spec = MachineSpec(
+            kernel=args.kernel,
+            initrd=args.initrd,
+            mem_size=args.mem,
+            cpus=args.cpus,
+            cmdline=args.cmdline,
+            vsock=args.vsock,
+            vsock_cid=args.vsock_cid,
+            disks=list(args.disk),
+            disk_read_only=args.disk_read_only,
+            rng=not args.no_rng,
+            boot_timer=args.boot_timer,
+            console_out=console.out,
+            console_in=console.in_fd,
+        )
+        machine = Machine.create(spec)
+        if args.control:
+            from .control import ControlServer
+
+            control = ControlServer(args.control, _control_handler(machine, stop))
+            control.start()
+        if not args.paused:
+            machine.start()
+        while not stop.is_set():
+            if machine.wait(0.25) is not None:
+                break
+            if os.getppid() != parent:  # the death signal was lost (e.g. set too late)
+                log.info("parent process %d went away; shutting down", parent)
+                break
+        if received:
+            log.info("signal %s: shutting down", signal.Signals(received[0]).name)
+        if not machine.stopped:
+            machine.shutdown()
+        return machine.exit_status or 0
+    except SetupError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return EXIT_SETUP
+    except (KernelLoadError, MachineError, KvmUnavailable, GuestMemoryError) as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return EXIT_SETUP
+    except KvmError as e:
+        sys.stderr.write(f"{PROG}: cannot create the VM: {e}\n")
+        return EXIT_SETUP
+    except OSError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return EXIT_SETUP
+    finally:
+        if control is not None:
+            control.close()
+        if machine is not None:
+            try:
+                machine.close()
+            except Exception as e:  # teardown must not turn into a traceback
+                log.error("teardown: %s", e)
+        for path in sockets:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if console is not None:
+            console.close()
+
+
+def _control_handler(machine: Any, stop: threading.Event):
+    from .machine import MachineError
+
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req["cmd"]
+        try:
+            if cmd == "status":
+                return {"ok": True, **machine.status()}
+            if cmd == "pause":
+                machine.pause()
+                return {"ok": True, "state": machine.state}
+            if cmd == "resume":
+                machine.resume()
+                return {"ok": True, "state": machine.state}
+            if cmd == "shutdown":
+                stop.set()
+                return {"ok": True, "state": "stopping"}
+        except MachineError as e:
+            return {"ok": False, "error": str(e), "state": machine.state}
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, pause, resume, shutdown)"}
+
+    return handle
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "boot":
+            return cmd_boot(args)
+    except Exception as e:  # the promise: one line, no traceback, unless asked
+        if os.environ.get("IGNITION_VMM_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.write(f"{PROG}: internal error: {type(e).__name__}: {e}\n")
+        return 1
+    return EXIT_SETUP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The VMM process's control socket: JSON lines over a Unix stream socket.
+
+One request per line, one reply per line::
+
+    {"cmd": "status"}    -> {"ok": true, "state": "running", "uptime_s": 1.23, ...}
+    {"cmd": "pause"}     -> {"ok": true, "state": "paused"}
+    {"cmd": "resume"}    -> {"ok": true, "state": "running"}
+    {"cmd": "shutdown"}  -> {"ok": true, "state": "stopping"}   (then the process exits)
+
+Anything malformed (not JSON, not an object, unknown command, a line over 64 KiB) gets
+``{"ok": false, "error": "..."}`` and the connection keeps serving. Each client has its own
+thread; the socket file is removed by :meth:`ControlServer.close`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlServer:
+    """Serve ``handler`` on the Unix socket at ``path`` (created, and removed on close)."""
+
+    def __init__(self, path: str | os.PathLike[str], handler: Handler):
+        self.path = os.fspath(path)
+        self.handler = handler
+        self._closed = threading.Event()
+        self._clients: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        if os.path.exists(self.path):
+            # A stale socket from a dead VMM: refuse to steal a live one.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)
+            else:
+                raise OSError(f"control socket {self.path} is in use by another process")
+            finally:
+                probe.close()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(self.path)
+        self.sock.listen(8)
+        self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                continue
+            with self._lock:
+                self._clients.add(conn)
+            threading.Thread(
+                target=self._serve, args=(conn,), name="vmm-control-client", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        try:
+            while not self._closed.is_set():
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        conn.sendall(self._reply(line))
+                if len(buf) > MAX_LINE:
+                    conn.sendall(_encode({"ok": False, "error": "request line too long"}))
+                    buf = b""
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._clients.discard(conn)
+            conn.close()
+
+    def _reply(self, line: bytes) -> bytes:
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            return _encode({"ok": False, "error": f"bad JSON: {e}"})
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            return _encode({"ok": False, "error": 'expected an object like {"cmd": "status"}'})
+        try:
+            reply = self.handler(req)
+        except Exception as e:
+            log.exception("control: %r failed", req.get("cmd"))
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return _encode(reply)
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def request(path: str | os.PathLike[str], cmd: str, timeout: float = 10.0, **args: Any) -> dict:
+    """Send one command to a control socket and return the reply (a small client for tools)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(os.fspath(path))
+        s.sendall(_encode({"cmd": cmd, **args}))
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"control socket {os.fspath(path)} closed without a reply")
+            buf += chunk
+        return json.loads(buf.split(b"\n", 1)[0])

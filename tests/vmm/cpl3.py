@@ -2,7 +2,8 @@
 
 On PVM (this project's CI machines) CPL0 guest code is emulated at ~1 us per instruction
 but CPL3 runs natively, and with IOPL=3 user code can still do port I/O, which exits to the
-VMM. So these guests never run at CPL0: the vCPU starts directly in long mode at CPL3, with
+VMM (PVM drops IOPL, so the TSS carries an I/O bitmap allowing every port; see
+:func:`build_tss`). So these guests never run at CPL0: the vCPU starts directly in long mode at CPL3, with
 identity page tables (2 MiB user pages over the low 4 GiB, the MMIO gap included so MMIO
 accesses reach the VMM), a GDT with user code/data segments, and a TSS (VM entry wants one).
 
@@ -11,7 +12,7 @@ There is no IDT: any exception triple-faults, which the run loop reports as
 (``out 0xf4, al``, as with QEMU's isa-debug-exit), which stops the vCPU.
 
 Guest physical layout (all below 1 MiB except the code and stack):
-``0x500`` GDT, ``0x1000`` TSS, ``0x9000`` PML4, ``0xa000`` PDPT, ``0xb000``-``0xefff`` four page
+``0x500`` GDT, ``0x1000`` TSS with an all-ports I/O bitmap (to ``0x3069``), ``0x9000`` PML4, ``0xa000`` PDPT, ``0xb000``-``0xefff`` four page
 directories, ``CODE_ADDR`` the test's bytes, ``STACK_TOP`` the user stack (grows down),
 ``DATA_ADDR`` a scratch page the tests may use.
 """
@@ -38,6 +39,9 @@ DATA_ADDR = 0x18_0000
 STACK_TOP = 0x1F_F000
 
 EXIT_PORT = 0xF4
+
+TSS_IOMAP_OFFSET = 0x68
+TSS_LIMIT = TSS_IOMAP_OFFSET + 0x10000 // 8  # inclusive limit: covers the bitmap's 0xff tail
 
 SEL_KCODE = 0x08
 SEL_KDATA = 0x10
@@ -74,9 +78,20 @@ def _gdt_entry(base: int, limit: int, access: int, flags: int) -> bytes:
     )
 
 
+def build_tss() -> bytes:
+    """A 64-bit TSS whose I/O permission bitmap allows every port.
+
+    IOPL=3 alone is not enough everywhere: PVM keeps the guest's IOPL at 0, and then the
+    CPU consults this bitmap (a clear bit allows the port), so it must cover all 64Ki ports.
+    """
+    head = bytearray(TSS_IOMAP_OFFSET)
+    struct.pack_into("<H", head, 0x66, TSS_IOMAP_OFFSET)
+    return bytes(head) + b"\0" * (0x10000 // 8) + b"\xff"  # trailing all-ones byte required
+
+
 def build_gdt() -> bytes:
     """null, kernel code64, kernel data, user data, user code64, 64-bit TSS (two slots)."""
-    tss_limit = 0x67
+    tss_limit = TSS_LIMIT
     tss_low = _gdt_entry(TSS_ADDR, tss_limit, 0x89, 0x0)  # present, type 9 (available TSS)
     tss_high = struct.pack("<II", TSS_ADDR >> 32, 0)
     return b"".join(
@@ -124,7 +139,7 @@ def cpl3_sregs(base: kvm.Sregs) -> kvm.Sregs:
     s.cs = _seg(SEL_UCODE, code=True, dpl=3)
     data = _seg(SEL_UDATA, code=False, dpl=3)
     s.ds = s.es = s.fs = s.gs = s.ss = data
-    s.tr = kvm.Segment(base=TSS_ADDR, limit=0x67, selector=SEL_TSS, type=0xB, present=1)
+    s.tr = kvm.Segment(base=TSS_ADDR, limit=TSS_LIMIT, selector=SEL_TSS, type=0xB, present=1)
     s.ldt = kvm.Segment(selector=0, type=0x2, present=1, limit=0xFFFF)
     s.gdt = kvm.DTable(GDT_ADDR, len(build_gdt()) - 1)
     s.idt = kvm.DTable(0, 0)
@@ -168,6 +183,7 @@ class Cpl3Guest:
             for slot, region in enumerate(self.mem.regions):
                 self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
             self.mem.write(GDT_ADDR, build_gdt())
+            self.mem.write(TSS_ADDR, build_tss())
             write_page_tables(self.mem)
             self.mem.write(CODE_ADDR, code)
             self.vcpu = self.vm.create_vcpu(0)

@@ -83,6 +83,7 @@ class MachineSpec:
     # time.monotonic_ns() when the VM was launched (the boot timer measures from it);
     # None: when the Machine is constructed.
     launch_ns: int | None = None
+    kvm_device: str = kvm.KVM_DEVICE
     # The serial console: bytes the guest writes go to ``console_out`` (a binary file or a
     # callable); bytes readable on ``console_in`` (an fd) go to the guest.
     console_out: BinaryIO | Callable[[bytes], object] | None = None
@@ -137,7 +138,7 @@ class Machine:
         self.uart = None
         self.i8042 = None
         self._own_system = system is None
-        self.system = system or kvm.System()
+        self.system = system or kvm.System(spec.kvm_device)
         self.vm: kvm.Vm | None = None
         self.mem: GuestMemory | None = None
         self.loop = EventLoop("vmm-events")
@@ -399,14 +400,16 @@ class Machine:
                 if r.vcpu.index != reason.vcpu:
                     r.request_stop(StopReason("requested", f"vcpu{reason.vcpu} stopped"))
 
-    def _finish(self, reason: StopReason) -> bool:
+    def _finish(self, reason: StopReason, quiet: bool = False) -> bool:
         with self._lock:
             if self.stop_reason is not None:
                 return False
             self.stop_reason = reason
             self.exit_status = 0 if reason.kind in CLEAN_STOPS else 1
             self.state = "stopped"
-        if reason.kind in CLEAN_STOPS:
+        if quiet:
+            pass
+        elif reason.kind in CLEAN_STOPS:
             log.info("VM stopped: %s", reason)
         else:
             log.error("VM stopped: %s", reason)
@@ -465,7 +468,7 @@ class Machine:
         if self._own_system:
             self.system.close()
         if self.stop_reason is None:
-            self._finish(StopReason("requested", "closed"))
+            self._finish(StopReason("requested", "closed"), quiet=True)
 
     def __enter__(self) -> Machine:
         return self

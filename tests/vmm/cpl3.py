@@ -172,7 +172,9 @@ class Cpl3Guest:
     ``pio``/``mmio`` are the buses the run loop dispatches to; tests insert devices first.
     """
 
-    def __init__(self, system: kvm.System, code: bytes, *, mem_size: int = 4 << 20):
+    def __init__(
+        self, system: kvm.System, code: bytes, *, mem_size: int = 4 << 20, irqchip: bool = False
+    ):
         if len(code) > DATA_ADDR - CODE_ADDR:
             raise ValueError("code too large")
         self.system = system
@@ -180,6 +182,10 @@ class Cpl3Guest:
         self.vm = system.create_vm()
         self.mem = GuestMemory.anonymous(mem_size)
         try:
+            if irqchip:  # KVM's PIC + IOAPIC (+ PIT), as a real machine has
+                self.vm.set_tss_addr(0xFFFB_D000)
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
             for slot, region in enumerate(self.mem.regions):
                 self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
             self.mem.write(GDT_ADDR, build_gdt())

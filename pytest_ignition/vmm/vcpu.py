@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGRTMIN + 6
 
+_RUN_SIZE = kvm.ffi.sizeof("struct kvm_run")
+_ONES = {n: b"\xff" * n for n in range(1, 9)}
+
 _kick_installed = False
 _kick_lock = threading.Lock()
 
@@ -127,6 +130,10 @@ class VcpuRunner:
         self._paused = False
         self._stop_req: StopReason | None = None
         self._ratelog = RateLimitedLog(log)
+        self._io = vcpu.kvm_run.io  # views into the shared kvm_run page, fixed for its life
+        self._mmio = vcpu.kvm_run.mmio
+        self._run_mv = vcpu._run_mv
+        self._mmap_size = vcpu.mmap_size
         install_kick_handler()
 
     # -- control (any thread) -----------------------------------------------------------
@@ -283,27 +290,30 @@ class VcpuRunner:
                     return reason
 
     def _pio_exit(self, run: object) -> None:
-        io = self.vcpu.kvm_run.io
-        port, size, count, direction = io.port, io.size, io.count, io.direction
-        if size not in (1, 2, 4) or count == 0:
+        # The hot path (one call per guest port access): cached cdata, few attribute reads.
+        io = self._io
+        size = io.size
+        count = io.count
+        port = io.port
+        off = io.data_offset
+        end = off + size * count
+        if size not in (1, 2, 4) or count == 0 or off < _RUN_SIZE or end > self._mmap_size:
             self._ratelog(
                 logging.WARNING,
                 "pio-bad",
-                "%s: odd PIO exit size=%d count=%d",
+                "%s: malformed PIO exit port=%#x size=%d count=%d data_offset=%#x",
                 self.name,
+                port,
                 size,
                 count,
+                off,
             )
             return
-        try:
-            data = self.vcpu.io_data()
-        except kvm.KvmError as e:
-            self._ratelog(logging.ERROR, "pio-bad", "%s: %s", self.name, e)
-            return
+        mv = self._run_mv
         pio = self.pio
-        if direction == kvm.KVM_EXIT_IO_OUT:
-            for i in range(count):
-                chunk = bytes(data[i * size : (i + 1) * size])
+        if io.direction == kvm.KVM_EXIT_IO_OUT:
+            for pos in range(off, end, size):
+                chunk = mv[pos : pos + size].tobytes()
                 if not pio.write(port, chunk):
                     self._ratelog(
                         logging.DEBUG,
@@ -315,11 +325,10 @@ class VcpuRunner:
                         chunk.hex(),
                     )
         else:
-            buf = bytearray(size)
-            for i in range(count):
-                buf[:] = b"\xff" * size
+            for pos in range(off, end, size):
+                buf = bytearray(_ONES[size])
                 if not pio.read(port, buf):
-                    buf[:] = b"\xff" * size
+                    buf = bytearray(_ONES[size])
                     self._ratelog(
                         logging.DEBUG,
                         "pio-unhandled-in",
@@ -328,10 +337,12 @@ class VcpuRunner:
                         port,
                         size,
                     )
-                data[i * size : (i + 1) * size] = buf
+                elif len(buf) != size:  # a device must not resize the buffer; do not trust it
+                    buf = bytearray(_ONES[size])
+                mv[pos : pos + size] = buf
 
     def _mmio_exit(self, run: object) -> None:
-        m = self.vcpu.kvm_run.mmio
+        m = self._mmio
         addr, n = m.phys_addr, m.len
         if not 1 <= n <= 8:
             self._ratelog(logging.WARNING, "mmio-bad", "%s: odd MMIO exit len=%d", self.name, n)
@@ -349,9 +360,9 @@ class VcpuRunner:
                     chunk.hex(),
                 )
         else:
-            buf = bytearray(b"\xff" * n)
-            if not self.mmio.read(addr, buf):
-                buf[:] = b"\xff" * n
+            buf = bytearray(_ONES[n])
+            if not self.mmio.read(addr, buf) or len(buf) != n:
+                buf = bytearray(_ONES[n])
                 self._ratelog(
                     logging.WARNING,
                     "mmio-unhandled-read",

@@ -13,7 +13,6 @@ import bisect
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -29,15 +28,19 @@ class BusError(ValueError):
     """A device range that is empty, out of bounds, or overlaps another device."""
 
 
-@dataclass(frozen=True)
 class BusRange:
-    base: int
-    length: int
-    device: BusDevice
+    """One device's window; ``end`` is precomputed because every exit compares against it."""
 
-    @property
-    def end(self) -> int:
-        return self.base + self.length
+    __slots__ = ("base", "length", "end", "device")
+
+    def __init__(self, base: int, length: int, device: BusDevice):
+        self.base = base
+        self.length = length
+        self.end = base + length
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"BusRange({self.base:#x}+{self.length:#x}, {self.device!r})"
 
 
 class RateLimitedLog:
@@ -133,7 +136,7 @@ class Bus:
 
     def read(self, addr: int, data: bytearray) -> bool:
         """Fill ``data`` from the device at ``addr``; False (data untouched) if none covers it."""
-        r = self.find(addr, max(len(data), 1))
+        r = self.find(addr, len(data) or 1)
         if r is None:
             self.unhandled += 1
             return False
@@ -156,12 +159,12 @@ class Bus:
 
     def write(self, addr: int, data: bytes) -> bool:
         """Hand ``data`` to the device at ``addr``; False if none covers it."""
-        r = self.find(addr, max(len(data), 1))
+        r = self.find(addr, len(data) or 1)
         if r is None:
             self.unhandled += 1
             return False
         try:
-            r.device.write(addr - r.base, bytes(data))
+            r.device.write(addr - r.base, data if type(data) is bytes else bytes(data))
         except Exception:
             self.device_errors += 1
             self._ratelog(

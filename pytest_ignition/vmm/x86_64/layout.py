@@ -24,9 +24,9 @@ EBDA_START = 0x9FC00  # MP floating pointer + config table; RAM below 640 KiB en
 BIOS_END = 0x100000
 HIMEM_START = 0x100000  # where a relocatable bzImage's protected-mode kernel goes
 
-# KVM needs three pages for the real-mode TSS and one for the identity map (VMX only) inside
-# the 32-bit space but outside RAM: just below the MMIO window's device pages is taken, so use
-# the top of the gap, below the IOAPIC (0xfec00000).
+# VMX needs a three-page TSS for real-mode emulation and a one-page identity map, inside the
+# 32-bit space but outside RAM and clear of every device: the top of the MMIO gap, above the
+# LAPIC page (the addresses QEMU uses too).
 KVM_TSS_ADDR = 0xFEFF_D000
 KVM_IDENTITY_MAP_ADDR = 0xFEFF_C000
 

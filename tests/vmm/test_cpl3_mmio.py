@@ -159,17 +159,24 @@ def test_pause_resume_stop_a_spinning_guest(kvm_system):
     g = cpl3.Cpl3Guest(kvm_system, code)
     try:
         runner = g.start()
-        time.sleep(0.05)
-        assert runner.pause(timeout=5)
-        assert runner.paused
-        a = g.vcpu.get_regs().rax
-        assert a > 0  # it ran natively for a while
+
+        def rax_after_running_past(floor: int) -> int:
+            # resume/pause until the guest has made progress (no timing assumptions)
+            for _ in range(1000):
+                assert runner.pause(timeout=5) and runner.paused
+                value = g.vcpu.get_regs().rax
+                if value > floor:
+                    return value
+                runner.resume()
+                time.sleep(0.005)
+            raise AssertionError("the guest made no progress")
+
+        a = rax_after_running_past(0)
         time.sleep(0.02)
-        assert g.vcpu.get_regs().rax == a  # and is really parked
+        assert g.vcpu.get_regs().rax == a  # really parked, not running
         runner.resume()
-        time.sleep(0.02)
-        assert runner.pause(timeout=5)
-        assert g.vcpu.get_regs().rax > a
+        b = rax_after_running_past(a)
+        assert b > a
         runner.resume()
         reason = runner.stop(timeout=5)
         assert reason is not None and reason.kind == "requested"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import cpl3
 import pytest
@@ -160,5 +161,71 @@ def test_device_exception_does_not_kill_the_vcpu(kvm_system, caplog):
         assert g.exit_port.values == [0xFF]
         assert g.pio.device_errors == 2
         assert "device bug on write" in caplog.text
+    finally:
+        g.close()
+
+
+def test_pause_during_an_in_exit_completes_the_instruction(kvm_system):
+    """A pause requested while an ``in`` is being served parks the vCPU only after KVM has
+    completed the instruction (immediate_exit), so saved state never has a half-done in."""
+    code = b"".join(
+        [
+            b"\x66\xba\x34\x12",  # mov dx, 0x1234
+            b"\xed",  # in eax, dx        <- the device pauses the vCPU while serving it
+            b"\xeb\xfe",  # jmp $       (spin; never reached before the pause)
+        ]
+    )
+    g = cpl3.Cpl3Guest(kvm_system, code)
+    served = threading.Event()
+
+    class PausingSource:
+        def read(self, offset: int, data: bytearray) -> None:
+            assert g.runner is not None
+            g.runner.pause()  # from the vCPU thread itself: only flags it
+            data[:] = (0x600DF00D).to_bytes(4, "little")
+            served.set()
+
+        def write(self, offset: int, data: bytes) -> None:
+            pass
+
+    g.pio.insert(PausingSource(), 0x1234, 4)
+    try:
+        runner = g.start()
+        assert served.wait(5)
+        assert runner.pause(timeout=5) and runner.paused  # already requested: just waits
+        regs = g.vcpu.get_regs()
+        assert regs.rax & 0xFFFF_FFFF == 0x600DF00D
+        assert regs.rip == cpl3.CODE_ADDR + 5  # past the in, at the jmp
+        reason = runner.stop(timeout=5)
+        assert reason is not None and reason.kind == "requested"
+    finally:
+        g.close()
+
+
+def test_i8042_reset_from_the_guest_stops_the_vcpu(kvm_system):
+    from pytest_ignition.vmm.devices.legacy import I8042, I8042_PORT, I8042_PORT_LEN
+    from pytest_ignition.vmm.vcpu import StopReason
+
+    code = b"".join(
+        [
+            b"\xe4\x64",  # in al, 0x64      (status: input buffer empty)
+            b"\xb0\xfe",  # mov al, 0xfe
+            b"\xe6\x64",  # out 0x64, al     (pulse reset)
+            b"\xeb\xfe",  # jmp $
+        ]
+    )
+    g = cpl3.Cpl3Guest(kvm_system, code)
+
+    def reset() -> None:
+        assert g.runner is not None
+        g.runner.request_stop(StopReason("reset", "i8042"))
+
+    kbd = I8042(reset)
+    g.pio.insert(kbd, I8042_PORT, I8042_PORT_LEN)
+    try:
+        reason = g.run()
+        assert reason.kind == "reset" and reason.vcpu == 0
+        assert kbd.reset_requests == 1
+        assert not reason.is_error
     finally:
         g.close()

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 # Taken at import, before argument parsing and KVM setup: the boot timer measures from here
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--console",
         default="stdio",
         metavar="stdio|PATH|none",
-        help="serial console: this terminal (default), a file, or nowhere",
+        help="serial console: this terminal (default; Ctrl-A x quits), a file, or nowhere",
     )
     b.add_argument(
         "--boot-timer",
@@ -164,6 +165,33 @@ class _Console:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _EscapeFilter:
+    """Ctrl-A x on a raw terminal quits the VMM (as in QEMU); Ctrl-A Ctrl-A sends one Ctrl-A."""
+
+    CTRL_A = 0x01
+
+    def __init__(self, quit: Callable[[], None]):
+        self.quit = quit
+        self.pending = False
+
+    def __call__(self, data: bytes) -> bytes:
+        out = bytearray()
+        for b in data:
+            if self.pending:
+                self.pending = False
+                if b in (ord("x"), ord("X")):
+                    self.quit()
+                    break
+                if b == self.CTRL_A:
+                    out.append(b)
+                continue  # unknown escape: dropped
+            if b == self.CTRL_A:
+                self.pending = True
+            else:
+                out.append(b)
+        return bytes(out)
 
 
 class _CrlfHandler(logging.StreamHandler):
@@ -255,11 +283,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
             rng=not args.no_rng,
             boot_timer=args.boot_timer,
             console_out=console.out,
-            console_in=console.in_fd,
+            # a raw terminal is read here (for the Ctrl-A x escape); anything else by the VM
+            console_in=None if console.raw else console.in_fd,
             launch_ns=LAUNCH_NS,
             kvm_device=args.kvm_device,
         )
         machine = Machine.create(spec)
+        if console.raw and console.in_fd is not None:
+            _attach_tty(machine, console.in_fd, _EscapeFilter(stop.set))
+            log.info("console: Ctrl-A x quits")
         if args.control:
             from .control import ControlServer
 
@@ -305,6 +337,24 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 pass
         if console is not None:
             console.close()
+
+
+def _attach_tty(machine: Any, fd: int, escape: _EscapeFilter) -> None:
+    def on_input() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            machine.loop.remove_reader(fd)
+            return
+        data = escape(data)
+        if data and machine.uart is not None:
+            machine.uart.feed(data)
+
+    machine.loop.add_reader(fd, on_input)
 
 
 def _control_handler(machine: Any, stop: threading.Event):

@@ -33,6 +33,18 @@ PRINT_OK = b"\x66\xba\xf8\x03" + b"\xb0O\xee\xb0K\xee\xb0\x0a\xee"  # mov dx,0x3
 RESET = b"\xb0\xfe\xe6\x64"  # mov al,0xfe; out 0x64,al  (i8042 pulse reset)
 HALT = b"\xf4\xeb\xfd"  # hlt; jmp back (IF=0: sleeps in KVM, costs nothing)
 BOOT_TIMER = b"\xb8\x00\x00\x00\xd0\xc6\x00\x7b"  # mov eax,0xd0000000; mov byte [rax],123
+# Read the first virtio-mmio slot's magic (low byte 'v') and device id; print both.
+READ_VIRTIO_SLOT = bytes.fromhex(
+    "b9001000d0"  # mov ecx, 0xd0001000
+    "8b19"  # mov ebx, [rcx]       (MagicValue)
+    "66baf803"  # mov dx, 0x3f8
+    "88d8"  # mov al, bl
+    "ee"  # out dx, al
+    "8b5908"  # mov ebx, [rcx+8]     (DeviceID)
+    "88d8"  # mov al, bl
+    "0430"  # add al, '0'
+    "ee"  # out dx, al
+)
 # Echo serial input until a 'q' arrives: poll LSR.DR, read RBR, write it back to THR.
 ECHO_UNTIL_Q = bytes.fromhex("66bafd03eca80174f766baf803ecee3c7175ed")
 
@@ -168,6 +180,52 @@ def test_serial_input_echo(tmp_path):
     r = run_vmm("boot", "--kernel", str(k), "--mem", "64M", stdin=b"hello q")
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == b"hello q"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [((), b"v4"), (("--disk", "DISK"), b"v2")])
+def test_virtio_slot_visible_to_guest(tmp_path, extra, expected):
+    """The first virtio-mmio slot answers at 0xd0001000: rng (id 4) alone, blk (id 2) first."""
+    need_kvm()
+    k = bzimage(tmp_path, READ_VIRTIO_SLOT + RESET + HALT)
+    extra = tuple(str(_disk(tmp_path)) if a == "DISK" else a for a in extra)
+    r = run_vmm("boot", "--kernel", str(k), "--mem", "64M", *extra)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == expected
+
+
+def test_raw_terminal_escape(tmp_path):
+    """On a tty the console is raw (bytes reach the guest as typed) and Ctrl-A x quits."""
+    need_kvm()
+    import pty
+
+    k = bzimage(tmp_path, ECHO_UNTIL_Q[:-2] + b"\xeb\xed")  # echo forever (never resets)
+    control = tmp_path / "c.sock"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*VMM, "boot", "--kernel", str(k), "--mem", "64M", "--control", str(control)],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 60
+        while not control.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "VMM did not come up"
+            time.sleep(0.02)
+        os.write(master, b"ab\x03")  # Ctrl-C goes to the guest, not to the VMM: raw mode
+        got = b""
+        while len(got) < 3:
+            got += os.read(master, 100)
+        assert got == b"ab\x03"
+        os.write(master, b"\x01x")
+        assert proc.wait(60) == 0
+        assert not control.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(master)
 
 
 def test_boot_timer_logged(tmp_path):

@@ -59,8 +59,10 @@ class Snapshot:
     boot_seconds: float | None  # None when another worker (or an earlier run) made it
 
 
-def _worker_id() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+def _worker_id(config: pytest.Config) -> str:
+    """The xdist worker id ("gw0", ...), or "main" outside xdist."""
+    workerinput = getattr(config, "workerinput", None)
+    return str(workerinput.get("workerid", "main")) if workerinput else "main"
 
 
 def _new_loop_for_thread() -> None:
@@ -220,7 +222,7 @@ class IgnitionSession:
         line = f"pytest-ignition: {message}"
         capman = self.config.pluginmanager.getplugin("capturemanager")
         tr = self.config.pluginmanager.getplugin("terminalreporter")
-        if tr is not None and capman is not None and _worker_id() == "main":
+        if tr is not None and capman is not None and _worker_id(self.config) == "main":
             with capman.global_and_fixture_disabled():
                 tr.write_line(line)
         else:
@@ -266,7 +268,7 @@ class IgnitionSession:
         with self.lock:
             if self.root is None:
                 # xdist workers have basetemp/<parent>/popen-gwN: the parent is shared.
-                base = basetemp.parent if _worker_id() != "main" else basetemp
+                base = basetemp.parent if _worker_id(self.config) != "main" else basetemp
                 self.root = base / SNAPSHOT_SUBDIR
                 self.root.mkdir(parents=True, exist_ok=True)
 
@@ -304,12 +306,15 @@ class IgnitionSession:
                     if directory.exists():
                         shutil.rmtree(directory)  # a half-made snapshot of an interrupted run
                     directory.mkdir(parents=True)
+                    failure = None
                     try:
                         boot_seconds = self._make_snapshot(engine, vmcfg, directory)
                     except _SnapshotFailed as e:
-                        failed.write_text(str(e))
-                        self.failures[key] = str(e)
-                        pytest.fail(str(e), pytrace=False)
+                        failure = str(e)
+                    if failure is not None:
+                        failed.write_text(failure)
+                        self.failures[key] = failure
+                        pytest.fail(failure, pytrace=False)
                     ready.write_text(json.dumps({"key": key, "engine": engine.name}))
             snap = Snapshot(key, vmcfg, directory, engine, boot_seconds)
             self.snapshots[key] = snap
@@ -364,7 +369,7 @@ class IgnitionSession:
                 json.dumps(
                     {
                         "key": vmcfg.key(),
-                        "worker": _worker_id(),
+                        "worker": _worker_id(self.config),
                         "pid": os.getpid(),
                         "boot_seconds": round(boot_seconds, 3),
                     }
@@ -513,10 +518,12 @@ def _record_restore(request: pytest.FixtureRequest, seconds: float) -> None:
 
 
 def _map_restore_error(session: IgnitionSession, fn: Callable[[], Any]) -> Any:
+    failure = None
     try:
         return fn()
     except RestoreFailed as e:
-        pytest.fail(str(e), pytrace=False)
+        failure = str(e)
+    pytest.fail(failure, pytrace=False)  # outside the except: no "during handling" chain
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,9 @@ import pytest
 from pytest_ignition.fixtures import get_session
 from pytest_ignition.vm import CommandTimeout
 
-from .conftest import PREPARED_PATH, PREPARED_TEXT
+# Written by the prepare hook in tests/e2e/conftest.py.
+PREPARED_PATH = "/etc/ignition-e2e-prepared"
+PREPARED_TEXT = "prepared by tests/e2e/conftest.py\n"
 
 # Lists every process whose argv is exactly "sleep 1000" (not the grep/sh that search).
 FIND_SLEEPER = (

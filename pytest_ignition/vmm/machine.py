@@ -366,13 +366,14 @@ class Machine:
                 r.resume()
             self.state = "running"
 
-    def shutdown(self, timeout: float | None = 5.0) -> int:
-        """Stop the vCPUs (the guest gets no notice) and return the exit status."""
+    def shutdown(self, timeout: float | None = 5.0) -> int | None:
+        """Stop the vCPUs (the guest gets no notice) and return the exit status (None if the
+        vCPUs did not stop within ``timeout``)."""
         if self.state == "created":
             self._finish(StopReason("requested", "shut down before start"))
         for r in self.runners:
             r.request_stop()
-        return self.wait(timeout) or 0
+        return self.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the VM stopped; returns the exit status, or None on timeout."""

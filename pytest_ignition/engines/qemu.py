@@ -464,10 +464,10 @@ class QemuEngine(Engine):
         m.close()
         return BootError(msg, m.console_tail())
 
-    def _wait_for_agent(self, m: QemuMachine, started: float, timeout: float, what: str) -> None:
+    def _connect_agent(self, m: QemuMachine, deadline: float, timeout: float, what: str) -> None:
+        """Connect the agent socket (the guest need not be listening yet)."""
         from pytest_ignition.agent import AgentClient
 
-        deadline = started + timeout
         # The sockets appear once QEMU has parsed its arguments.
         while not m.agent_sock.exists():
             if m.proc is not None and m.proc.poll() is not None:
@@ -479,6 +479,11 @@ class QemuEngine(Engine):
             m.agent = AgentClient.connect_unix(
                 str(m.agent_sock), timeout=max(0.1, deadline - time.monotonic())
             )
+        except Exception as exc:
+            raise self._fail(m, f"cannot connect to the agent socket: {exc!r}") from exc
+
+    def _wait_agent_ready(self, m: QemuMachine, deadline: float, timeout: float, what: str) -> None:
+        try:
             m.agent.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
         except Exception as exc:
             if m.proc is not None and m.proc.poll() is not None:
@@ -489,6 +494,40 @@ class QemuEngine(Engine):
                 ) from exc
             raise self._fail(m, f"the guest agent failed: {exc!r}") from exc
 
+    def _resume_incoming(self, m: QemuMachine, deadline: float, timeout: float) -> None:
+        """Wait until QEMU has loaded the incoming state, then ``cont``.
+
+        The snapshot was taken of a stopped guest, and QEMU keeps the source's run state
+        after an incoming migration, so the guest stays paused until told to run.
+        """
+        while not m.qmp_sock.exists():
+            if not m.is_alive():
+                raise self._fail(m, "QEMU exited while loading the snapshot")
+            if time.monotonic() > deadline:
+                raise self._fail(m, f"QEMU did not start within {timeout:g}s")
+            time.sleep(0.002)
+        try:
+            qmp = m.qmp()
+            while True:
+                status = qmp.cmd("query-status").get("status")
+                if status == "running":
+                    return
+                if status in ("paused", "postmigrate", "prelaunch"):
+                    qmp.cmd("cont")
+                    return
+                if status != "inmigrate":
+                    raise EngineError(f"unexpected run state {status!r} after loading")
+                mig = qmp.cmd("query-migrate")
+                if mig.get("status") == "failed":
+                    raise EngineError(f"loading failed: {mig.get('error-desc', 'no detail')}")
+                if time.monotonic() > deadline:
+                    raise EngineError(f"the snapshot did not load within {timeout:g}s")
+                time.sleep(0.002)
+        except Exception as exc:
+            if isinstance(exc, BootError):
+                raise
+            raise self._fail(m, f"restoring the snapshot failed: {exc}") from exc
+
     # -- Engine API ------------------------------------------------------------------------------
 
     def boot(self, config: VMConfig, workdir: Path) -> QemuMachine:
@@ -498,7 +537,9 @@ class QemuEngine(Engine):
             if config.rootfs is not None:
                 self._overlay(m, Path(config.rootfs), "raw")
             started = self._launch(m, config, [])
-            self._wait_for_agent(m, started, config.boot_timeout, "booted")
+            deadline = started + config.boot_timeout
+            self._connect_agent(m, deadline, config.boot_timeout, "booted")
+            self._wait_agent_ready(m, deadline, config.boot_timeout, "booted")
             m.ready_seconds = time.monotonic() - started
             return m
         except BaseException:
@@ -599,7 +640,11 @@ class QemuEngine(Engine):
             if meta.get("disk"):
                 self._overlay(m, directory / "disk.qcow2", "qcow2")
             started = self._launch(m, config, ["-incoming", "exec:cat " + shlex.quote(str(state))])
-            self._wait_for_agent(m, started, config.boot_timeout, "was restored")
+            deadline = started + config.boot_timeout
+            # Connected before the guest runs: it then never sees the host side go away.
+            self._connect_agent(m, deadline, config.boot_timeout, "was restored")
+            self._resume_incoming(m, deadline, config.boot_timeout)
+            self._wait_agent_ready(m, deadline, config.boot_timeout, "was restored")
             try:
                 m.agent.sync(time_ns=time.time_ns(), entropy=os.urandom(64))
                 m.agent.ping()

@@ -358,6 +358,7 @@ def build_kernel(
         _run_logged([*make, f"-j{jobs}", *targets], log, f"{flavour} kernel build", progress)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the kernel from other users
         try:
             shutil.copy2(builddir / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
             if want_vmlinux:

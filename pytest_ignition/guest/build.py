@@ -224,12 +224,16 @@ def _extracted_tree(kernel_source: Path | None, ident: str, progress: Progress) 
                 tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root.parent))
                 _emit(progress, f"extracting {tarball} ...")
                 t0 = time.monotonic()
-                r = subprocess.run(
-                    ["nice", "tar", "-xf", str(tarball), "-C", str(tmp)],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
+                try:
+                    r = subprocess.run(
+                        ["nice", "tar", "-xf", str(tarball), "-C", str(tmp)],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
+                except BaseException:  # Ctrl-C: leave no half-extracted tree behind
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
                 if r.returncode != 0:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise GuestBuildError(f"extracting {tarball} failed: {r.stderr.strip()}")

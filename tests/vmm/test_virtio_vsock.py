@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pytest_ignition.vmm.devices.virtio import mmio
 from pytest_ignition.vmm.devices.virtio.driver import Arena, Driver
+from pytest_ignition.vmm.devices.virtio.queue import Queue
 from pytest_ignition.vmm.devices.virtio.vsock import (
     BUF_ALLOC,
     EVT,
@@ -30,7 +36,7 @@ from pytest_ignition.vmm.devices.virtio.vsock import (
     VirtioVsock,
 )
 from pytest_ignition.vmm.eventloop import EventLoop
-from pytest_ignition.vmm.memory import GuestMemory
+from pytest_ignition.vmm.memory import MMIO_START, GuestMemory
 
 MEM = 16 << 20
 CID = 3
@@ -53,7 +59,7 @@ def wait_for(cond, what: str):
 class Guest:
     """The guest's vsock driver, reduced to what the tests need."""
 
-    def __init__(self, uds_path, cid=CID):
+    def __init__(self, uds_path, cid=CID, rx_prefill=16):
         self.mem = GuestMemory.anonymous(MEM)
         self.loop = EventLoop("test-vsock")
         self.loop.start()
@@ -64,7 +70,7 @@ class Guest:
         assert self.d.init() & mmio.DRIVER_OK
         self.rxq, self.txq, self.evq = (self.d.queues[i] for i in (RX, TX, EVT))
         self.rx_bufs = {}
-        for _ in range(16):
+        for _ in range(rx_prefill):
             self.post_rx()
         self.ev_bufs = {}
         for _ in range(4):
@@ -72,6 +78,7 @@ class Guest:
             self.ev_bufs[self.evq.post([(buf, 4, True)])] = buf
         self.d.notify(EVT)
         self.inbox = []
+        self.bad_rx = []
         self.fwd_cnt = 0
         self.tx_bufs = [self.d.arena.alloc(HDR.size + 65536) for _ in range(8)]
         self.tx_i = 0
@@ -96,28 +103,51 @@ class Guest:
         dst_cid=HOST_CID,
         typ=TYPE_STREAM,
         buf_alloc=GUEST_BUF_ALLOC,
+        fwd_cnt=None,
     ):
         n = len(payload) if length is None else length
         hdr = HDR.pack(
-            src_cid, dst_cid, src_port, dst_port, n, typ, op, flags, buf_alloc, self.fwd_cnt
+            src_cid,
+            dst_cid,
+            src_port,
+            dst_port,
+            n,
+            typ,
+            op,
+            flags,
+            buf_alloc,
+            self.fwd_cnt if fwd_cnt is None else fwd_cnt,
         )
         buf = self.tx_bufs[self.tx_i % len(self.tx_bufs)]
         self.tx_i += 1
         self.mem.write(buf, hdr + payload)
-        done = len(self.txq.completed)
         head = self.txq.post([(buf, len(hdr) + len(payload), False)])
         self.d.notify(TX)
-        wait_for(lambda: self.txq.take_used() is not None and len(self.txq.completed) > done, "tx")
-        assert self.txq.completed[done] == (head, 0)
+        self.barrier()
+        assert (head, 0) in self.txq.take_used()
+
+    def barrier(self):
+        """Wait until the device's loop has run everything handed to it so far."""
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(done.set)
+        assert done.wait(DEADLINE), "device loop stuck"
 
     def poll(self):
         for head, length in self.rxq.take_used():
+            if head not in self.rx_bufs:  # a hostile buffer the test posted raw
+                self.bad_rx.append((head, length))
+                if length:  # ...that was valid after all: read the packet out of it
+                    chain = Queue.from_dict(self.dev.queues[RX].to_dict())._walk(self.mem, head)
+                    raw = b"".join(self.mem.read(a, n) for a, n in chain.writable)[:length]
+                    self.inbox.append((HDR.unpack(raw[: HDR.size]), raw[HDR.size :]))
+                continue
             buf, size = self.rx_bufs.pop(head)
             raw = self.mem.read(buf, length)
             f = HDR.unpack(raw[: HDR.size])
             self.inbox.append((f, raw[HDR.size :]))
             self.rxq.next_desc = head  # reuse that descriptor slot
-            self.rx_bufs[self.rxq.post([(buf, size, True)])] = (buf, size)
+            new_head = self.rxq.post([(buf, size, True)])
+            self.rx_bufs[new_head] = (buf, size)
             self.d.notify(RX)
 
     def recv(self, what="packet"):
@@ -180,7 +210,10 @@ def recv_exact(s, n):
 
 def host_initiated(guest, uds, port=52):
     host = host_connect(uds, port)
-    op, hport, gport, _, _, buf_alloc, _ = guest.recv("OP_REQUEST")
+    while True:  # skip anything still in flight for earlier connections
+        op, hport, gport, _, _, buf_alloc, _ = guest.recv("OP_REQUEST")
+        if op != OP_RST:
+            break
     assert (op, gport) == (OP_REQUEST, port)
     assert buf_alloc == BUF_ALLOC
     guest.send(OP_RESPONSE, port, hport)
@@ -357,3 +390,132 @@ def test_state_round_trip(guest):
     st = guest.t.state()
     assert st["device"]["guest_cid"] == CID
     assert len(st["device"]["queues"]) == 3
+
+
+# -- hostile guests (hypothesis) ---------------------------------------------------------------
+HOSTILE = settings(
+    max_examples=int(os.environ.get("IGNITION_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+u32 = st.integers(0, 2**32 - 1)
+header_fields = st.fixed_dictionaries(
+    {
+        "src_cid": st.one_of(st.just(CID), st.just(CID), st.integers(0, 2**64 - 1)),
+        "dst_cid": st.one_of(st.just(HOST_CID), st.just(HOST_CID), st.integers(0, 2**64 - 1)),
+        "src_port": st.one_of(st.just(52), u32),
+        "dst_port": st.one_of(st.just("conn"), st.just(1234), u32),
+        "length": st.one_of(st.none(), u32, st.integers(0, 70000)),
+        "typ": st.one_of(st.just(TYPE_STREAM), st.integers(0, 0xFFFF)),
+        "op": st.one_of(st.integers(0, 8), st.integers(0, 0xFFFF)),
+        "flags": st.one_of(st.integers(0, 3), u32),
+        "buf_alloc": st.one_of(st.just(GUEST_BUF_ALLOC), u32),
+        "fwd_cnt": st.one_of(st.just(0), u32),
+    }
+)
+packets = st.lists(st.tuples(header_fields, st.binary(max_size=300)), max_size=8)
+raw_descs = st.dictionaries(
+    st.integers(200, 215),
+    st.tuples(
+        st.one_of(
+            st.integers(0x80_0000, 0x80_1000),
+            st.integers(MMIO_START - 64, MMIO_START + 64),
+            st.integers(0, 2**64 - 1),
+        ),
+        st.one_of(st.integers(0, 100), st.integers(0, 2**32 - 1)),
+        st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(0, 0xFFFF)),
+        st.one_of(st.integers(200, 215), st.integers(0, 0xFFFF)),
+    ),
+    max_size=8,
+)
+raw_heads = st.lists(st.one_of(st.integers(200, 215), st.integers(0, 0xFFFF)), max_size=8)
+
+
+def _errors_during(fn):
+    records = []
+
+    class H(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h = H(logging.ERROR)
+    root = logging.getLogger()
+    root.addHandler(h)
+    try:
+        fn()
+    finally:
+        root.removeHandler(h)
+    assert not records, [r.getMessage() + (r.exc_text or "") for r in records]
+
+
+def _serves(g, uds):
+    """A fresh host connection is accepted and carries data both ways."""
+    host, hport = host_initiated(g, uds, port=77)
+    host.sendall(b"alive?")
+    got = b""
+    while len(got) < 6:
+        op, src, dst, payload, *_ = g.recv("RW")
+        if (src, dst) == (hport, 77) and op == OP_RW:
+            got += payload
+    assert got == b"alive?"
+    g.send(OP_RW, 77, hport, b"yes")
+    assert recv_exact(host, 3) == b"yes"
+    host.close()
+
+
+@HOSTILE
+@given(pkts=packets, descs=raw_descs, heads=raw_heads)
+def test_hostile_tx_packets_and_chains(tmp_path_factory, pkts, descs, heads):
+    uds = str(tmp_path_factory.mktemp("vs") / "v.sock")
+    g = Guest(uds)
+
+    def body():
+        host, hport = host_initiated(g, uds)
+        for fields, payload in pkts:
+            f = dict(fields)
+            if f["dst_port"] == "conn":
+                f["dst_port"] = hport
+            g.inbox.clear()
+            g.send(payload=payload, **f)
+            g.poll()
+        # Raw chains: junk descriptors and heads on the tx queue.
+        g.txq.post_raw(descs, heads)
+        g.d.notify(TX)
+        g.barrier()
+        g.txq.take_used()
+        g.txq.next_desc = 0
+        g.inbox.clear()
+        _serves(g, uds)
+
+    try:
+        _errors_during(body)
+    finally:
+        g.close()
+
+
+@HOSTILE
+@given(descs=raw_descs, heads=raw_heads)
+def test_hostile_rx_buffers(tmp_path_factory, descs, heads):
+    uds = str(tmp_path_factory.mktemp("vs") / "v.sock")
+    g = Guest(uds, rx_prefill=0)
+
+    def body():
+        g.rxq.post_raw(descs, heads)
+        g.d.notify(RX)
+        for _ in range(16):
+            g.post_rx(RX_BUF)
+        _serves(g, uds)
+        for head, length in g.bad_rx:
+            assert head < 256 and (length == 0 or head in descs)
+
+    try:
+        _errors_during(body)
+    finally:
+        g.close()
+
+
+def test_reset_with_live_connections_then_reinit(guest, uds):
+    host, _ = host_initiated(guest, uds)
+    guest.d.write(mmio.STATUS, 0)
+    assert host.recv(16) == b""
+    assert not guest.dev.conns

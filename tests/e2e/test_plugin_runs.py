@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from pytest_ignition._testing import require
+from pytest_ignition.guest import cache_dir
 
 QEMU = shutil.which("qemu-system-x86_64")
+# pytester points HOME at a temporary directory; the inner runs must find the real guest cache.
+GUEST_CACHE = cache_dir()
+
+
+@pytest.fixture(autouse=True)
+def _real_guest_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(GUEST_CACHE))
 
 
 def _guest_built() -> bool:
@@ -94,7 +102,7 @@ def test_kernel_panic_at_boot_is_a_clear_error(
     )
     result = pytester.runpytest_subprocess(
         "--ignition-kernel-args=rdinit=/nonexistent root=/dev/nothing",
-        "--ignition-timeout=90",
+        "--ignition-timeout=60",
     )
     result.assert_outcomes(errors=2)
     out = _out(result)

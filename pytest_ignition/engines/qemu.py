@@ -341,7 +341,10 @@ class QemuEngine(Engine):
     # -- argument building ----------------------------------------------------------------------
 
     def cmdline(self, config: VMConfig) -> str:
-        parts = [_default_cmdline()]
+        # microvm has no i8042, so the default reboot=k would fall through to a jump into
+        # the firmware, which boots the kernel again instead of resetting: a panicking
+        # guest would loop instead of exiting. A triple fault resets, and -no-reboot exits.
+        parts = [_default_cmdline(), "reboot=t"]
         if config.rootfs is not None:
             parts.append("ignition.rootfs=/dev/vda")
         if config.kernel_args.strip():

@@ -194,3 +194,37 @@ def test_transport_state_round_trip(rig, mem):
     assert q.take_used() == [(0, 32), (1, 16)]
     assert irqs[-1] == 2
     assert d.read(mmio.STATUS) & mmio.DRIVER_OK
+
+
+def test_buffers_posted_before_driver_ok_are_served_at_driver_ok(rig, mem):
+    t, d, irqs = rig
+    _to_features_ok(d)
+    q = d.setup_queue(0, 16)
+    buf = d.arena.alloc(32)
+    q.post([(buf, 32, True)])
+    d.notify(0)  # too early: dropped
+    assert q.take_used() == []
+    d.write(mmio.STATUS, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK | mmio.DRIVER_OK)
+    assert q.take_used() == [(0, 32)]
+    assert irqs
+
+
+def test_activation_failure_sets_needs_reset(mem, tmp_path):
+    from pytest_ignition.vmm.devices.virtio.vsock import VirtioVsock
+    from pytest_ignition.vmm.eventloop import EventLoop
+
+    loop = EventLoop()
+    dev = VirtioVsock(str(tmp_path / "v.sock"), loop)
+    irqs = []
+    t = mmio.MmioTransport(dev, mem, lambda: irqs.append(1))
+    d = Driver(t, mem, Arena(0x10_0000, MEM))
+    _to_features_ok(d)
+    d.setup_queue(0, 16)  # the tx and event queues are left unset
+    d.write(mmio.STATUS, mmio.ACKNOWLEDGE | mmio.DRIVER | mmio.FEATURES_OK | mmio.DRIVER_OK)
+    assert d.read(mmio.STATUS) & mmio.DEVICE_NEEDS_RESET
+    assert d.read(mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG and irqs
+    d.write(mmio.STATUS, 0)
+    assert d.read(mmio.STATUS) == 0
+    assert d.init() & mmio.DRIVER_OK
+    dev.close()
+    loop.stop()

@@ -416,6 +416,11 @@ class MmioTransport:
                 self.status |= DEVICE_NEEDS_RESET
                 self.interrupt_status |= INT_CONFIG
                 self.interrupt()
+                return
+            # A driver may have kicked before DRIVER_OK (those notifies were dropped): catch up.
+            for i, q in enumerate(self.device.queues):
+                if q.state.ready:
+                    self.device.queue_notify(i)
         elif v != cur:
             log.warning("virtio-mmio: status transition %#x -> %#x ignored", cur, v)
 

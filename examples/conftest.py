@@ -11,6 +11,6 @@ echo "hello, ${1:-world}, from $(hostname)"
 
 
 def pytest_ignition_prepare(vm):
-    vm.run("mkdir -p /usr/local/bin /srv/app").check()
-    vm.write_file("/usr/local/bin/greet", GREET, mode=0o755)
+    vm.run("mkdir -p /srv/app").check()
+    vm.write_file("/usr/bin/greet", GREET, mode=0o755)
     vm.write_file("/srv/app/config.ini", "[app]\nmode = demo\n")

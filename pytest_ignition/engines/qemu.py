@@ -160,16 +160,24 @@ class _Qmp:
     """A synchronous face on ``qemu.qmp.QMPClient`` (run on :data:`_qmp_loop`)."""
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        from qemu.qmp import QMPClient
+        from qemu.qmp import ConnectError, QMPClient
 
         self.timeout = timeout
 
         async def connect() -> Any:
-            client = QMPClient("ignition")
-            await client.connect(str(path))
-            return client
+            # QEMU binds the socket before it listens: a refused connect is retried.
+            deadline = time.monotonic() + timeout
+            while True:
+                client = QMPClient("ignition")
+                try:
+                    await client.connect(str(path))
+                    return client
+                except ConnectError:
+                    if time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.002)
 
-        self._client = _qmp_loop.run(connect(), timeout)
+        self._client = _qmp_loop.run(connect(), timeout + 1)
 
     def cmd(self, name: str, timeout: float | None = None, **args: Any) -> Any:
         from qemu.qmp import ExecuteError

@@ -144,7 +144,7 @@ class VirtioDevice:
             except QueueError as e:
                 log.warning("%s: queue %d: %s", type(self).__name__, index, e)
                 if e.head is not None:
-                    q.add_used(mem, e.head, 0)
+                    q.add_used(mem, e.head, 0, publish=False)
                     done += 1
                 continue
             if chain is None:
@@ -154,9 +154,10 @@ class VirtioDevice:
             except GuestMemoryError as e:
                 log.warning("%s: queue %d: %s", type(self).__name__, index, e)
                 length = 0
-            q.add_used(mem, chain.head, length)
+            q.add_used(mem, chain.head, length, publish=False)
             done += 1
         if done:
+            q.publish_used(mem)  # one idx update per batch
             self.signal_used(index)
         return done
 

@@ -59,14 +59,8 @@ class DescriptorChain:
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)
     writable: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+    readable_len: int = 0
+    writable_len: int = 0
 
     def read(self, mem: GuestMemory, offset: int = 0, length: int | None = None) -> bytes:
         """Up to ``length`` bytes of the readable part starting at ``offset`` (short if it ends)."""
@@ -198,23 +192,31 @@ class Queue:
                     raise QueueError("chain longer than 4 GiB", head)
                 if flags & VIRTQ_DESC_F_WRITE:
                     chain.writable.append((addr, length))
+                    chain.writable_len += length
                 elif chain.writable:
                     raise QueueError("readable buffer after a writable one", head)
                 else:
                     chain.readable.append((addr, length))
+                    chain.readable_len += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if nxt >= table_len:
                 raise QueueError(f"next index {nxt} >= table size {table_len}", head)
             index = nxt
 
-    def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
-        """Complete ``head`` having written ``length`` bytes; the element is visible before idx."""
+    def add_used(self, mem: GuestMemory, head: int, length: int, *, publish: bool = True) -> None:
+        """Complete ``head`` having written ``length`` bytes; the element is visible before idx.
+        With ``publish=False`` the used idx is left for a later :meth:`publish_used` (batching)."""
         s = self.state
         slot = s.used_ring + 4 + 8 * (s.next_used % s.size)
         mem.write(slot, _USED_ELEM.pack(head, length & 0xFFFF_FFFF))
         s.next_used = (s.next_used + 1) & 0xFFFF
-        mem.write_u16(s.used_ring + 2, s.next_used)
+        if publish:
+            mem.write_u16(s.used_ring + 2, s.next_used)
+
+    def publish_used(self, mem: GuestMemory) -> None:
+        """Make every element added so far visible to the driver."""
+        mem.write_u16(self.state.used_ring + 2, self.state.next_used)
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """False when the driver asked for no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT)."""

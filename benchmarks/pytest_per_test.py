@@ -85,15 +85,15 @@ def host_description() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
 
 
-def run(n: int, extra: list[str]) -> dict:
-    """Run the suite once; returns the record (also appended to the results file)."""
+def run(n: int, extra: list[str], prefetch: bool = True) -> dict:
+    """Run the suite once and return its record."""
     with tempfile.TemporaryDirectory(prefix="ign-bench-") as d:
         root = Path(d)
         (root / "conftest.py").write_text(INNER_CONFTEST)
         (root / "test_trivial.py").write_text(INNER_TESTS.format(n=n + 1))
         (root / "pytest.ini").write_text("[pytest]\n")
         out = root / "times.json"
-        env = dict(os.environ, IGNITION_BENCH_OUT=str(out))
+        env = dict(os.environ, IGNITION_BENCH_OUT=str(out), IGNITION_PREFETCH=str(int(prefetch)))
         cmd = [
             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
             f"--basetemp={root / 'bt'}", *extra, str(root),
@@ -116,6 +116,7 @@ def run(n: int, extra: list[str]) -> dict:
             "n_tests": n,
             "test": 'ignition_vm.run("true")',
             "pytest_args": extra,
+            "prefetch": prefetch,
             "engine_description": data["describe"],
         },
         "median_ms": round(statistics.median(ms), 1),
@@ -152,12 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=20, help="tests measured (one more runs the setup)")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument(
+        "--prefetch",
+        choices=("on", "off", "both"),
+        default="both",
+        help="restore the next test's VM in the background (default: measure both ways)",
+    )
     p.add_argument("extra", nargs="*", help="extra pytest arguments (after --)")
     args = p.parse_args(argv)
-    record = run(args.n, args.extra)
-    print(json.dumps(record, indent=2))
-    if not args.no_write:
-        append(record)
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
+    for prefetch in modes:
+        record = run(args.n, args.extra, prefetch)
+        print(json.dumps(record, indent=2))
+        if not args.no_write:
+            append(record)
     return 0
 
 

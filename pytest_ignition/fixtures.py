@@ -9,7 +9,8 @@ Snapshots live under a directory shared by pytest-xdist workers (the parent of e
 worker's basetemp) and are created under a :class:`filelock.FileLock`, so ``pytest -n N``
 boots and prepares each configuration once. Each restore pool keeps the next test's VM
 restoring in a background thread while the current test runs; VMs are closed in the
-background too. Everything is torn down in ``pytest_sessionfinish`` and at exit.
+background too (``IGNITION_PREFETCH=0`` turns the background restore off). Everything is
+torn down in ``pytest_sessionfinish`` and at exit.
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ class IgnitionSession:
         # Tests per marker signature still to run: prefetching for a configuration no test
         # needs again would only waste CPU.
         self.remaining: Counter[cfgmod.Overrides] = Counter()
+        # IGNITION_PREFETCH=0 turns the background restore off (for benchmarks and debugging).
+        self.prefetch = os.environ.get("IGNITION_PREFETCH", "1").strip().lower() not in (
+            "0",
+            "no",
+            "false",
+            "off",
+        )
         self.restorer = ThreadPoolExecutor(1, thread_name_prefix="ignition-restore")
         self.closer = ThreadPoolExecutor(1, thread_name_prefix="ignition-close")
         self.closed = False
@@ -552,7 +560,7 @@ def ignition_vm(request: pytest.FixtureRequest, _ignition_session: IgnitionSessi
     pool = session.pool(snap, reset)
     with session.lock:
         session.remaining[overrides] -= 1
-        more = session.remaining[overrides] > 0
+        more = session.prefetch and session.remaining[overrides] > 0
     vm, seconds = _map_restore_error(session, lambda: pool.acquire(prefetch=more))
     _record_restore(request, seconds)
     _track(request, "ignition_vm", vm)

@@ -68,6 +68,7 @@ BUF_ALLOC = 256 * 1024  # what we let the guest have in flight towards one host 
 MAX_PKT = 64 * 1024  # Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
 MAX_PENDING_CTRL = 4096  # control replies queued while the guest gives us no rx buffers
 HANDSHAKE_MAX = 64
+MAX_CONNECTIONS = 1024  # guest-initiated connections cost the VMM a file descriptor each
 FIRST_HOST_PORT = 1 << 30
 FLUSH_RETRY_S = 0.01
 
@@ -148,6 +149,7 @@ class VirtioVsock(VirtioDevice):
         self.rx_ready: collections.deque[Connection] = collections.deque()
         self.handshakes: dict[int, tuple[socket.socket, bytearray]] = {}
         self.evt_pending = 0
+        self._notify_pending: set[int] = set()
         self.next_host_port = FIRST_HOST_PORT
         self.closed = False
         try:
@@ -235,7 +237,10 @@ class VirtioVsock(VirtioDevice):
         self._post(drop_old)
 
     def queue_notify(self, index: int) -> None:
-        self._post(self._on_notify, index)
+        # Coalesce: a guest hammering QUEUE_NOTIFY must not pile up callbacks on the loop.
+        if index not in self._notify_pending:
+            self._notify_pending.add(index)
+            self._post(self._on_notify, index)
 
     def send_transport_reset(self) -> None:
         """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop every connection (any thread)."""
@@ -252,6 +257,7 @@ class VirtioVsock(VirtioDevice):
 
     # -- queue processing (loop thread) ---------------------------------------------------
     def _on_notify(self, index: int) -> None:
+        self._notify_pending.discard(index)
         if not self.active:
             return
         if index == TX:
@@ -529,6 +535,10 @@ class VirtioVsock(VirtioDevice):
             conn.reading = False
 
     def _guest_connect(self, port: int, peer_port: int, buf_alloc: int, fwd_cnt: int) -> None:
+        if len(self.conns) >= MAX_CONNECTIONS:
+            log.warning("virtio-vsock: %d connections open; guest connect refused", len(self.conns))
+            self._queue_ctrl(_Ctrl(OP_RST, port, peer_port))
+            return
         path = f"{self.uds_path}_{port}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)

@@ -236,8 +236,35 @@ def test_host_connect_data_both_ways_and_close(guest, uds):
     # The host closes: the guest is told SHUTDOWN, confirms with RST.
     host.close()
     op, src, dst, _, flags, *_ = guest.recv("SHUTDOWN")
-    assert (op, flags) == (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+    assert (op, flags) == (OP_SHUTDOWN, SHUTDOWN_SEND)
     guest.send(OP_RST, 52, hport)
+    wait_for(lambda: not guest.dev.conns, "connection dropped")
+
+
+def test_host_half_close(guest, uds):
+    host, hport = host_initiated(guest, uds)
+    host.sendall(b"request")
+    host.shutdown(socket.SHUT_WR)
+    op, *_, payload, _f, _b, _c = guest.recv("data")
+    assert (op, payload) == (OP_RW, b"request")
+    op, *_, flags, _b, _c = guest.recv("SHUTDOWN")
+    assert (op, flags) == (OP_SHUTDOWN, SHUTDOWN_SEND)
+    guest.send(OP_RW, 52, hport, b"response")  # the guest may still answer
+    assert recv_exact(host, 8) == b"response"
+    guest.send(OP_SHUTDOWN, 52, hport, flags=SHUTDOWN_RCV | SHUTDOWN_SEND)
+    op, *_ = guest.recv("RST")
+    assert op == OP_RST
+    assert host.recv(16) == b""
+
+
+def test_guest_write_after_host_close_resets(guest, uds):
+    host, hport = host_initiated(guest, uds)
+    host.close()
+    op, *_ = guest.recv("SHUTDOWN")
+    assert op == OP_SHUTDOWN
+    guest.send(OP_RW, 52, hport, b"anyone?")
+    op, *_ = guest.recv("RST")
+    assert op == OP_RST
     wait_for(lambda: not guest.dev.conns, "connection dropped")
 
 

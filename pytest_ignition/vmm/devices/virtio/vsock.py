@@ -77,7 +77,9 @@ _CONNECT = re.compile(rb"CONNECT (\d{1,10})\n")
 # Connection states.
 LOCAL_INIT = "local-init"  # host-initiated, OP_REQUEST sent, waiting for OP_RESPONSE
 ESTABLISHED = "established"
-CLOSING = "closing"  # we sent SHUTDOWN after the host closed; waiting for the guest's RST
+HALF_CLOSED = (
+    "half-closed"  # the host sent EOF and we told the guest (SHUTDOWN SEND); it may still send
+)
 
 
 class EventLoopLike:  # the subset of vmm.eventloop.EventLoop used here (for type hints)
@@ -466,14 +468,16 @@ class VirtioVsock(VirtioDevice):
             )
         else:  # shutdown_pending: the host closed and everything it sent is delivered
             conn.shutdown_pending = False
-            conn.state = CLOSING
+            conn.state = HALF_CLOSED
             written = chain.write(
                 mem,
                 self._header(
                     OP_SHUTDOWN,
                     conn.local_port,
                     conn.peer_port,
-                    flags=SHUTDOWN_RCV | SHUTDOWN_SEND,
+                    # Only SEND: a Unix socket's EOF may be a half-close, so the guest may still
+                    # write; if the host really closed, that write fails and resets the stream.
+                    flags=SHUTDOWN_SEND,
                     conn=conn,
                 ),
             )

@@ -30,6 +30,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -455,7 +456,7 @@ class QemuEngine(Engine):
                 stderr=subprocess.STDOUT,
                 close_fds=True,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:
             log.close()
@@ -589,7 +590,7 @@ class QemuEngine(Engine):
                 time.sleep(0.005)
             # Images were flushed and inactivated by the completed migration: copy now.
             if machine.overlay is not None:
-                shutil.copyfile(machine.overlay, directory / "disk.qcow2")
+                self._save_disk(machine, directory / "disk.qcow2")
             os.replace(partial, state)
             meta = {
                 "format": SNAPSHOT_FORMAT,
@@ -608,6 +609,29 @@ class QemuEngine(Engine):
         finally:
             if machine.is_alive():
                 qmp.cmd("cont")
+
+    def _save_disk(self, machine: QemuMachine, dest: Path) -> None:
+        """The machine's disk as a qcow2 backed directly by the config's rootfs.
+
+        A booted machine's overlay already is that, so it is copied. A restored machine's
+        overlay sits on another snapshot's disk: it is flattened onto the rootfs so that
+        this snapshot does not depend on the other one.
+        """
+        assert machine.overlay is not None and machine.config.rootfs is not None
+        if machine.restored_from is None:
+            shutil.copyfile(machine.overlay, dest)
+            return
+        assert self.qemu_img is not None  # restore() made the overlay with it
+        base = str(Path(machine.config.rootfs).resolve())
+        res = subprocess.run(
+            [self.qemu_img, "convert", "-U", "-q", "-O", "qcow2", "-B", base, "-F", "raw"]
+            + [str(machine.overlay), str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if res.returncode != 0:
+            raise EngineError(f"saving the disk of {machine!r} failed: {res.stderr.strip()}")
 
     def read_meta(self, config: VMConfig, directory: Path) -> dict[str, Any]:
         """The snapshot's metadata, checked against ``config`` and this engine."""

@@ -217,8 +217,18 @@ def test_rootfs_is_copy_on_write_and_snapshotted(engine, config, tmp_path):
             assert r2.agent.exec("test -e /rootfs/only-r1").exit_code == 1
         finally:
             r2.close()
+        # A snapshot of a restored machine stands alone: it outlives the first snapshot.
+        engine.snapshot(r1, tmp_path / "snap2")
     finally:
         r1.close()
+    shutil.rmtree(tmp_path / "snap")
+    r3 = engine.restore(cfg, tmp_path / "snap2", tmp_path / "r3")
+    try:
+        assert _sh(r3, "cat /rootfs/new /rootfs/only-r1 /rootfs/hello") == (
+            "written\nr1\nfrom the image\n"
+        )
+    finally:
+        r3.close()
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
 
 

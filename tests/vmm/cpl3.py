@@ -173,7 +173,13 @@ class Cpl3Guest:
     """
 
     def __init__(
-        self, system: kvm.System, code: bytes, *, mem_size: int = 4 << 20, irqchip: bool = False
+        self,
+        system: kvm.System,
+        code: bytes,
+        *,
+        mem_size: int = 4 << 20,
+        irqchip: bool = False,
+        log_dirty: bool = False,
     ):
         if len(code) > DATA_ADDR - CODE_ADDR:
             raise ValueError("code too large")
@@ -187,7 +193,9 @@ class Cpl3Guest:
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
             for slot, region in enumerate(self.mem.regions):
-                self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+                self.vm.set_user_memory_region(
+                    slot, region.gpa, region.size, region.host_addr, log_dirty=log_dirty
+                )
             self.mem.write(GDT_ADDR, build_gdt())
             self.mem.write(TSS_ADDR, build_tss())
             write_page_tables(self.mem)

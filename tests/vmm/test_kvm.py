@@ -215,3 +215,34 @@ def test_vm_state_round_trips(vm_with_vcpu):
         os.close(efd)
     bitmap = vm.get_dirty_log(0, 2 << 20)
     assert len(bitmap) == 64  # 512 pages -> 8 longs
+
+
+def test_dirty_log_sees_guest_writes(kvm_system):
+    import struct
+
+    import cpl3
+
+    pages = [cpl3.DATA_ADDR // 4096 + k for k in (0, 2, 5)]
+    code = b"".join(
+        [
+            b"\x48\xbf" + struct.pack("<Q", cpl3.DATA_ADDR),  # mov rdi, DATA_ADDR
+            b"\xc6\x07\x01",  # mov byte [rdi], 1
+            b"\xc6\x87\x00\x20\x00\x00\x01",  # mov byte [rdi+0x2000], 1
+            b"\xc6\x87\x00\x50\x00\x00\x01",  # mov byte [rdi+0x5000], 1
+            b"\xe6\xf4",  # out 0xf4, al
+        ]
+    )
+    g = cpl3.Cpl3Guest(kvm_system, code, log_dirty=True)
+    try:
+        size = g.mem.regions[0].size
+        g.vm.get_dirty_log(0, size)  # start clean
+        assert g.run().kind == "requested"
+        bitmap = g.vm.get_dirty_log(0, size)
+        dirty = {i for i in range(size // 4096) if bitmap[i // 8] >> (i % 8) & 1}
+        assert set(pages) <= dirty
+        # KVM may report a superset (shadow paging marks pages it maps writable), not all
+        assert len(dirty) < size // 4096 // 2
+        again = g.vm.get_dirty_log(0, size)
+        assert not any(again[p // 8] >> (p % 8) & 1 for p in pages)  # the read cleared them
+    finally:
+        g.close()

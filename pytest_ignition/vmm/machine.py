@@ -175,7 +175,12 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2()
 
-        mem = self.mem = GuestMemory.anonymous(spec.mem_size)
+        try:
+            mem = self.mem = GuestMemory.anonymous(spec.mem_size)
+        except OSError as e:
+            raise MachineError(
+                f"cannot map {spec.mem_size >> 20} MiB of guest memory: {e.strerror or e}"
+            ) from None
         for slot, r in enumerate(mem.regions):
             vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr, log_dirty=spec.log_dirty)
 
@@ -254,6 +259,8 @@ class Machine:
                 vsock = VirtioVsock(spec.vsock, self.loop, guest_cid=spec.vsock_cid)
             except OSError as e:
                 raise MachineError(f"vsock socket {spec.vsock!r}: {e.strerror or e}") from None
+            except ValueError as e:
+                raise MachineError(f"vsock: {e}") from None
             devices.append(vsock)
             self._closers.append(vsock.close)
         for path in spec.disks:

@@ -133,6 +133,16 @@ def test_missing_kvm_device(tmp_path):
     assert_one_line_error(r, "does not exist", "no KVM")
 
 
+def test_bad_vm_settings(tmp_path):
+    k = bzimage(tmp_path, HALT)
+    assert_one_line_error(run_vmm("boot", "--kernel", str(k), "--cpus", "300"), "1..254")
+    need_kvm()
+    sock = tmp_path / "v.sock"
+    r = run_vmm("boot", "--kernel", str(k), "--vsock", str(sock), "--vsock-cid", "2")
+    assert_one_line_error(r, "CID 2")
+    assert not sock.exists()
+
+
 def test_kernel_too_big_for_memory(tmp_path):
     need_kvm()
     k = tmp_path / "big.bz"

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import logging
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import cffi
 
 from ._kvm_cdef import CDEF
+
+log = logging.getLogger(__name__)
 
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
@@ -682,6 +686,7 @@ class Vcpu:
         self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run: Any = ffi.from_buffer("struct kvm_run *", self._mm)
         self._run_mv = memoryview(self._mm)
+        self.run_lock = threading.Lock()  # held by a run loop for as long as it uses kvm_run
 
     # -- running ---------------------------------------------------------------------
     def run(self) -> int:
@@ -892,15 +897,28 @@ class Vcpu:
         """Tell the guest it was paused (avoids soft-lockup warnings after a long pause)."""
         _ioctl(self.fd, KVM_KVMCLOCK_CTRL)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Unmap ``kvm_run`` and close the fd.
+
+        A run loop holds :attr:`run_lock` while it may touch ``kvm_run``; if it does not let go
+        within ``timeout`` the mapping is deliberately leaked (unmapping it under a live loop
+        would crash the process) and only the fd is closed.
+        """
         if self.fd < 0:
             return
-        try:
-            ffi.release(self.kvm_run)
-            self._run_mv.release()
-            self._mm.close()
-        except BufferError:
-            pass  # a caller still holds a view of kvm_run; the mapping goes with the process
-        self.kvm_run = None
+        if self.run_lock.acquire(timeout=timeout):
+            try:
+                ffi.release(self.kvm_run)
+                self._run_mv.release()
+                self._mm.close()
+            except BufferError:
+                pass  # someone still holds a view of kvm_run; the mapping goes with the process
+            finally:
+                self.run_lock.release()
+            self.kvm_run = None
+        else:
+            log.warning(
+                "vcpu%d: run loop still active; leaving its kvm_run page mapped", self.index
+            )
         os.close(self.fd)
         self.fd = -1

@@ -212,7 +212,8 @@ class VcpuRunner:
     # -- the vCPU thread ------------------------------------------------------------------
     def _thread_main(self) -> None:
         try:
-            reason = self._loop()
+            with self.vcpu.run_lock:
+                reason = self._loop()
         except BaseException as e:  # a bug here must still tell the owner the vCPU is gone
             log.exception("%s: run loop crashed", self.name)
             reason = StopReason("kvm_error", f"run loop crashed: {e!r}", self.vcpu.index)

@@ -259,7 +259,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     console: _Console | None = None
     machine: Machine | None = None
     control = None
-    sockets = [p for p in (args.vsock, args.control) if p]
+    sockets: list[str] = []  # socket files this process created: removed on every exit path
     try:
         _check_paths(args)
         check_kernel_file(args.kernel)
@@ -289,6 +289,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
             kvm_device=args.kvm_device,
         )
         machine = Machine.create(spec)
+        if args.vsock:
+            sockets.append(args.vsock)
         if console.raw and console.in_fd is not None:
             _attach_tty(machine, console.in_fd, _EscapeFilter(stop.set))
             log.info("console: Ctrl-A x quits")
@@ -296,6 +298,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
             from .control import ControlServer
 
             control = ControlServer(args.control, _control_handler(machine, stop))
+            sockets.append(args.control)
             control.start()
         if not args.paused:
             machine.start()

@@ -143,6 +143,18 @@ def test_bad_vm_settings(tmp_path):
     assert not sock.exists()
 
 
+def test_live_control_socket_is_not_stolen(tmp_path):
+    need_kvm()
+    k = bzimage(tmp_path, HALT)
+    path = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+        r = run_vmm("boot", "--kernel", str(k), "--console", "none", "--control", str(path))
+        assert_one_line_error(r, "in use")
+        assert path.exists()
+
+
 def test_kernel_too_big_for_memory(tmp_path):
     need_kvm()
     k = tmp_path / "big.bz"

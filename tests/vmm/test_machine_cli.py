@@ -174,6 +174,16 @@ def test_guest_prints_and_resets(tmp_path):
     assert b"Traceback" not in r.stderr
 
 
+def test_triple_fault_ends_the_vm(tmp_path):
+    """ud2 with the boot IDT (limit 7, no handlers) triple-faults: the x86 way to reset."""
+    need_kvm()
+    k = bzimage(tmp_path, PRINT_OK + b"\x0f\x0b")
+    r = run_vmm("boot", "--kernel", str(k), "--mem", "64M")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == b"OK\n"
+    assert b"triple_fault" in r.stderr
+
+
 def test_console_to_file_and_smp(tmp_path):
     need_kvm()
     k = bzimage(tmp_path, PRINT_OK + RESET + HALT)

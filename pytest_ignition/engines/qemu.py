@@ -1,18 +1,21 @@
 """The QEMU engine: ``qemu-system-x86_64 -M microvm`` driven over QMP.
 
-Owns launching QEMU (one process per machine, its own session, killed when the parent
-thread that spawned it dies), the serial console (a chardev socket with a log file), the
-agent channel (virtio-serial port ``org.ignition.agent`` on a chardev socket), disks as
-qcow2 overlays over a base that is never written, and snapshots:
+Owns launching QEMU (one process per machine, its own session, SIGKILLed by the kernel
+when this process dies), the serial console (a chardev socket with a log file), the agent
+channel (virtio-serial port ``org.ignition.agent`` on a chardev socket), disks as qcow2
+overlays over a base that is never written, and snapshots:
 
 * snapshot: QMP ``stop``, ``migrate`` to ``exec:cat > <dir>/state``, wait for completion,
   copy the disk overlay to ``<dir>/disk.qcow2``, write ``<dir>/meta.json``, QMP ``cont``
   (the machine keeps running, per the engine contract).
 * restore: QEMU with the identical device arguments plus ``-incoming 'exec:cat state'``
-  and a fresh overlay backed by ``disk.qcow2``; QEMU resumes the guest on its own once the
-  state is loaded (no ``-S``, which saves a QMP round trip), the agent is reconnected, the
-  guest clock set and its CRNG reseeded, then a ping confirms it.
+  and a fresh overlay backed by ``disk.qcow2``; the agent socket is connected before the
+  guest runs (so the guest never sees the host side of its port go away), QMP ``cont``
+  once the state is loaded, then the guest clock is set, its CRNG reseeded and a ping
+  confirms it.
 
+The kernel command line gets ``reboot=t``: microvm has no i8042, and a triple fault is
+the reset that ``-no-reboot`` turns into QEMU exiting (a panicking guest, ``panic=-1``).
 QEMU 7.2 has no ``file:`` migration URI, hence ``exec:cat``.
 """
 

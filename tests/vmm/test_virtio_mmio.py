@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pytest_ignition.vmm.devices.virtio import mmio
@@ -228,3 +230,16 @@ def test_activation_failure_sets_needs_reset(mem, tmp_path):
     assert d.init() & mmio.DRIVER_OK
     dev.close()
     loop.stop()
+
+
+def test_guest_triggered_warnings_are_rate_limited(rig, caplog):
+    from pytest_ignition.vmm.devices.virtio import mmio as mmio_module
+
+    _, d, _ = rig
+    mmio_module.log.reset()
+    caplog.set_level(logging.WARNING)
+    for _ in range(10_000):
+        d.write(0x0FC, 1)  # a read-only register: one warning each
+    lines = [r for r in caplog.records if "read-only register" in r.getMessage()]
+    assert 1 <= len(lines) <= mmio_module.log.burst + 50
+    assert mmio_module.log.suppressed > 0

@@ -17,8 +17,9 @@ import struct
 
 from pytest_ignition.vmm.devices.virtio.mmio import VirtioDevice
 from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain
+from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 
-log = logging.getLogger(__name__)
+log = GuestLog(logging.getLogger(__name__))
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512

@@ -17,9 +17,10 @@ import threading
 from collections.abc import Callable
 
 from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemory, GuestMemoryError
 
-log = logging.getLogger(__name__)
+log = GuestLog(logging.getLogger(__name__))
 
 MMIO_MAGIC = 0x7472_6976  # "virt"
 MMIO_VERSION = 2

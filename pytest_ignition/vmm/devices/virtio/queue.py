@@ -13,9 +13,10 @@ import logging
 import struct
 from dataclasses import asdict, dataclass, field
 
+from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemory, GuestMemoryError
 
-log = logging.getLogger(__name__)
+log = GuestLog(logging.getLogger(__name__))
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2

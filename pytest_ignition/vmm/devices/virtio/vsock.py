@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 
 from pytest_ignition.vmm.devices.virtio.mmio import VirtioDevice
 from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain, QueueError
+from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemoryError
 
-log = logging.getLogger(__name__)
+log = GuestLog(logging.getLogger(__name__))
 
 VIRTIO_ID_VSOCK = 19
 HOST_CID = 2

@@ -548,3 +548,23 @@ def test_reset_with_live_connections_then_reinit(guest, uds):
     guest.d.write(mmio.STATUS, 0)
     assert host.recv(16) == b""
     assert not guest.dev.conns
+
+
+def test_restore_from_state_then_transport_reset(guest, uds, tmp_path):
+    """The snapshot path: rebuild the device from state on a new socket, reset the transport,
+    and the guest's still-posted event buffer carries TRANSPORT_RESET; new connections work."""
+    host, _ = host_initiated(guest, uds)
+    guest.barrier()
+    state = guest.t.state()
+    guest.dev.close()  # the old VMM goes away
+    uds2 = str(tmp_path / "restored.sock")
+    dev2 = VirtioVsock(uds2, guest.loop, guest_cid=CID)
+    t2 = mmio.MmioTransport(dev2, guest.mem, guest._irq)
+    t2.set_state(state)
+    assert t2.state() == state
+    guest.dev, guest.t, guest.d.t = dev2, t2, t2
+    dev2.send_transport_reset()
+    head, length = wait_for(guest.evq.take_used, "event")[0]
+    assert length == 4 and guest.mem.read(guest.ev_bufs[head], 4) == bytes(4)
+    host2, _ = host_initiated(guest, uds2)
+    host2.close()

@@ -922,3 +922,86 @@ class Vcpu:
             )
         os.close(self.fd)
         self.fd = -1
+
+
+# -- whole-vCPU state -----------------------------------------------------------------------
+VCPU_STATE_VERSION = 1
+
+
+def readable_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
+    """Read every MSR of ``indices`` that KVM can read, skipping (not stopping at) the rest."""
+    todo = list(indices)
+    out: dict[int, int] = {}
+    while todo:
+        got = vcpu.get_msrs(todo, strict=False)
+        out.update(got)
+        n = len(got)
+        if n == len(todo):
+            break
+        log.debug("vcpu%d: MSR %#x is not readable; skipped", vcpu.index, todo[n])
+        todo = todo[n + 1 :]
+    return out
+
+
+def _lapic_or_none(vcpu: Vcpu) -> bytes | None:
+    try:
+        return vcpu.get_lapic()
+    except KvmError as e:
+        if e.errno in (_errno.EINVAL, _errno.ENXIO):
+            return None  # no in-kernel irqchip, so no LAPIC to save
+        raise
+
+
+def save_vcpu_state(vcpu: Vcpu, msr_indices: list[int]) -> dict[str, Any]:
+    """Everything KVM holds for a (paused) vCPU, as plain data: ints, dicts, lists, bytes.
+
+    ``msr_indices`` is normally ``System.msr_index_list()``. The vCPU must be outside
+    KVM_RUN with any pending I/O completed (``VcpuRunner.pause`` guarantees both).
+    """
+    return {
+        "version": VCPU_STATE_VERSION,
+        "cpuid": [e.to_dict() for e in vcpu.get_cpuid2()],
+        "tsc_khz": vcpu.get_tsc_khz(),
+        "mp_state": vcpu.get_mp_state(),
+        "regs": vcpu.get_regs().to_dict(),
+        "sregs": vcpu.get_sregs().to_dict(),
+        "xsave": vcpu.get_xsave(),
+        "xcrs": vcpu.get_xcrs(),
+        "debugregs": vcpu.get_debugregs(),
+        "lapic": _lapic_or_none(vcpu),
+        "msrs": readable_msrs(vcpu, msr_indices),
+        "vcpu_events": vcpu.get_vcpu_events(),
+    }
+
+
+def restore_vcpu_state(vcpu: Vcpu, state: dict[str, Any]) -> None:
+    """Load :func:`save_vcpu_state` output into a fresh vCPU, in the order KVM needs:
+    CPUID first (it shapes what the other setters accept), the LAPIC before MSRs such as
+    TSC_DEADLINE, and events last (they may reference state set before them)."""
+    if state.get("version") != VCPU_STATE_VERSION:
+        raise ValueError(f"vCPU state version {state.get('version')!r}, need {VCPU_STATE_VERSION}")
+    vcpu.set_cpuid2([CpuidEntry.from_dict(e) for e in state["cpuid"]])
+    khz = int(state["tsc_khz"])
+    if khz and khz != vcpu.get_tsc_khz():
+        try:
+            vcpu.set_tsc_khz(khz)
+        except KvmError as e:
+            log.warning(
+                "vcpu%d: cannot set TSC to %d kHz (%s); guest time may drift", vcpu.index, khz, e
+            )
+    vcpu.set_mp_state(int(state["mp_state"]))
+    vcpu.set_regs(Regs.from_dict(state["regs"]))
+    vcpu.set_sregs(Sregs.from_dict(state["sregs"]))
+    vcpu.set_xsave(state["xsave"])
+    vcpu.set_xcrs(state["xcrs"])
+    vcpu.set_debugregs(state["debugregs"])
+    if state["lapic"] is not None:
+        vcpu.set_lapic(state["lapic"])
+    msrs = {int(k): int(v) for k, v in state["msrs"].items()}
+    n = vcpu.set_msrs(msrs, strict=False)
+    if n < len(msrs):
+        # retry one by one so that one refused MSR does not drop the ones after it
+        for index, value in list(msrs.items())[n:]:
+            if vcpu.set_msrs({index: value}, strict=False) != 1:
+                log.warning("vcpu%d: KVM refused MSR %#x on restore", vcpu.index, index)
+    vcpu.set_vcpu_events(state["vcpu_events"])

@@ -383,6 +383,19 @@ def test_control_rejects_malformed_requests(vmm_factory):
     assert v.wait()[0] == 0
 
 
+def test_status_reports_boot_time(vmm_factory):
+    need_kvm()
+    v = vmm_factory(BOOT_TIMER + PRINT_OK + HALT, "--boot-timer")
+    deadline = time.monotonic() + 60
+    while "boot_time_us" not in (st := v.cmd("status")):
+        assert time.monotonic() < deadline, st
+        time.sleep(0.02)
+    assert st["boot_time_us"] > 0
+    assert v.cmd("shutdown")["ok"]
+    rc, err = v.wait()
+    assert rc == 0 and b"Guest-boot-time = " in err
+
+
 def test_paused_start_then_resume(vmm_factory):
     need_kvm()
     v = vmm_factory(PRINT_OK + RESET + HALT, "--paused")

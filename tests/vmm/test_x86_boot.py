@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pytest_ignition.vmm.memory import FOUR_GIB, MMIO_START, GuestMemory
 from pytest_ignition.vmm.x86_64 import (
@@ -523,3 +525,51 @@ def test_prepare_pvh(mem, tmp_path):
     assert s.regs == {"rip": 0x100_0100, "rflags": 2, "rbx": layout.PVH_INFO_ADDR}
     assert s.sregs.cr0 & gdt.CR0_PG == 0
     assert mem.read_u32(layout.PVH_INFO_ADDR) == bootparams.HVM_START_MAGIC
+
+
+# -- hostile kernel files ------------------------------------------------------------------------
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    buf = bytearray(data)
+    for pos, value in edits:
+        buf[pos % len(buf)] = value
+    return bytes(buf[:cut] if cut is not None else buf)
+
+
+_edits = st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=24)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(edits=_edits, cut=st.one_of(st.none(), st.integers(0, 0x1200)))
+def test_mutated_bzimage_never_escapes(mem, tmp_path, edits, cut):
+    # edits land mostly in the setup header and the first payload bytes
+    data = _mutate(
+        synthetic_bzimage(payload=bytes(0x400)), [(0x1F0 + p % 0x90, v) for p, v in edits], cut
+    )
+    path = tmp_path / "k"
+    path.write_bytes(data)
+    try:
+        k = loader.load_kernel(mem, path)
+    except KernelLoadError:
+        return
+    assert k.end <= 128 * MiB and k.load_addr <= k.entry < k.end
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(edits=_edits, cut=st.one_of(st.none(), st.integers(0, 0x400)))
+def test_mutated_elf_never_escapes(mem, tmp_path, edits, cut):
+    # the ELF header, program headers and the Xen note all sit in the first 0x100 bytes
+    data = _mutate(synthetic_elf(), [(p % 0x100, v) for p, v in edits], cut)
+    path = tmp_path / "k"
+    path.write_bytes(data)
+    try:
+        k = loader.load_kernel(mem, path)
+    except KernelLoadError:
+        return
+    assert all(0x100000 <= a and a + n <= 128 * MiB for a, n in k.segments)
+    assert any(a <= k.entry < a + n for a, n in k.segments)

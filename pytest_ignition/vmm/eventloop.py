@@ -23,7 +23,7 @@ Callback = Callable[[], object]
 class EventLoop:
     """A ``selectors`` loop on its own daemon thread.
 
-    ``add_reader``/``remove_reader`` may be called from any thread (they are forwarded to the
+    ``add_reader``/``remove_reader`` (and the writer pair) may be called from any thread (they are forwarded to the
     loop thread when called elsewhere), so devices can register backends from vCPU threads.
     """
 
@@ -34,6 +34,7 @@ class EventLoop:
         self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
         self._pending: collections.deque[Callback] = collections.deque()
         self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
@@ -77,33 +78,54 @@ class EventLoop:
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
-        if self._thread is None or self.in_loop_thread():
-            self._add_reader(fd, callback)
-        else:
-            self.call_soon_threadsafe(lambda: self._add_reader(fd, callback))
+        self._in_loop(lambda: self._set(self._readers, fd, callback))
 
     def remove_reader(self, fd: int) -> None:
-        if self._thread is None or self.in_loop_thread():
-            self._remove_reader(fd)
-        else:
-            self.call_soon_threadsafe(lambda: self._remove_reader(fd))
+        self._in_loop(lambda: self._set(self._readers, fd, None))
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is writable (remove it once
+        the backlog is flushed, or the loop spins)."""
+        self._in_loop(lambda: self._set(self._writers, fd, callback))
+
+    def remove_writer(self, fd: int) -> None:
+        self._in_loop(lambda: self._set(self._writers, fd, None))
 
     # -- internals ------------------------------------------------------------------------
-    def _add_reader(self, fd: int, callback: Callback) -> None:
+    def _in_loop(self, fn: Callback) -> None:
+        if self._thread is None or self.in_loop_thread():
+            fn()
+        else:
+            self.call_soon_threadsafe(fn)
+
+    def _set(self, table: dict[int, Callback], fd: int, callback: Callback | None) -> None:
+        if callback is None:
+            table.pop(fd, None)
+        else:
+            table[fd] = callback
         if self._closed:
             return
-        if fd in self._readers:
-            self._sel.modify(fd, selectors.EVENT_READ, callback)
-        else:
-            self._sel.register(fd, selectors.EVENT_READ, callback)
-        self._readers[fd] = callback
-
-    def _remove_reader(self, fd: int) -> None:
-        if self._readers.pop(fd, None) is not None and not self._closed:
+        mask = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
+        if fd in self._sel.get_map():
+            # Always re-register: the fd number may have been closed and reused, in which
+            # case epoll forgot the old file but the selector's map did not, and a plain
+            # modify() with an unchanged mask makes no system call at all.
+            self._unregister(fd)
+        if mask:
             try:
-                self._sel.unregister(fd)
-            except (KeyError, ValueError, OSError):
-                pass
+                self._sel.register(fd, mask, fd)
+            except OSError as e:  # closed before the loop got to it
+                log.warning("%s: cannot watch fd %d (%s); dropped", self.name, fd, e)
+                self._readers.pop(fd, None)
+                self._writers.pop(fd, None)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
 
     def _wake(self) -> None:
         try:
@@ -138,21 +160,27 @@ class EventLoop:
                 log.error("%s: select failed (%s); pruning closed fds", self.name, e)
                 self._prune()
                 continue
-            for key, _mask in events:
+            for key, mask in events:
                 if key.data is None:
                     self._drain_wake()
                     continue
-                if key.fd in self._readers:  # an earlier callback may have removed it
-                    self._call(key.data)
+                fd = key.fd
+                # look the callbacks up now: an earlier callback may have removed them
+                if mask & selectors.EVENT_READ and fd in self._readers:
+                    self._call(self._readers[fd])
+                if mask & selectors.EVENT_WRITE and fd in self._writers:
+                    self._call(self._writers[fd])
         self._run_pending()
 
     def _prune(self) -> None:
-        for fd in list(self._readers):
+        for fd in set(self._readers) | set(self._writers):
             try:
                 os.fstat(fd)
             except OSError:
                 log.warning("%s: fd %d was closed while registered; removing it", self.name, fd)
-                self._remove_reader(fd)
+                self._readers.pop(fd, None)
+                self._writers.pop(fd, None)
+                self._unregister(fd)
 
     def _close(self) -> None:
         if self._closed:

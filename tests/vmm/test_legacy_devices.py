@@ -412,3 +412,72 @@ def test_event_loop_runs_callbacks_in_order_on_its_thread():
         assert done.wait(5)
     assert [i for i, _ in seen] == list(range(50))
     assert {n for _, n in seen} == {"order"}
+
+
+def _fence(loop: EventLoop) -> None:
+    done = threading.Event()
+    loop.call_soon_threadsafe(done.set)
+    assert done.wait(5)
+
+
+def test_event_loop_survives_fd_number_reuse():
+    """A backend closes a registered socket and the next one gets the same fd number: the
+    new registration must work (epoll dropped the old file; the selector's map had not)."""
+    import socket
+
+    with EventLoop() as loop:
+        a, b = socket.socketpair()
+        loop.add_reader(a.fileno(), lambda: None)
+        _fence(loop)
+        old = a.fileno()
+        a.close()  # closed without remove_reader, as a buggy backend might
+        b.close()
+        c, d = socket.socketpair()
+        try:
+            if c.fileno() != old:
+                c, d = d, c
+            assert c.fileno() == old  # the kernel hands out the lowest free number
+            got = threading.Event()
+            loop.add_reader(c.fileno(), lambda: (c.recv(10), got.set()))
+            d.send(b"x")
+            assert got.wait(5)
+        finally:
+            loop.remove_reader(c.fileno())
+            _fence(loop)
+            c.close()
+            d.close()
+
+
+def test_event_loop_writer_callbacks():
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    backlog = [b"x" * 65536] * 64  # more than the socket buffer holds
+    drained = threading.Event()
+    with EventLoop() as loop:
+
+        def on_writable() -> None:
+            while backlog:
+                try:
+                    n = a.send(backlog[0])
+                except BlockingIOError:
+                    return
+                backlog[0] = backlog[0][n:]
+                if not backlog[0]:
+                    backlog.pop(0)
+            loop.remove_writer(a.fileno())
+            drained.set()
+
+        loop.add_writer(a.fileno(), on_writable)
+        total = 0
+        while not drained.is_set() or total < 64 * 65536:
+            chunk = b.recv(1 << 20)
+            total += len(chunk)
+            if total >= 64 * 65536:
+                break
+        assert drained.wait(5)
+        assert total == 64 * 65536
+        _fence(loop)
+    a.close()
+    b.close()

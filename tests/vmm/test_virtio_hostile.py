@@ -1,7 +1,7 @@
 """Hostile guests against the virtqueue, virtio-blk, virtio-rng and the mmio transport (hypothesis).
 
-Guest memory spans the 32-bit MMIO gap (RAM below 0xd0000000 and a small region at 4 GiB), so
-descriptors can point into the gap, straddle it, or run past the end of RAM. Each example:
+Guest memory has RAM right up to the 32-bit MMIO gap at 0xd0000000 and again from 4 GiB, so
+descriptors can point into the gap, straddle its edges, or run past the end of RAM. Each example:
 hostile input, then the device must still complete a well-formed request correctly. "No
 exception escapes" is checked strictly: the transport's last-resort handler logs at ERROR,
 so any ERROR record fails the example.
@@ -10,6 +10,7 @@ so any ERROR record fails the example.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 from contextlib import contextmanager
@@ -27,10 +28,11 @@ from pytest_ignition.vmm.devices.virtio.blk import (
 from pytest_ignition.vmm.devices.virtio.driver import Arena, Driver
 from pytest_ignition.vmm.devices.virtio.queue import MAX_INDIRECT, Queue, QueueError
 from pytest_ignition.vmm.devices.virtio.rng import VirtioRng
-from pytest_ignition.vmm.memory import FOUR_GIB, MMIO_START, GuestMemory
+from pytest_ignition.vmm.memory import FOUR_GIB, MMIO_START, GuestMemory, Region
 
 HIGH = 2 << 20
-MEM_SIZE = MMIO_START + HIGH  # low RAM up to the gap, 2 MiB above 4 GiB
+LOW = 16 << 20  # RAM at 0 (rings, buffers)
+EDGE = 1 << 20  # RAM just below the gap: [MMIO_START - EDGE, MMIO_START)
 RINGS = 0x10_0000  # driver arena for rings and good buffers
 SCRATCH = 0x40_0000  # hostile-but-valid buffers point here
 QSIZE = 8
@@ -89,7 +91,18 @@ def no_errors_logged():
 
 @pytest.fixture(scope="module")
 def mem():
-    m = GuestMemory.anonymous(MEM_SIZE)
+    # A guest's RAM edges without 3.25 GiB of mapping: low RAM, the last MiB before the MMIO
+    # gap, and 2 MiB at 4 GiB. Everything else (including the gap) is not RAM.
+    def anon(n):
+        return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    m = GuestMemory(
+        [
+            Region(0, LOW, anon(LOW)),
+            Region(MMIO_START - EDGE, EDGE, anon(EDGE)),
+            Region(FOUR_GIB, HIGH, anon(HIGH)),
+        ]
+    )
     yield m
     m.close()
 
@@ -306,7 +319,8 @@ def test_good_chains_direct_indirect_zero_length_and_high_ram(mem):
     table = {
         0: (GOOD, 16, NEXT, 1),
         1: (GOOD + 64, 0, NEXT, 2),  # zero-length: allowed, contributes nothing
-        2: (FOUR_GIB + 4096, 100, WRITE, 0),  # RAM above the gap
+        2: (FOUR_GIB + 4096, 100, WRITE | NEXT, 4),  # RAM above the gap
+        4: (MMIO_START - 16, 16, WRITE, 0),  # the last bytes below the gap
         3: (GOOD + 256, 32, INDIRECT, 0),
     }
     for i, (a, n, f, nx) in table.items():
@@ -317,7 +331,8 @@ def test_good_chains_direct_indirect_zero_length_and_high_ram(mem):
     )
     mem.write(s.avail_ring, struct.pack("<HHHH", 0, 2, 0, 3))
     c = q.pop(mem)
-    assert (c.head, c.readable, c.writable) == (0, [(GOOD, 16)], [(FOUR_GIB + 4096, 100)])
+    assert (c.head, c.readable) == (0, [(GOOD, 16)])
+    assert c.writable == [(FOUR_GIB + 4096, 100), (MMIO_START - 16, 16)]
     c = q.pop(mem)
     assert (c.head, c.readable, c.writable) == (3, [(GOOD, 8)], [(GOOD + 8, 8)])
     q.indirect = False  # not negotiated: the same chain is rejected

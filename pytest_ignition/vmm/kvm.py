@@ -1005,3 +1005,30 @@ def restore_vcpu_state(vcpu: Vcpu, state: dict[str, Any]) -> None:
             if vcpu.set_msrs({index: value}, strict=False) != 1:
                 log.warning("vcpu%d: KVM refused MSR %#x on restore", vcpu.index, index)
     vcpu.set_vcpu_events(state["vcpu_events"])
+
+
+VM_STATE_VERSION = 1
+
+
+def save_vm_state(vm: Vm) -> dict[str, Any]:
+    """The in-kernel devices' state (PIC master/slave, IOAPIC, PIT) and kvmclock, as plain
+    data. The VM must have been created with ``create_irqchip`` and ``create_pit2``."""
+    return {
+        "version": VM_STATE_VERSION,
+        "irqchips": [
+            vm.get_irqchip(c)
+            for c in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
+        ],
+        "pit2": vm.get_pit2(),
+        "clock": vm.get_clock().to_dict(),
+    }
+
+
+def restore_vm_state(vm: Vm, state: dict[str, Any]) -> None:
+    """Load :func:`save_vm_state` output into a VM that has its irqchip and PIT created."""
+    if state.get("version") != VM_STATE_VERSION:
+        raise ValueError(f"VM state version {state.get('version')!r}, need {VM_STATE_VERSION}")
+    for chip in state["irqchips"]:
+        vm.set_irqchip(chip)
+    vm.set_pit2(state["pit2"])
+    vm.set_clock(ClockData.from_dict(state["clock"]))

@@ -246,3 +246,19 @@ def test_dirty_log_sees_guest_writes(kvm_system):
         assert not any(again[p // 8] >> (p % 8) & 1 for p in pages)  # the read cleared them
     finally:
         g.close()
+
+
+def test_vm_state_moves_to_a_new_vm(vm_with_vcpu, kvm_system):
+    vm, _vcpu = vm_with_vcpu
+    vm.irq_line(3, 1)  # leave a trace in the PIC's IRR
+    state = pickle.loads(pickle.dumps(kvm.save_vm_state(vm)))
+    assert state["irqchips"][0][9] & (1 << 3)
+    with kvm_system.create_vm() as vm2:
+        vm2.create_irqchip()
+        vm2.create_pit2()
+        kvm.restore_vm_state(vm2, state)
+        assert vm2.get_irqchip(0)[9] & (1 << 3)
+        assert vm2.get_irqchip(2) == state["irqchips"][2]
+        assert vm2.get_clock().clock >= state["clock"]["clock"]
+        with pytest.raises(ValueError, match="version"):
+            kvm.restore_vm_state(vm2, {"version": 0})

@@ -55,6 +55,7 @@ class FrameType(enum.IntEnum):
     DATA = 0x06
     GET = 0x07
     SYNC = 0x08
+    RESET = 0x09
     PONG = 0x81
     STDOUT = 0x83
     STDERR = 0x84
@@ -260,7 +261,8 @@ class AgentClient:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._chans: dict[int, queue.SimpleQueue[object]] = {}
-        self._next_chan = 1
+        # Start somewhere random: a serial stream may still carry an earlier session's channels.
+        self._next_chan = int.from_bytes(os.urandom(4), "little") % 0x7FFFFFFF + 1
         self._closed = False
         self._disconnected: str | None = None
         self.request_timeout = REQUEST_TIMEOUT
@@ -386,10 +388,13 @@ class AgentClient:
 
     def ping(self, payload: bytes = b"", timeout: float | None = 5.0) -> float:
         """Round trip of a PING; returns the seconds it took."""
+        return self._ping(FrameType.PING, payload, timeout)
+
+    def _ping(self, ftype: int, payload: bytes, timeout: float | None) -> float:
         chan, q = self._open_chan()
         try:
             start = time.monotonic()
-            self._send(FrameType.PING, chan, payload)
+            self._send(ftype, chan, payload)
             deadline = None if timeout is None else start + timeout
             frame = self._recv(q, deadline, "ping")
             if frame.type == FrameType.ERROR:
@@ -401,7 +406,12 @@ class AgentClient:
             self._close_chan(chan)
 
     def wait_ready(self, timeout: float) -> None:
-        """Ping until the agent answers. Early bytes may be lost while a serial port comes up."""
+        """Ping until the agent answers; this starts a fresh session.
+
+        Early bytes may be lost while a serial port comes up. The pings are RESET frames: the
+        agent ends whatever an earlier host session left running on this stream (a virtio-serial
+        reconnect can be too quick for the guest to notice), so call this before any request.
+        """
         deadline = time.monotonic() + timeout
         attempt = 0.25
         while True:
@@ -409,7 +419,7 @@ class AgentClient:
             if remaining <= 0:
                 raise AgentTimeout(f"agent not ready after {timeout:.1f} s")
             try:
-                self.ping(timeout=min(attempt, remaining))
+                self._ping(FrameType.RESET, b"", timeout=min(attempt, remaining))
                 return
             except AgentTimeout:
                 attempt = min(attempt * 1.5, 2.0)

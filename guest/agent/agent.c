@@ -894,6 +894,11 @@ static void handle_frame(struct conn *c, int type, uint32_t chan, const uint8_t 
     case T_DATA: return handle_data(c, chan, pl, len);
     case T_GET: return handle_get(c, chan, pl, len);
     case T_SYNC: return handle_sync(c, chan, pl, len);
+    case T_RESET:
+        /* A new host session on a stream that cannot signal disconnects reliably (virtio-serial
+         * reconnects can be too quick to observe): forget the old session's work. */
+        conn_drop_work(c);
+        return send_frame(c, T_PONG, chan, pl, len);
     default: return send_error(c, chan, E_UNKNOWN_TYPE, "unknown frame type 0x%02x", type);
     }
 }

@@ -19,6 +19,7 @@
 #define T_DATA 0x06 /* both directions */
 #define T_GET 0x07
 #define T_SYNC 0x08
+#define T_RESET 0x09 /* like PING, after ending every earlier request on the connection */
 /* agent -> host */
 #define T_PONG 0x81
 #define T_STDOUT 0x83

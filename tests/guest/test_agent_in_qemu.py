@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +28,12 @@ BOOT_TIMEOUT = 180.0
 
 
 class Guest:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, client: AgentClient) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], log: Path, sock: Path, client: AgentClient
+    ) -> None:
         self.proc = proc
         self.log = log
+        self.sock = sock
         self.client = client
 
     def console(self) -> str:
@@ -90,7 +94,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
             client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
         except AgentTimeout:
             pytest.fail(f"the agent did not answer a ping:\n{log.read_text()[-3000:]}")
-        yield Guest(proc, log, client)
+        g = Guest(proc, log, sock, client)
+        yield g
+        client = g.client
     finally:
         if client is not None:
             client.close()
@@ -190,3 +196,36 @@ def test_tree_round_trip(guest: Guest, tmp_path: Path) -> None:
     assert stat.S_IMODE((back / "run").stat().st_mode) == 0o755
     with pytest.raises(AgentError):
         guest.client.get_file("/tmp/tree/missing")
+
+
+def test_reconnect_starts_a_fresh_session(guest: Guest) -> None:
+    """virtio-serial: when the host side goes away, the agent ends the session (killing its
+    processes) and serves the next connection from a clean state."""
+    c = guest.client
+
+    def run() -> None:
+        try:
+            c.exec("echo $$ > /tmp/held.t; mv /tmp/held.t /tmp/held.pid; exec sleep 300")
+        except AgentError:
+            pass  # disconnected below
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    end = time.monotonic() + 60
+    pid = None
+    while pid is None and time.monotonic() < end:
+        try:
+            pid = c.get_file("/tmp/held.pid").decode().strip()
+        except AgentError:
+            time.sleep(0.1)
+    assert pid, "the held process did not start"
+    c.close()
+    t.join(timeout=30)
+    new = AgentClient.connect_unix(guest.sock, timeout=30)
+    guest.client = new
+    new.wait_ready(timeout=60)
+    assert new.exec(["echo", "fresh"], timeout=60).stdout == b"fresh\n"
+    end = time.monotonic() + 30
+    while new.exec(["kill", "-0", pid], timeout=60).exit_code == 0 and time.monotonic() < end:
+        time.sleep(0.2)
+    assert new.exec(["kill", "-0", pid], timeout=60).exit_code != 0, "process outlived its session"

@@ -306,6 +306,33 @@ def test_disconnect_kills_the_connections_processes(agent: LocalAgent, tmp_path:
     b.close()
 
 
+def test_reset_ends_earlier_work_on_the_connection(agent: LocalAgent) -> None:
+    """RESET (sent by wait_ready) drops what an earlier session on a stream left running."""
+    exec_payload = struct.pack("<IIII", 0, 1, 1, 0) + b"echo $$; exec sleep 300\0\0"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(agent.sock))
+        s.sendall(encode_frame(FrameType.EXEC, 5, exec_payload))
+        dec, frames = FrameDecoder(), []
+        while not any(f.type == FrameType.STDOUT and f.payload for f in frames):
+            frames += [f for f in dec.feed(s.recv(65536)) if isinstance(f, Frame)]
+        pid = int(b"".join(f.payload for f in frames if f.type == FrameType.STDOUT))
+        assert not _gone(pid)
+        s.sendall(encode_frame(FrameType.RESET, 6, b"fresh"))
+        while not any(f.type == FrameType.PONG for f in frames):
+            frames += [f for f in dec.feed(s.recv(65536)) if isinstance(f, Frame)]
+        assert [f for f in frames if f.type == FrameType.PONG] == [
+            Frame(FrameType.PONG, 6, b"fresh")
+        ]
+        assert _wait_gone(pid), "RESET left the earlier session's process running"
+        # the old channel is free again, and no EXIT for it ever comes
+        s.sendall(encode_frame(FrameType.EXEC, 5, struct.pack("<IIII", 0, 0, 1, 0) + b"true\0\0"))
+        while not any(f.type == FrameType.EXIT for f in frames):
+            frames += [f for f in dec.feed(s.recv(65536)) if isinstance(f, Frame)]
+        exits = [f for f in frames if f.type == FrameType.EXIT]
+        assert exits == [Frame(FrameType.EXIT, 5, struct.pack("<iiI", 0, 0, 0))]
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 SESSION_KEY = pytest.StashKey["IgnitionSession"]()
 ITEM_VMS_KEY = pytest.StashKey[list]()  # [(label, VM)] used by the failure report
 RESTORE_PROPERTY = "ignition_restore_seconds"
+BOOT_PROPERTY = "ignition_boot_seconds"
 SNAPSHOT_SUBDIR = "ignition-snapshots"
 MARKER = "ignition"
 
@@ -163,6 +164,7 @@ class IgnitionSession:
         self.live: set[Any] = set()
         self.restore_times: list[float] = []
         self.boots: list[tuple[str, float]] = []
+        self._boots_reported = 0  # boots already attached to a test report
         # Tests per marker signature still to run: prefetching for a configuration no test
         # needs again would only waste CPU.
         self.remaining: Counter[cfgmod.Overrides] = Counter()
@@ -522,7 +524,15 @@ def _track(request: pytest.FixtureRequest, label: str, vm: Any) -> None:
 
 
 def _record_restore(request: pytest.FixtureRequest, seconds: float) -> None:
-    request.node.user_properties.append((RESTORE_PROPERTY, round(seconds, 6)))
+    # Timings travel in user_properties so that they reach the xdist controller's summary.
+    props = request.node.user_properties
+    props.append((RESTORE_PROPERTY, round(seconds, 6)))
+    session = get_session(request.config)
+    with session.lock:
+        new_boots = session.boots[session._boots_reported :]
+        session._boots_reported = len(session.boots)
+    for _, boot_seconds in new_boots:
+        props.append((BOOT_PROPERTY, round(boot_seconds, 3)))
 
 
 def _map_restore_error(session: IgnitionSession, fn: Callable[[], Any]) -> Any:

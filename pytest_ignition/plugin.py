@@ -161,13 +161,18 @@ class _RestoreTimes:
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.boots: list[float] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "setup":
             return
         for name, value in report.user_properties:
-            if name == fx.RESTORE_PROPERTY and isinstance(value, (int, float)):
+            if not isinstance(value, (int, float)):
+                continue
+            if name == fx.RESTORE_PROPERTY:
                 self.seconds.append(float(value))
+            elif name == fx.BOOT_PROPERTY:
+                self.boots.append(float(value))
 
 
 RESTORE_TIMES_KEY = pytest.StashKey[_RestoreTimes]()
@@ -189,6 +194,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"{len(ms)} VM(s) restored{where}: per-test restore to agent-ready "
         f"median {statistics.median(ms):.0f} ms, min {ms[0]:.0f} ms, max {ms[-1]:.0f} ms"
     )
-    if state is not None and state.boots:
-        boots = ", ".join(f"{b:.1f} s" for _, b in state.boots)
-        terminalreporter.write_line(f"{len(state.boots)} snapshot(s) booted and prepared: {boots}")
+    if collector is not None and collector.boots:
+        boots = ", ".join(f"{b:.1f} s" for b in collector.boots)
+        terminalreporter.write_line(
+            f"{len(collector.boots)} snapshot(s) booted and prepared: {boots}"
+        )

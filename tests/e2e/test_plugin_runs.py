@@ -26,16 +26,18 @@ def _real_guest_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IGNITION_CACHE_DIR", str(GUEST_CACHE))
 
 
-def _guest_built() -> bool:
-    from pytest_ignition.guest import find_guest
-
-    return find_guest() is not None
-
-
 @pytest.fixture
 def needs_guest() -> None:
+    """qemu present and the default guest built (from the cache; built now if its inputs changed)."""
     require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    require(_guest_built(), "the default guest is not built (make guest)")
+    from pytest_ignition.guest import GuestBuildError, build_guest
+
+    problem = None
+    try:
+        build_guest()
+    except GuestBuildError as e:
+        problem = f"the default guest cannot be built: {e}"
+    require(problem is None, str(problem))
 
 
 def _out(result: pytest.RunResult) -> str:
@@ -85,7 +87,9 @@ def test_xdist_two_workers_share_one_snapshot(
     boots = [json.loads(x) for x in (snaps / "boots.log").read_text().splitlines()]
     assert len(boots) == 1
     assert len([d for d in snaps.iterdir() if d.is_dir()]) == 1
-    result.stdout.fnmatch_lines(["*pytest-ignition*", "*4 VM(s) restored*median*"])
+    result.stdout.fnmatch_lines(
+        ["*pytest-ignition*", "*4 VM(s) restored*median*", "1 snapshot(s) booted and prepared: *"]
+    )
 
 
 def test_kernel_panic_at_boot_is_a_clear_error(

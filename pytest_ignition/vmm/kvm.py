@@ -3,7 +3,9 @@
 Owns: the ioctl numbers, thin :class:`System` / :class:`Vm` / :class:`Vcpu` wrappers, and
 the plain-data forms of every piece of state a snapshot needs. Getters return data a
 snapshot can serialise (``bytes``, ints, dicts, or the dataclasses below, which have
-``to_dict``/``from_dict``) and the matching setter accepts it back unchanged.
+``to_dict``/``from_dict``) and the matching setter accepts it back unchanged;
+:func:`save_vcpu_state` / :func:`restore_vcpu_state` and :func:`save_vm_state` /
+:func:`restore_vm_state` bundle them in the order KVM needs.
 
 Struct layouts live in :mod:`._kvm_cdef`. Every failed ioctl raises :class:`KvmError`,
 whose message names the ioctl and the errno (``KVM_RUN failed: EINTR (4)``).

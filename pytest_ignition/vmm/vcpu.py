@@ -164,7 +164,11 @@ class VcpuRunner:
                 pass  # the thread just ended
 
     def pause(self, timeout: float | None = 5.0) -> bool:
-        """Park the vCPU outside KVM_RUN (pending I/O completed). True once parked or ended."""
+        """Park the vCPU outside KVM_RUN with pending I/O completed; True once parked or ended.
+
+        Called from the vCPU's own thread (a device handler), it only flags the request and
+        returns True at once: the vCPU parks right after KVM completes the current exit.
+        """
         with self._cond:
             self._pause_req = True
         self._kick()

@@ -248,3 +248,34 @@ def timed_setup(system: kvm.System, mem_size: int) -> float:
     dt = time.perf_counter() - t0
     g.close()
     return dt
+
+
+def measure_pio_exits(system: kvm.System, n: int = 10_000) -> list[int]:
+    """Nanoseconds between consecutive ``out`` exits of a guest looping ``n`` times over
+    ``out dx, al``, as seen by a device on the run loop's bus: one full PIO exit round trip
+    (KVM exit, Python dispatch, device call, KVM_RUN re-entry) per sample."""
+    code = b"".join(
+        [
+            b"\xb9" + struct.pack("<I", n),  # mov ecx, n
+            b"\x66\xba\x00\x05",  # mov dx, 0x500
+            b"\xee",  # again: out dx, al
+            b"\xe2\xfd",  # loop again
+            b"\xe6\xf4",  # out 0xf4, al
+        ]
+    )
+    stamps: list[int] = []
+
+    class Stamp:
+        def read(self, offset: int, data: bytearray) -> None:
+            pass
+
+        def write(self, offset: int, data: bytes) -> None:
+            stamps.append(time.perf_counter_ns())
+
+    g = Cpl3Guest(system, code)
+    try:
+        g.pio.insert(Stamp(), 0x500, 1)
+        g.run(timeout=600)
+    finally:
+        g.close()
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

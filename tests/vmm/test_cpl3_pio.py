@@ -229,3 +229,9 @@ def test_i8042_reset_from_the_guest_stops_the_vcpu(kvm_system):
         assert not reason.is_error
     finally:
         g.close()
+
+
+def test_pio_round_trip_probe_counts_every_exit(kvm_system):
+    # the probe benchmarks use; here only its bookkeeping is checked, never its speed
+    samples = cpl3.measure_pio_exits(kvm_system, 500)
+    assert len(samples) == 499 and all(s > 0 for s in samples)

@@ -8,7 +8,7 @@ overlays over a base that is never written, and snapshots:
 * snapshot: QMP ``stop``, ``migrate`` to ``exec:cat > <dir>/state``, wait for completion,
   copy the disk overlay to ``<dir>/disk.qcow2``, write ``<dir>/meta.json``, QMP ``cont``
   (the machine keeps running, per the engine contract).
-* restore: QEMU with the identical device arguments plus ``-incoming 'exec:cat state'``
+* restore: QEMU with the identical device arguments plus ``-incoming fd:N`` (the state file)
   and a fresh overlay backed by ``disk.qcow2``; the agent socket is connected before the
   guest runs (so the guest never sees the host side of its port go away), QMP ``cont``
   once the state is loaded, then the guest clock is set, its CRNG reseeded and a ping
@@ -447,7 +447,9 @@ class QemuEngine(Engine):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{name} {path} does not exist")
 
-    def _launch(self, m: QemuMachine, config: VMConfig, extra: list[str]) -> float:
+    def _launch(
+        self, m: QemuMachine, config: VMConfig, extra: list[str], pass_fds: tuple[int, ...] = ()
+    ) -> float:
         argv = [self.qemu, *self.device_args(config), *self._instance_args(m, config), *extra]
         log = open(m.qemu_log, "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
@@ -458,6 +460,7 @@ class QemuEngine(Engine):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
+                pass_fds=pass_fds,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
@@ -677,7 +680,12 @@ class QemuEngine(Engine):
         try:
             if meta.get("disk"):
                 self._overlay(m, directory / "disk.qcow2", "qcow2")
-            started = self._launch(m, config, ["-incoming", "exec:cat " + shlex.quote(str(state))])
+            # QEMU reads the state from an inherited descriptor: no shell, no cat, no pipe.
+            fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                started = self._launch(m, config, ["-incoming", f"fd:{fd}"], pass_fds=(fd,))
+            finally:
+                os.close(fd)
             deadline = started + config.boot_timeout
             # Connected before the guest runs: it then never sees the host side go away.
             self._connect_agent(m, deadline, config.boot_timeout, "was restored")

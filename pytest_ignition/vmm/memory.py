@@ -21,6 +21,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
@@ -68,6 +69,9 @@ class GuestMemory:
         self.regions = regions
         self.size = sum(r.size for r in regions)
         self.vmm_dirty = bytearray((self._page_span() + 7) // 8)
+        # vCPU threads (MMIO handlers) and the event-loop thread (vsock rx) both write guest
+        # memory; the bitmap's read-modify-write must not lose a bit, or rollback misses a page.
+        self._dirty_lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -166,17 +170,31 @@ class GuestMemory:
     def _mark(self, gpa: int, length: int) -> None:
         if length == 0:
             return
-        for page in range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1):
-            self.vmm_dirty[page >> 3] |= 1 << (page & 7)
+        first = gpa >> 12
+        last = (gpa + length - 1) >> 12
+        bm = self.vmm_dirty
+        with self._dirty_lock:
+            if first == last:
+                bm[first >> 3] |= 1 << (first & 7)
+            else:
+                for page in range(first, last + 1):
+                    bm[page >> 3] |= 1 << (page & 7)
 
     def take_vmm_dirty(self) -> list[int]:
         """Guest page numbers the VMM wrote since the last call; clears the bitmap."""
+        with self._dirty_lock:
+            bm = self.vmm_dirty
+            self.vmm_dirty = bytearray(len(bm))
         pages = []
-        bm = self.vmm_dirty
+        # Skip clean 8-byte words quickly: the bitmap is mostly zero.
+        words = memoryview(bm).cast("Q") if len(bm) % 8 == 0 else None
+        if words is not None:
+            for w, word in enumerate(words):
+                if word:
+                    base = w * 64
+                    pages.extend(base + b for b in range(64) if word >> b & 1)
+            return pages
         for i, byte in enumerate(bm):
             if byte:
-                for bit in range(8):
-                    if byte & (1 << bit):
-                        pages.append(i * 8 + bit)
-        self.vmm_dirty = bytearray(len(bm))
+                pages.extend(i * 8 + b for b in range(8) if byte >> b & 1)
         return pages

@@ -282,6 +282,50 @@ def test_several_connections(agent: LocalAgent) -> None:
         b.close()
 
 
+def test_connect_vsock_uds_handshake(agent: LocalAgent, tmp_path: Path) -> None:
+    """Firecracker's host-initiated vsock convention, in front of the real agent: a relay stands
+    in for the VMM (CONNECT <port> -> OK <n>, then bytes pass through)."""
+    uds = tmp_path / "v.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(uds))
+    srv.listen(1)
+    seen: list[bytes] = []
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def vmm() -> None:
+        conn, _ = srv.accept()
+        line = b""
+        while not line.endswith(b"\n"):
+            line += conn.recv(1)
+        seen.append(line)
+        conn.sendall(b"OK 1073741824\n")
+        guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        guest.connect(str(agent.sock))
+        threading.Thread(target=pump, args=(guest, conn), daemon=True).start()
+        pump(conn, guest)
+
+    threading.Thread(target=vmm, daemon=True).start()
+    c = AgentClient.connect_vsock_uds(uds, port=52, timeout=10)
+    try:
+        c.wait_ready(timeout=10)
+        assert c.exec(["echo", "via vsock"]).stdout == b"via vsock\n"
+    finally:
+        c.close()
+        srv.close()
+    assert seen == [b"CONNECT 52\n"]
+
+
 def test_disconnect_kills_the_connections_processes(agent: LocalAgent, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     a, b = agent.client(), agent.client()

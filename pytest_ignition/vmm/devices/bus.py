@@ -56,6 +56,8 @@ class RateLimitedLog:
     def __call__(
         self, level: int, key: str, msg: str, *args: object, exc_info: bool = False
     ) -> None:
+        if not self.logger.isEnabledFor(level):
+            return  # e.g. DEBUG for port 0x80 writes, which Linux makes constantly
         now = time.monotonic()
         with self._lock:
             start, count, dropped = self._state.get(key, (now, 0, 0))

@@ -161,6 +161,27 @@ def test_restore_into_a_fresh_vm_then_close_leaves_nothing(engine, config, boote
     assert list((tmp_path / "leak").iterdir()) == []
 
 
+def test_long_workdir_paths_still_get_short_sockets(engine, config, booted, tmp_path):
+    deep = tmp_path.joinpath(*(["d" * 30] * 5))  # beyond the 108-byte socket path limit
+    m = _restore(engine, config, booted, deep, "vm")
+    try:
+        assert len(str(m.agent_sock)) < 108
+        assert _sh(m, f"cat {PREPARED}") == "prepared\n"
+        sockdir = m.agent_sock.parent
+    finally:
+        m.close()
+    assert not sockdir.exists()
+    assert list((deep / "vm").iterdir()) == []
+
+
+def test_unbootable_kernel_file_is_a_boot_error_naming_qemu(engine, config, tmp_path):
+    junk = tmp_path / "not-a-kernel"
+    junk.write_bytes(b"this is not a kernel image\n" * 100)
+    with pytest.raises(BootError) as ei:
+        engine.boot(replace(config, kernel=junk), tmp_path / "junk")
+    assert "QEMU exited" in str(ei.value) and "QEMU said" in str(ei.value)
+
+
 def test_snapshot_of_another_config_is_refused(engine, config, booted, tmp_path):
     other = replace(config, memory_mib=config.memory_mib * 2)
     with pytest.raises(SnapshotMismatch) as ei:

@@ -164,7 +164,9 @@ class _RestoreTimes:
         self.boots: list[float] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "setup":
+        # The teardown report carries every property the test gathered (factory VMs are
+        # made during the call); counting only it counts each one once.
+        if report.when != "teardown":
             return
         for name, value in report.user_properties:
             if not isinstance(value, (int, float)):

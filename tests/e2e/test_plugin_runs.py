@@ -221,3 +221,50 @@ def test_factory_bad_setting_is_reported(pytester: pytest.Pytester) -> None:
         """
     )
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_failing_prepare_hook_is_a_clear_error_for_every_test(
+    pytester: pytest.Pytester, needs_guest: None
+) -> None:
+    pytester.makeconftest(
+        """
+        def pytest_ignition_prepare(vm):
+            vm.run(["sh", "-c", "exit 9"]).check()
+        """
+    )
+    pytester.makepyfile(
+        """
+        def test_one(ignition_vm):
+            pass
+
+        def test_two(ignition_vm):
+            pass
+
+        def test_no_vm():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, errors=2)
+    out = _out(result)
+    assert out.count("pytest_ignition_prepare failed on the booted guest") >= 2
+    assert "CommandFailed" in out
+    assert "exited with 9" in out
+    assert "0 snapshot" not in out
+
+
+def test_rollback_falls_back_to_restore_where_unsupported(
+    pytester: pytest.Pytester, needs_guest: None
+) -> None:
+    pytester.makepyfile(
+        """
+        def test_a(ignition_vm):
+            ignition_vm.write_file("/root/a", b"a")
+
+        def test_b(ignition_vm):
+            assert ignition_vm.run(["test", "-e", "/root/a"]).exit_code == 1
+        """
+    )
+    result = pytester.runpytest_subprocess("--ignition-engine=qemu", "--ignition-reset=rollback")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["ignition: qemu cannot roll back in place; restoring per test*"])

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from pytest_ignition._testing import require
 from pytest_ignition.fixtures import get_session
 from pytest_ignition.vm import CommandTimeout
 
@@ -217,3 +220,60 @@ def test_two_factory_vms_are_independent(ignition_vm_factory, request):
     sa = a.check_output("head -c 32 /dev/urandom | od -An -tx1")
     sc = c.check_output("head -c 32 /dev/urandom | od -An -tx1")
     assert sa != sc
+
+
+# -- the snapshot, reset, other kernels and disks -----------------------------------------------
+
+
+def test_snapshot_fixture_describes_the_session_guest(ignition_snapshot, ignition_vm):
+    snap = ignition_snapshot
+    assert snap.key == snap.config.key()
+    assert snap.directory.is_dir()
+    assert (snap.directory / "READY").is_file()
+    # ignition_vm (no marker) is restored from this very snapshot
+    assert ignition_vm.snapshot_dir == snap.directory
+    assert ignition_vm.config == snap.config
+
+
+def test_vm_reset_goes_back_to_the_prepared_snapshot(ignition_vm):
+    ignition_vm.write_file("/root/before-reset", b"x")
+    ignition_vm.run(["rm", PREPARED_PATH]).check()
+    ignition_vm.reset()
+    assert ignition_vm.run(["test", "-e", "/root/before-reset"]).exit_code == 1
+    assert ignition_vm.read_file(PREPARED_PATH) == PREPARED_TEXT.encode()
+
+
+def test_factory_with_another_kernel_file(ignition_vm_factory, ignition_snapshot, tmp_path):
+    # A copy of the kernel is "another kernel" as far as snapshots go: its own key.
+    kernel = tmp_path / "other-bzImage"
+    shutil.copyfile(ignition_snapshot.config.kernel, kernel)
+    initrd = tmp_path / "other-initrd"
+    shutil.copyfile(ignition_snapshot.config.initrd, initrd)
+    vm = ignition_vm_factory(kernel=str(kernel), initrd=initrd)
+    assert vm.config.kernel == kernel.resolve()
+    assert vm.config.key() != ignition_snapshot.config.key()
+    assert vm.snapshot_dir != ignition_snapshot.directory
+    assert vm.read_file(PREPARED_PATH) == PREPARED_TEXT.encode()
+
+
+def test_factory_rootfs_is_mounted_and_never_written(ignition_vm_factory, tmp_path):
+    require(shutil.which("mke2fs"), "mke2fs is not installed (apt-get install e2fsprogs)")
+    content = tmp_path / "content"
+    (content / "data").mkdir(parents=True)
+    (content / "data" / "hello.txt").write_text("from the image\n")
+    image = tmp_path / "root.ext4"
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(content), str(image), "16M"],
+        check=True,
+        capture_output=True,
+    )
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    a = ignition_vm_factory(rootfs=image)
+    assert a.read_file("/rootfs/data/hello.txt") == b"from the image\n"
+    a.run("echo changed > /rootfs/data/hello.txt && sync").check()
+    assert a.read_file("/rootfs/data/hello.txt") == b"changed\n"
+    b = ignition_vm_factory(rootfs=image)
+    assert b.read_file("/rootfs/data/hello.txt") == b"from the image\n"
+    a.close()
+    b.close()
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before

@@ -187,6 +187,14 @@ static int sigchld_pipe[2] = {-1, -1};
 static int sync_dry_run;
 static unsigned tmp_counter;
 
+/* The agent's stderr is usually the guest console, which a test may be driving: stay quiet
+ * unless something is wrong, or --verbose asks for the session log. */
+static int verbose;
+#define INFO(...) \
+    do { \
+        if (verbose) logmsg(__VA_ARGS__); \
+    } while (0)
+
 static void logmsg(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -250,7 +258,9 @@ static void send_error(struct conn *c, uint32_t chan, uint32_t code, const char 
     if (n < 0) n = 0;
     if ((size_t)n > sizeof msg - 5) n = (int)(sizeof msg - 5);
     put_le32(msg, code);
-    if (c->logged < MAX_LOGGED_ERRORS) {
+    /* errno answers (a missing file) are ordinary; malformed frames are worth a console line */
+    int notable = code >= 1000 && code != E_UNKNOWN_CHAN;
+    if ((notable || verbose) && c->logged < MAX_LOGGED_ERRORS) {
         c->logged++;
         logmsg("error %u on chan %u: %s", code, chan, (char *)msg + 4);
     }
@@ -431,7 +441,7 @@ static void conn_reset_session(struct conn *c) {
 static void conn_fail(struct conn *c, const char *why) {
     if (c->dead) return;
     if (c->kind == CK_SERIAL) {
-        if (c->session_active) logmsg("serial: session ended (%s)", why);
+        if (c->session_active) INFO("serial: session ended (%s)", why);
         conn_reset_session(c);
         c->backoff_until = now_ms() + SERIAL_BACKOFF_MS;
         return;
@@ -992,7 +1002,7 @@ static void listener_open(struct listener *l) {
         a.svm_cid = IG_VMADDR_CID_ANY;
         if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && listen(fd, 16) == 0) {
             l->fd = fd;
-            logmsg("listening on vsock port %u", l->port);
+            INFO("listening on vsock port %u", l->port);
             return;
         }
     } else {
@@ -1009,7 +1019,7 @@ static void listener_open(struct listener *l) {
             return;
         }
     }
-    if (!l->warned) logmsg("%s unavailable (%s); retrying quietly", l->is_vsock ? "vsock" : l->path, strerror(errno));
+    if (!l->warned) INFO("%s unavailable (%s); retrying quietly", l->is_vsock ? "vsock" : l->path, strerror(errno));
     l->warned = 1;
     if (fd >= 0) close(fd);
     l->retry_at = now_ms() + RETRY_MS;
@@ -1067,7 +1077,7 @@ static void serial_open(void) {
     int fd = -1;
     if (serial_find(path, sizeof path) == 0) fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
     if (fd < 0) {
-        if (!serial_warned) logmsg("virtio-serial port %s unavailable; retrying quietly", serial_name ? serial_name : serial_path_opt);
+        if (!serial_warned) INFO("virtio-serial port %s unavailable; retrying quietly", serial_name ? serial_name : serial_path_opt);
         serial_warned = 1;
         serial_retry_at = now_ms() + RETRY_MS;
         return;
@@ -1078,7 +1088,7 @@ static void serial_open(void) {
         serial_retry_at = now_ms() + RETRY_MS;
         return;
     }
-    logmsg("serving on %s", path);
+    INFO("serving on %s", path);
 }
 
 /* ---------------------------------------------------------------- main loop */
@@ -1128,7 +1138,7 @@ static void sweep(void) {
 
 static void usage(void) {
     fputs("usage: ignition-agent [--vsock PORT] [--serial-name NAME] [--serial-path PATH]\n"
-          "                      [--listen-unix PATH] [--sync-dry-run]\n",
+          "                      [--listen-unix PATH] [--sync-dry-run] [--verbose]\n",
           stderr);
     exit(2);
 }
@@ -1138,6 +1148,10 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "--sync-dry-run")) {
             sync_dry_run = 1;
+            continue;
+        }
+        if (!strcmp(a, "--verbose")) {
+            verbose = 1;
             continue;
         }
         if (i + 1 >= argc) usage();

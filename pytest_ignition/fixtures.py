@@ -361,7 +361,7 @@ class IgnitionSession:
             try:
                 self.config.hook.pytest_ignition_prepare(vm=vm)
             except Exception as e:
-                tb = "".join(traceback.format_exception(e)[-12:])
+                tb = _user_traceback(e)
                 raise _SnapshotFailed(
                     f"pytest-ignition: pytest_ignition_prepare failed on the booted guest "
                     f"({self._describe(vmcfg)}):\n{tb}\n--- console tail ---\n{_tail(vm)}"
@@ -491,6 +491,17 @@ class _SnapshotFailed(Exception):
 
 class RestoreFailed(Exception):
     """Restoring a VM from its snapshot failed."""
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of an exception raised in a user's hook, without pluggy's/our frames."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "pluggy" not in f.filename and f.filename != __file__
+    ]
+    text = "".join(traceback.format_list(frames[-10:]))
+    return "Traceback (hook frames):\n" + text + "".join(traceback.format_exception_only(exc))
 
 
 def _tail(vm: Any) -> str:

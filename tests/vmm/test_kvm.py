@@ -262,3 +262,55 @@ def test_vm_state_moves_to_a_new_vm(vm_with_vcpu, kvm_system):
         assert vm2.get_clock().clock >= state["clock"]["clock"]
         with pytest.raises(ValueError, match="version"):
             kvm.restore_vm_state(vm2, {"version": 0})
+
+
+def test_raw_run_exposes_io_and_mmio_exits(kvm_system):
+    """Vcpu.run() without the run loop: the kvm_run fields for an out, an in and MMIO."""
+    import struct
+
+    import cpl3
+
+    code = b"".join(
+        [
+            b"\x66\xba\x34\x12",  # mov dx, 0x1234
+            b"\xb8\x44\x33\x22\x11",  # mov eax, 0x11223344
+            b"\xef",  # out dx, eax
+            b"\x66\xed",  # in ax, dx
+            b"\x48\xbb" + struct.pack("<Q", 0xD000_2000),  # mov rbx, 0xd0002000
+            b"\x89\x43\x08",  # mov [rbx+8], eax
+            b"\x8a\x0b",  # mov cl, [rbx]
+            b"\xe6\xf4",  # out 0xf4, al
+        ]
+    )
+    g = cpl3.Cpl3Guest(kvm_system, code)
+    v = g.vcpu
+    try:
+        assert v.run() == kvm.KVM_EXIT_IO
+        io = v.kvm_run.io
+        assert (io.direction, io.size, io.port, io.count) == (kvm.KVM_EXIT_IO_OUT, 4, 0x1234, 1)
+        assert bytes(v.io_data()) == struct.pack("<I", 0x11223344)
+
+        assert v.run() == kvm.KVM_EXIT_IO
+        assert (io.direction, io.size, io.port) == (kvm.KVM_EXIT_IO_IN, 2, 0x1234)
+        v.io_data()[:] = b"\xcd\xab"  # KVM completes the in on the next KVM_RUN
+
+        assert v.run() == kvm.KVM_EXIT_MMIO
+        m = v.kvm_run.mmio
+        assert (m.phys_addr, m.len, m.is_write) == (0xD000_2008, 4, 1)
+        assert bytes(v.mmio_data()) == struct.pack("<I", 0x1122ABCD)
+
+        assert v.run() == kvm.KVM_EXIT_MMIO
+        assert (m.phys_addr, m.len, m.is_write) == (0xD000_2000, 1, 0)
+        v.mmio_data()[:] = b"\x5a"
+
+        assert v.run() == kvm.KVM_EXIT_IO
+        assert io.port == cpl3.EXIT_PORT
+        regs = v.get_regs()
+        assert regs.rax & 0xFFFF_FFFF == 0x1122ABCD and regs.rcx & 0xFF == 0x5A
+
+        v.set_immediate_exit(True)
+        with pytest.raises(kvm.KvmError, match=r"KVM_RUN failed: EINTR \(4\)"):
+            v.run()
+        v.set_immediate_exit(False)
+    finally:
+        g.close()

@@ -115,7 +115,18 @@ class _Spawner:
                 self._thread.start()
         reply: queue.Queue[Any] = queue.Queue()
         self._q.put((lambda: subprocess.Popen(argv, **kw), reply))
-        ok, value = reply.get()
+        try:
+            ok, value = reply.get()
+        except BaseException:
+            # Interrupted (Ctrl-C) while the child was being started: it must not outlive
+            # this call unseen, so wait for it and kill it.
+            ok, value = reply.get()
+            if ok:
+                with contextlib.suppress(OSError):
+                    os.killpg(value.pid, signal.SIGKILL)
+                value.kill()
+                value.wait()
+            raise
         if not ok:
             raise value
         return value

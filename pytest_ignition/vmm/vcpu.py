@@ -404,6 +404,10 @@ class VcpuRunner:
             data = " ".join(f"{ie.data[i]:#x}" for i in range(nd))
             names = {1: "emulation failure", 2: "simultaneous exceptions", 3: "delivery event"}
             what = names.get(ie.suberror, f"suberror {ie.suberror}")
+            if ie.suberror == kvm.KVM_INTERNAL_ERROR_EMULATION and nd >= 3 and ie.data[0] & 1:
+                # struct emulation_failure: flags, then insn_size and up to 15 bytes
+                raw = b"".join(ie.data[i].to_bytes(8, "little") for i in (1, 2))
+                what += f" at instruction {raw[1 : 1 + min(raw[0], 15)].hex()}"
             return StopReason(
                 "internal_error",
                 f"KVM internal error: {what} [{data}]; " + format_regs(vcpu),

@@ -118,7 +118,7 @@ def write_page_tables(mem: GuestMemory) -> None:
     mem.write(PD_ADDR, bytes(entries))
 
 
-def _seg(selector: int, *, code: bool, dpl: int) -> kvm.Segment:
+def segment(selector: int, *, code: bool, dpl: int) -> kvm.Segment:
     return kvm.Segment(
         base=0,
         limit=0xFFFFFFFF,
@@ -136,8 +136,8 @@ def _seg(selector: int, *, code: bool, dpl: int) -> kvm.Segment:
 def cpl3_sregs(base: kvm.Sregs) -> kvm.Sregs:
     """Long mode, paging on, CS/SS/DS/... = the ring-3 selectors."""
     s = base
-    s.cs = _seg(SEL_UCODE, code=True, dpl=3)
-    data = _seg(SEL_UDATA, code=False, dpl=3)
+    s.cs = segment(SEL_UCODE, code=True, dpl=3)
+    data = segment(SEL_UDATA, code=False, dpl=3)
     s.ds = s.es = s.fs = s.gs = s.ss = data
     s.tr = kvm.Segment(base=TSS_ADDR, limit=TSS_LIMIT, selector=SEL_TSS, type=0xB, present=1)
     s.ldt = kvm.Segment(selector=0, type=0x2, present=1, limit=0xFFFF)

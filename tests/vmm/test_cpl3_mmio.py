@@ -183,3 +183,29 @@ def test_pause_resume_stop_a_spinning_guest(kvm_system):
         assert not runner.running
     finally:
         g.close()
+
+
+def test_emulation_failure_stops_with_the_instruction_bytes(kvm_system):
+    """An instruction KVM's emulator cannot do on MMIO (crc32 with a memory operand) is an
+    INTERNAL_ERROR exit. At CPL3 KVM would inject #UD instead, so this one runs at CPL0,
+    which PVM emulates slowly; it is two instructions."""
+    code = b"".join(
+        [
+            b"\x48\xbb" + imm64(0xD000_3000),  # mov rbx, 0xd0003000
+            b"\xf2\x0f\x38\xf1\x03",  # crc32 eax, dword [rbx]
+            b"\xe6\xf4",  # out 0xf4, al
+        ]
+    )
+    g = cpl3.Cpl3Guest(kvm_system, code)
+    s = g.vcpu.get_sregs()
+    s.cs = cpl3.segment(cpl3.SEL_KCODE, code=True, dpl=0)
+    s.ds = s.es = s.fs = s.gs = s.ss = cpl3.segment(cpl3.SEL_KDATA, code=False, dpl=0)
+    g.vcpu.set_sregs(s)
+    try:
+        reason = g.run()
+        assert reason.kind == "internal_error", reason
+        assert "emulation failure" in reason.detail
+        assert "f20f38f103" in reason.detail
+        assert f"rip={cpl3.CODE_ADDR + 10:#x}" in reason.detail
+    finally:
+        g.close()

@@ -9,6 +9,14 @@ import pytest
 from pytest_ignition import config as cfg
 
 
+@pytest.fixture(autouse=True)
+def _no_outer_ignition_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pytester runs below inherit the environment; settings from the caller's shell
+    # (IGNITION_MEMORY=..., say) must not leak into them.
+    for opt in cfg.OPTIONS:
+        monkeypatch.delenv(opt.env, raising=False)
+
+
 def _resolve(cli=None, ini=None, env=None) -> cfg.Settings:
     cli = cli or {}
     ini = ini or {}

@@ -969,14 +969,19 @@ static int conn_wants_input(struct conn *c) {
     return buf_used(&c->out) < OUT_STOP_INPUT && conn_stdin_pending(c) < STDIN_STOP_INPUT;
 }
 
+/* Read and handle what the transport has, a bounded number of reads per wakeup (a virtio-serial
+ * read returns one 4 KiB buffer at a time, so one read per poll would be slow). */
 static void conn_on_readable(struct conn *c) {
-    if (buf_reserve(&c->in, IG_CHUNK) < 0) return conn_fail(c, "out of memory");
-    ssize_t n = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    if (n <= 0) return conn_fail(c, n < 0 ? strerror(errno) : "peer went away");
-    c->in.len += (size_t)n;
-    c->session_active = 1;
-    conn_parse(c);
+    for (int i = 0; i < 64 && !c->dead && conn_wants_input(c); i++) {
+        if (buf_reserve(&c->in, IG_CHUNK) < 0) return conn_fail(c, "out of memory");
+        ssize_t n = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (n <= 0) return conn_fail(c, n < 0 ? strerror(errno) : "peer went away");
+        c->in.len += (size_t)n;
+        c->session_active = 1;
+        conn_parse(c);
+    }
     buf_trim(&c->in);
 }
 

@@ -253,6 +253,87 @@ def test_rootfs_is_copy_on_write_and_snapshotted(engine, config, tmp_path):
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
 
 
+CHILD = """
+import sys, threading, time
+from pathlib import Path
+from pytest_ignition.engines.base import VMConfig
+from pytest_ignition.engines.qemu import QemuEngine
+cfg = VMConfig(kernel=sys.argv[1], initrd=sys.argv[2], memory_mib=256, boot_timeout=300)
+engine = QemuEngine(accelerator=sys.argv[4])
+# Booted from a short-lived thread: QEMU must outlive the thread, not the process.
+box = {}
+t = threading.Thread(target=lambda: box.update(m=engine.boot(cfg, Path(sys.argv[3]))))
+t.start()
+t.join()
+print("ready", box["m"].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _qemu_pids_under(path: Path) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(path).encode() in cmd and _pid_alive(int(d.name)):
+            pids.append(int(d.name))
+    return pids
+
+
+def _wait_for(pred, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def _child(engine, config, workdir: Path) -> subprocess.Popen[str]:
+    import sys
+
+    argv = [sys.executable, "-c", CHILD, str(config.kernel), str(config.initrd), str(workdir)]
+    return subprocess.Popen([*argv, engine.accelerator], stdout=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_during_boot_kills_qemu_and_removes_files(engine, config, tmp_path):
+    import signal
+
+    workdir = tmp_path / "wd"
+    child = _child(engine, config, workdir)
+    try:
+        # Interrupt while the guest is still booting: QEMU has started, the agent not yet.
+        assert _wait_for(lambda: bool(_qemu_pids_under(workdir)), 60), "QEMU never started"
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert _wait_for(lambda: not _qemu_pids_under(workdir), 10)
+    assert list(workdir.iterdir()) == []
+
+
+def test_qemu_dies_with_its_parent_process(engine, config, tmp_path):
+    workdir = tmp_path / "wd"
+    child = _child(engine, config, workdir)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.startswith("ready "), line
+        pid = int(line.split()[1])
+        assert _pid_alive(pid)  # survived the exit of the thread that started it
+        child.kill()  # SIGKILL: no finally, no atexit in the parent
+        child.wait()
+    finally:
+        child.kill()
+        child.wait()
+    assert _wait_for(lambda: not _pid_alive(pid), 10)
+
+
 def _pid_alive(pid: int | None) -> bool:
     if pid is None:
         return False

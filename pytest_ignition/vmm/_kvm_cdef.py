@@ -246,6 +246,11 @@ struct kvm_dirty_log {
     };
 };
 
+struct kvm_signal_mask {
+    __u32 len;
+    __u8 sigset[];
+};
+
 struct kvm_enable_cap {
     __u32 cap;
     __u32 flags;
@@ -336,6 +341,7 @@ EXPECTED_SIZES: dict[str, int] = {
     "struct kvm_dirty_log": 16,
     "struct kvm_userspace_memory_region": 32,
     "struct kvm_enable_cap": 104,
+    "struct kvm_signal_mask": 4,
 }
 EXPECTED_RUN_OFFSETS: dict[str, int] = {
     "io": 32,
@@ -390,4 +396,5 @@ EXPECTED_IOCTLS: dict[str, int] = {
     "KVM_KVMCLOCK_CTRL": 0xAEAD,
     "KVM_GET_XSAVE2": 0x9000AECF,
     "KVM_GET_MSR_FEATURE_INDEX_LIST": 0xC004AE0A,
+    "KVM_SET_SIGNAL_MASK": 0x4004AE8B,
 }

@@ -89,6 +89,7 @@ KVM_GET_SREGS = _ior(0x83, "struct kvm_sregs")
 KVM_SET_SREGS = _iow(0x84, "struct kvm_sregs")
 KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
 KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
+KVM_SET_SIGNAL_MASK = _iow(0x8B, "struct kvm_signal_mask")
 KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
 KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
 KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
@@ -700,6 +701,25 @@ class Vcpu:
     @property
     def exit_reason(self) -> int:
         return self.kvm_run.exit_reason
+
+    def set_signal_mask(self, blocked: set[int] | None) -> None:
+        """The signal mask in force *while in KVM_RUN* (None: the thread's own mask).
+
+        With a signal blocked in the thread but not here, a pending instance of it makes
+        KVM_RUN return EINTR without the signal ever being delivered to userspace.
+        """
+        if blocked is None:
+            _ioctl(self.fd, KVM_SET_SIGNAL_MASK, ffi.NULL)
+            return
+        bits = 0
+        for sig in blocked:
+            if 1 <= int(sig) <= 64:
+                bits |= 1 << (int(sig) - 1)
+        buf = ffi.new("char[]", 4 + 8)
+        m = ffi.cast("struct kvm_signal_mask *", buf)
+        m.len = 8  # the kernel's sigset_t on x86_64
+        ffi.memmove(m.sigset, bits.to_bytes(8, "little"), 8)
+        _ioctl(self.fd, KVM_SET_SIGNAL_MASK, m)
 
     def set_immediate_exit(self, value: bool) -> None:
         self.kvm_run.immediate_exit = 1 if value else 0

@@ -5,12 +5,13 @@ SYSTEM_EVENT), pause/resume/stop of a vCPU from another thread, and reporting wh
 stopped (:class:`StopReason`) to its owner through a callback.
 
 Kicking a vCPU out of KVM_RUN: the controller sets ``kvm_run.immediate_exit`` and sends
-:data:`KICK_SIGNAL` to the vCPU thread with ``pthread_kill``. The signal has a no-op Python
-handler (installed from the main thread by :func:`install_kick_handler`), installed without
-SA_RESTART, so a vCPU blocked in the guest returns ``EINTR``; ``immediate_exit`` covers the
-race where the signal lands just before KVM_RUN is entered. With ``immediate_exit`` set, KVM
-also completes a pending ``in``/MMIO read before returning, so state read while paused is
-consistent (the snapshot code relies on that).
+:data:`KICK_SIGNAL` to the vCPU thread with ``pthread_kill``. The vCPU thread keeps that
+signal blocked, but tells KVM (``KVM_SET_SIGNAL_MASK``) to unblock it while in the guest, so
+a pending kick makes KVM_RUN return ``EINTR`` and is never delivered to userspace (the
+run loop then consumes it with ``sigtimedwait``). No handler is needed, so runners can be
+created from any thread. ``immediate_exit`` covers the race where the kick lands just before
+KVM_RUN is entered. With ``immediate_exit`` set, KVM also completes a pending ``in``/MMIO
+read before returning, so state read while paused is consistent (snapshots rely on that).
 
 PIO ``in``: the device's bytes are written into the ``kvm_run`` data area and RIP is left
 alone; KVM finishes the instruction on the next KVM_RUN.
@@ -37,7 +38,6 @@ KICK_SIGNAL = signal.SIGRTMIN + 6
 _RUN_SIZE = kvm.ffi.sizeof("struct kvm_run")
 _ONES = {n: b"\xff" * n for n in range(1, 9)}
 
-_kick_installed = False
 _kick_lock = threading.Lock()
 
 
@@ -46,23 +46,21 @@ def _noop_handler(signum: int, frame: object) -> None:
 
 
 def install_kick_handler() -> None:
-    """Install the no-op handler for :data:`KICK_SIGNAL`. Must first run on the main thread."""
-    global _kick_installed
+    """Optional safety net: a no-op process-wide handler for :data:`KICK_SIGNAL`, so that a
+    kick reaching a thread that does not block it (it never should) cannot kill the process.
+    Installs only from the main thread and only over the default action; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
     with _kick_lock:
-        if _kick_installed:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            current = signal.getsignal(KICK_SIGNAL)
-            if current in (signal.SIG_DFL, signal.SIG_IGN, None):
-                raise RuntimeError(
-                    "the vCPU kick signal handler must be installed from the main thread first: "
-                    "call pytest_ignition.vmm.vcpu.install_kick_handler() there"
-                )
-            _kick_installed = True
-            return
-        signal.signal(KICK_SIGNAL, _noop_handler)
-        signal.siginterrupt(KICK_SIGNAL, True)
-        _kick_installed = True
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, _noop_handler)
+
+
+def _drain_kicks() -> None:
+    """Consume kicks pending on this thread (real-time signals queue, one per kick)."""
+    while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -216,6 +214,9 @@ class VcpuRunner:
     # -- the vCPU thread ------------------------------------------------------------------
     def _thread_main(self) -> None:
         try:
+            # Block kicks in this thread, unblock them inside KVM_RUN (see the module doc).
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+            self.vcpu.set_signal_mask({int(s) for s in old} - {int(KICK_SIGNAL)})
             with self.vcpu.run_lock:
                 reason = self._loop()
         except BaseException as e:  # a bug here must still tell the owner the vCPU is gone
@@ -240,6 +241,7 @@ class VcpuRunner:
         # Clear immediate_exit *before* reading the flags: a request that lands in between
         # sets it again, so the next KVM_RUN returns at once and we look again.
         self.vcpu.set_immediate_exit(False)
+        _drain_kicks()
         with self._cond:
             if self._stop_req is not None:
                 return self._stop_req

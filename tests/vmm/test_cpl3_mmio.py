@@ -209,3 +209,48 @@ def test_emulation_failure_stops_with_the_instruction_bytes(kvm_system):
         assert f"rip={cpl3.CODE_ADDR + 10:#x}" in reason.detail
     finally:
         g.close()
+
+
+KICK_WITHOUT_HANDLER = r"""
+import signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import cpl3
+from pytest_ignition.vmm import kvm
+from pytest_ignition.vmm.vcpu import KICK_SIGNAL
+
+assert signal.getsignal(KICK_SIGNAL) == signal.SIG_DFL  # a kick delivered would kill us
+result = {}
+
+def worker():
+    g = cpl3.Cpl3Guest(kvm.System(), b"\x48\xff\xc0\xeb\xfb")  # inc rax; jmp back
+    runner = g.start()
+    for _ in range(20):
+        assert runner.pause(timeout=5) and runner.paused
+        runner.resume()
+    result["reason"] = runner.stop(timeout=5)
+    g.close()
+
+t = threading.Thread(target=worker)
+t.start()
+t.join(60)
+assert signal.getsignal(KICK_SIGNAL) == signal.SIG_DFL
+print("stopped:", result["reason"].kind)
+"""
+
+
+def test_kicks_need_no_signal_handler_and_no_main_thread(kvm_system):
+    """Runners made on a non-main thread of a process with no handler for the kick signal
+    pause and stop a spinning guest; the kick is consumed, never delivered."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", KICK_WITHOUT_HANDLER, here],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "stopped: requested" in out.stdout

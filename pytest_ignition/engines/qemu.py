@@ -302,18 +302,15 @@ class QemuMachine(Machine):
         if proc is None:
             return
         if proc.poll() is None:
-            # QEMU leads its own session: the group holds the `cat` of a migration too.
+            # QEMU leads its own process group, which also holds the shell and `cat` of a
+            # snapshot stream. Signalled before the leader is reaped, so the group id
+            # cannot have been reused by anyone else.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL: only a D-state wait
             proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
-            pass
-        else:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
 
     def qemu_stderr(self, max_chars: int = 2000) -> str:
         return read_tail(self.qemu_log, max_chars)

@@ -249,6 +249,28 @@ def test_uart_output_to_a_file(tmp_path):
         assert p.read_bytes() == b"to file"  # flushed per byte
 
 
+def test_uart_slow_console_does_not_block_input_or_registers():
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow_output(b: bytes) -> None:
+        entered.set()
+        gate.wait(10)
+
+    u = L.Serial8250(output=slow_output)
+    writer = threading.Thread(target=lambda: u.write(L.RBR_THR_DLL, b"x"))
+    writer.start()
+    try:
+        assert entered.wait(5)  # the "vCPU" is stuck in the console consumer
+        assert u.feed(b"abc") == 3  # the event loop is not
+        d = bytearray(1)
+        u.read(L.LSR, d)  # nor is another vCPU reading registers
+        assert d[0] & L.LSR_DR
+    finally:
+        gate.set()
+        writer.join(5)
+    assert not writer.is_alive()
+
+
 def test_uart_state_round_trip():
     h = UartHarness()
     h.wr(L.IER_DLM, L.IER_RDA)

@@ -114,6 +114,7 @@ class Serial8250:
         self._output = _as_output(output)
         self._irq = irq
         self._lock = threading.RLock()
+        self._out_lock = threading.Lock()
         self.rx_limit = rx_limit
         self.rx: collections.deque[int] = collections.deque()
         self.ier = 0
@@ -156,8 +157,16 @@ class Serial8250:
     def write(self, offset: int, data: bytes) -> None:
         if len(data) != 1 or not 0 <= offset < UART_PORT_LEN:
             return  # the 8250 is a byte-wide device; wider accesses are guest bugs
-        with self._lock:
-            self._write_reg(offset, data[0])
+        # Emit outside the state lock, so a slow console consumer never blocks feed() from
+        # the event loop; the output lock keeps bytes in order across vCPUs.
+        with self._out_lock:
+            with self._lock:
+                out = self._write_reg(offset, data[0])
+            if out is not None and self._output is not None:
+                try:
+                    self._output(out)
+                except Exception:
+                    log.exception("serial output callback failed; byte dropped")
 
     # -- registers --------------------------------------------------------------------------
     def _dlab(self) -> bool:
@@ -190,7 +199,8 @@ class Serial8250:
             return self._msr()
         return self.scr
 
-    def _write_reg(self, offset: int, value: int) -> None:
+    def _write_reg(self, offset: int, value: int) -> bytes | None:
+        """Apply a register write; returns the byte to transmit, if any."""
         if offset == RBR_THR_DLL:
             if self._dlab():
                 self.dll = value
@@ -200,14 +210,13 @@ class Serial8250:
                     self.rx.append(value)
                 else:
                     self.lsr |= LSR_OE
-            elif self._output is not None:
-                try:
-                    self._output(bytes((value,)))
-                except Exception:
-                    log.exception("serial output callback failed; byte dropped")
+                out = None
+            else:
+                out = bytes((value,))
             # the byte is gone at once: THR is empty again and, if enabled, says so
             self.thre_pending = bool(self.ier & IER_THRE)
             self._update_irq()
+            return out
         elif offset == IER_DLM:
             if self._dlab():
                 self.dlm = value

@@ -5,9 +5,10 @@ when this process dies), the serial console (a chardev socket with a log file), 
 channel (virtio-serial port ``org.ignition.agent`` on a chardev socket), disks as qcow2
 overlays over a base that is never written, and snapshots:
 
-* snapshot: QMP ``stop``, ``migrate`` to ``exec:cat > <dir>/state``, wait for completion,
-  copy the disk overlay to ``<dir>/disk.qcow2``, write ``<dir>/meta.json``, QMP ``cont``
-  (the machine keeps running, per the engine contract).
+* snapshot: QMP ``stop``, ``migrate`` to ``fd:`` (``<dir>/state``, handed over the QMP
+  socket with ``getfd``), wait for completion, copy the disk overlay to
+  ``<dir>/disk.qcow2``, write ``<dir>/meta.json``, QMP ``cont`` (the machine keeps
+  running, per the engine contract).
 * restore: QEMU with the identical device arguments plus ``-incoming fd:N`` (the state file)
   and a fresh overlay backed by ``disk.qcow2``; the agent socket is connected before the
   guest runs (so the guest never sees the host side of its port go away), QMP ``cont``
@@ -16,7 +17,8 @@ overlays over a base that is never written, and snapshots:
 
 The kernel command line gets ``reboot=t``: microvm has no i8042, and a triple fault is
 the reset that ``-no-reboot`` turns into QEMU exiting (a panicking guest, ``panic=-1``).
-QEMU 7.2 has no ``file:`` migration URI, hence ``exec:cat``.
+QEMU 7.2 has no ``file:`` migration URI; file descriptors do the same without a shell
+(and, unlike ``exec:cat >``, the file is complete when the migration reports completed).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import os
 import queue
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,19 @@ class _Qmp:
         except TimeoutError as exc:
             raise QmpError(f"QMP {name}: no answer within {timeout or self.timeout}s") from exc
 
+    def getfd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of ``fd`` (SCM_RIGHTS), known to it as ``name``."""
+
+        async def send() -> Any:
+            # On the loop thread: the fd rides on the byte before the getfd command.
+            self._client.send_fd_scm(fd)
+            return await self._client.execute("getfd", {"fdname": name})
+
+        try:
+            _qmp_loop.run(send(), self.timeout)
+        except Exception as exc:
+            raise QmpError(f"QMP getfd failed: {exc}") from exc
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             _qmp_loop.run(self._client.disconnect(), 5.0)
@@ -302,9 +316,8 @@ class QemuMachine(Machine):
         if proc is None:
             return
         if proc.poll() is None:
-            # QEMU leads its own process group, which also holds the shell and `cat` of a
-            # snapshot stream. Signalled before the leader is reaped, so the group id
-            # cannot have been reused by anyone else.
+            # QEMU leads its own process group (anything it forks is in it too). Signalled
+            # before the leader is reaped, so the group id cannot have been reused.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -586,9 +599,16 @@ class QemuEngine(Engine):
             stale.unlink(missing_ok=True)
         qmp.cmd("stop")
         try:
-            # The stream goes to a local pipe: no reason to throttle it (default 128 MiB/s).
+            # The stream goes to a local file: no reason to throttle it (default 128 MiB/s).
             qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-            qmp.cmd("migrate", uri="exec:cat > " + shlex.quote(str(partial)))
+            # QEMU writes the stream straight into our file: once the migration reports
+            # completed, every byte is in it (an `exec:cat >` could still be writing).
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                qmp.getfd(fd, "ignition-snapshot")
+            finally:
+                os.close(fd)
+            qmp.cmd("migrate", uri="fd:ignition-snapshot")
             deadline = time.monotonic() + 600
             while True:
                 info = qmp.cmd("query-migrate")

@@ -2,10 +2,15 @@
 
     python -m pytest_ignition.vmm boot --kernel K [--initrd I] [--mem 512M] [--cpus N]
         [--cmdline ...] [--vsock PATH] [--disk IMG]... [--console stdio|PATH|none]
-        [--boot-timer] [--control PATH] [--paused]
+        [--boot-timer] [--control PATH] [--paused] [--store DIR --name NAME]
+    python -m pytest_ignition.vmm restore --store DIR --name NAME [--vsock PATH]
+        [--console ...] [--control PATH] [--paused] [--sync-agent]
+        [--kernel K] [--initrd I] [--mem M] [--cpus N] [--cmdline ...]   (must match)
 
+``boot --store/--name`` set where the control command ``snapshot`` writes by default;
+``restore`` maps the snapshot's memory lazily and logs ``Restore-time = <us> us <ms> ms``.
 The process serves a JSON-lines control socket (:mod:`.control`: status, pause, resume,
-shutdown), dies with its parent (``PR_SET_PDEATHSIG``), and removes its sockets on every
+shutdown, snapshot, rollback), dies with its parent (``PR_SET_PDEATHSIG``), and removes its sockets on every
 exit path (guest reboot/power-off, SIGTERM, SIGINT, SIGHUP, control ``shutdown``).
 
 Exit status: 0 when the guest rebooted or powered off or a shutdown was requested, 1 when
@@ -101,9 +106,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create the VM but start the vCPUs only on a control 'resume'",
     )
+    _store_args(b, required=False)
     b.add_argument("--kvm-device", default="/dev/kvm", help=argparse.SUPPRESS)
     b.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    r = sub.add_parser(
+        "restore",
+        help="restore a snapshot from a store in a new microVM and serve it until it stops",
+    )
+    _store_args(r, required=True)
+    r.add_argument("--vsock", metavar="PATH", help="vsock socket path (default: the snapshot's)")
+    r.add_argument("--console", default="stdio", metavar="stdio|PATH|none", help="serial console")
+    r.add_argument("--control", metavar="PATH", help="JSON-lines control socket path")
+    r.add_argument("--paused", action="store_true", help="restore, but run only on 'resume'")
+    r.add_argument(
+        "--sync-agent",
+        action="store_true",
+        help="after restoring, set the guest agent's clock and reseed its entropy (vsock)",
+    )
+    g = r.add_argument_group(
+        "expected configuration",
+        "given ones must match the snapshot's fingerprint, or the restore is refused",
+    )
+    g.add_argument("--kernel", help="the kernel the snapshot must have been booted with")
+    g.add_argument("--initrd", help="the initrd the snapshot must have been booted with")
+    g.add_argument("--mem", type=parse_size, help="guest RAM the snapshot must have")
+    g.add_argument("--cpus", type=int, help="vCPUs the snapshot must have")
+    g.add_argument("--cmdline", help="base command line the snapshot must have been booted with")
+    r.add_argument("--kvm-device", default="/dev/kvm", help=argparse.SUPPRESS)
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _store_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    what = "restore from" if required else "write (control 'snapshot' default)"
+    p.add_argument("--store", metavar="DIR", required=required, help=f"snapshot store to {what}")
+    p.add_argument("--name", metavar="NAME", required=required, help="snapshot name in the store")
 
 
 # -- process plumbing -------------------------------------------------------------------
@@ -217,11 +255,21 @@ def _check_paths(args: argparse.Namespace) -> None:
         if not os.access(path, os.R_OK):
             raise SetupError(f"{what} {path!r}: permission denied")
 
-    readable(args.kernel, "kernel")
+    if args.command == "boot" or args.kernel:
+        readable(args.kernel, "kernel")
     if args.initrd:
         readable(args.initrd, "initrd")
-    for d in args.disk:
+    for d in getattr(args, "disk", []):
         readable(d, "disk")
+    if args.store and not args.name or args.name and not args.store:
+        raise SetupError("--store and --name go together")
+    if args.name:
+        from .snapshot import SnapshotError, check_name
+
+        try:
+            check_name(args.name)
+        except SnapshotError as e:
+            raise SetupError(str(e)) from None
     for path, what in ((args.vsock, "vsock socket"), (args.control, "control socket")):
         if path:
             parent = os.path.dirname(os.path.abspath(path)) or "."
@@ -233,14 +281,16 @@ def _check_paths(args: argparse.Namespace) -> None:
         parent = os.path.dirname(os.path.abspath(args.console))
         if not os.path.isdir(parent):
             raise SetupError(f"console file {args.console!r}: directory {parent!r} does not exist")
-    if args.cpus < 1:
+    if args.cpus is not None and args.cpus < 1:
         raise SetupError(f"--cpus {args.cpus}: must be at least 1")
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
+    """``boot`` and ``restore``: build the VM, serve it until it stops."""
     from .kvm import KvmError, KvmUnavailable
     from .machine import Machine, MachineError, MachineSpec
     from .memory import GuestMemoryError
+    from .snapshot import SnapshotError
     from .vcpu import install_kick_handler
     from .x86_64.loader import KernelLoadError, check_kernel_file
 
@@ -256,13 +306,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
+    restoring = args.command == "restore"
     console: _Console | None = None
     machine: Machine | None = None
     control = None
     sockets: list[str] = []  # socket files this process created: removed on every exit path
     try:
         _check_paths(args)
-        check_kernel_file(args.kernel)
+        if not restoring:
+            check_kernel_file(args.kernel)
         console = _Console(args.console)
         handler = _CrlfHandler(console)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -270,38 +322,58 @@ def cmd_boot(args: argparse.Namespace) -> int:
         root.handlers[:] = [handler]
         root.setLevel(args.log_level.upper())
         install_kick_handler()
-        spec = MachineSpec(
-            kernel=args.kernel,
-            initrd=args.initrd,
-            mem_size=args.mem,
-            cpus=args.cpus,
-            cmdline=args.cmdline,
-            vsock=args.vsock,
-            vsock_cid=args.vsock_cid,
-            disks=list(args.disk),
-            disk_read_only=args.disk_read_only,
-            rng=not args.no_rng,
-            boot_timer=args.boot_timer,
-            console_out=console.out,
-            # a raw terminal is read here (for the Ctrl-A x escape); anything else by the VM
-            console_in=None if console.raw else console.in_fd,
-            launch_ns=LAUNCH_NS,
-            kvm_device=args.kvm_device,
-        )
-        machine = Machine.create(spec)
-        if args.vsock:
-            sockets.append(args.vsock)
+        # a raw terminal is read here (for the Ctrl-A x escape); anything else by the VM
+        console_in = None if console.raw else console.in_fd
+        if restoring:
+            machine = Machine.restore(
+                os.path.join(args.store, args.name),
+                expected=_expected_fingerprint(args),
+                vsock=args.vsock,
+                console_out=console.out,
+                console_in=console_in,
+                kvm_device=args.kvm_device,
+                start=False,
+                launch_ns=LAUNCH_NS,
+            )
+            if machine.spec.vsock:
+                sockets.append(machine.spec.vsock)
+        else:
+            spec = MachineSpec(
+                kernel=args.kernel,
+                initrd=args.initrd,
+                mem_size=args.mem,
+                cpus=args.cpus,
+                cmdline=args.cmdline,
+                vsock=args.vsock,
+                vsock_cid=args.vsock_cid,
+                disks=list(args.disk),
+                disk_read_only=args.disk_read_only,
+                rng=not args.no_rng,
+                boot_timer=args.boot_timer,
+                console_out=console.out,
+                console_in=console_in,
+                launch_ns=LAUNCH_NS,
+                kvm_device=args.kvm_device,
+            )
+            machine = Machine.create(spec)
+            if args.vsock:
+                sockets.append(args.vsock)
         if console.raw and console.in_fd is not None:
             _attach_tty(machine, console.in_fd, _EscapeFilter(stop.set))
             log.info("console: Ctrl-A x quits")
         if args.control:
             from .control import ControlServer
 
-            control = ControlServer(args.control, _control_handler(machine, stop))
+            control = ControlServer(args.control, _control_handler(machine, stop, args))
             sockets.append(args.control)
             control.start()
         if not args.paused:
-            machine.start()
+            if restoring:
+                _start_restored(machine)
+            else:
+                machine.start()
+        if restoring and args.sync_agent:
+            threading.Thread(target=_sync_agent, args=(machine,), daemon=True).start()
         while not stop.is_set():
             if machine.wait(0.25) is not None:
                 break
@@ -316,7 +388,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except SetupError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return EXIT_SETUP
-    except (KernelLoadError, MachineError, KvmUnavailable, GuestMemoryError) as e:
+    except (KernelLoadError, MachineError, KvmUnavailable, GuestMemoryError, SnapshotError) as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return EXIT_SETUP
     except KvmError as e:
@@ -342,6 +414,50 @@ def cmd_boot(args: argparse.Namespace) -> int:
             console.close()
 
 
+def _start_restored(machine: Any) -> None:
+    """Start a restored VM; the restore time counts up to the vCPUs entering their loops."""
+    t0 = time.perf_counter_ns()
+    machine.start()
+    if machine.restore_time_us is not None:
+        machine.restore_time_us += (time.perf_counter_ns() - t0) // 1000
+    us = machine.restore_time_us
+    log.info("Restore-time = %d us %d ms", us, us // 1000)
+
+
+def _expected_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """The parts of a fingerprint the restore command line pins down."""
+    from .snapshot import file_identity
+
+    expected: dict[str, Any] = {}
+    if args.kernel:
+        expected["kernel"] = file_identity(args.kernel)
+    if args.initrd:
+        expected["initrd"] = file_identity(args.initrd)
+    if args.mem is not None:
+        expected["mem_size"] = args.mem
+    if args.cpus is not None:
+        expected["cpus"] = args.cpus
+    if args.cmdline is not None:
+        expected["cmdline"] = args.cmdline
+    return expected
+
+
+def _sync_agent(machine: Any, port: int = 52, timeout: float = 30.0) -> None:
+    """Set the restored guest's clock and reseed its CRNG through the agent (best effort)."""
+    from pytest_ignition.agent import AgentClient
+
+    if not machine.spec.vsock:
+        log.warning("--sync-agent: the VM has no vsock device")
+        return
+    try:
+        client = AgentClient.connect_vsock_uds(machine.spec.vsock, port, timeout=timeout)
+        with client:
+            client.sync(time.time_ns(), os.urandom(256))
+        log.info("guest agent: clock set and entropy reseeded")
+    except Exception as e:
+        log.warning("guest agent sync failed: %s", e)
+
+
 def _attach_tty(machine: Any, fd: int, escape: _EscapeFilter) -> None:
     def on_input() -> None:
         try:
@@ -360,8 +476,9 @@ def _attach_tty(machine: Any, fd: int, escape: _EscapeFilter) -> None:
     machine.loop.add_reader(fd, on_input)
 
 
-def _control_handler(machine: Any, stop: threading.Event):
+def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespace):
     from .machine import MachineError
+    from .snapshot import SnapshotError
 
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
@@ -372,14 +489,35 @@ def _control_handler(machine: Any, stop: threading.Event):
                 machine.pause()
                 return {"ok": True, "state": machine.state}
             if cmd == "resume":
-                machine.resume()
+                if machine.state == "created" and machine.restore_time_us is not None:
+                    _start_restored(machine)
+                else:
+                    machine.resume()
                 return {"ok": True, "state": machine.state}
             if cmd == "shutdown":
                 stop.set()
                 return {"ok": True, "state": "stopping"}
-        except MachineError as e:
+            if cmd == "snapshot":
+                store = req.get("store", args.store)
+                name = req.get("name", args.name)
+                if not isinstance(store, str) or not isinstance(name, str):
+                    return {"ok": False, "error": "snapshot needs a store and a name (strings)"}
+                t0 = time.perf_counter()
+                path = machine.snapshot(store, name)
+                ms = round((time.perf_counter() - t0) * 1000, 3)
+                return {"ok": True, "path": str(path), "snapshot_ms": ms, "state": machine.state}
+            if cmd == "rollback":
+                info = machine.rollback()
+                return {"ok": True, **info, "state": machine.state}
+        except (MachineError, SnapshotError) as e:
             return {"ok": False, "error": str(e), "state": machine.state}
-        return {"ok": False, "error": f"unknown command {cmd!r} (status, pause, resume, shutdown)"}
+        except OSError as e:
+            return {"ok": False, "error": f"{cmd}: {e}", "state": machine.state}
+        return {
+            "ok": False,
+            "error": f"unknown command {cmd!r} "
+            "(status, pause, resume, shutdown, snapshot, rollback)",
+        }
 
     return handle
 
@@ -387,7 +525,7 @@ def _control_handler(machine: Any, stop: threading.Event):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "boot":
+        if args.command in ("boot", "restore"):
             return cmd_boot(args)
     except Exception as e:  # the promise: one line, no traceback, unless asked
         if os.environ.get("IGNITION_VMM_DEBUG"):

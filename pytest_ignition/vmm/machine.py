@@ -652,8 +652,9 @@ class Machine:
         except BaseException:
             m.close()
             raise
-        us = m.restore_time_us
-        log.info("Restore-time = %d us %d ms", us, us // 1000)
+        if start:  # otherwise whoever starts it reports the time, start included
+            us = m.restore_time_us
+            log.info("Restore-time = %d us %d ms", us, us // 1000)
         return m
 
     def _load_snapshot_state(self, snapshot: snap.Snapshot) -> None:
@@ -880,6 +881,12 @@ class Machine:
         bt = self.boot_timer
         if bt is not None and getattr(bt, "boot_time_us", None) is not None:
             st["boot_time_us"] = bt.boot_time_us
+        if self.restore_time_us is not None:
+            st["restore_time_us"] = self.restore_time_us
+        if self._base_memory is not None:
+            st["rollback_base"] = str(self._base_memory.parent)
+        if self.last_rollback is not None:
+            st["last_rollback"] = self.last_rollback
         if self.stop_reason is not None:
             st["stop_reason"] = {"kind": self.stop_reason.kind, "detail": self.stop_reason.detail}
             st["exit_status"] = self.exit_status

@@ -57,6 +57,8 @@ KERNEL_TOOLS = {
     "perl": "perl",
 }
 INITRD_TOOLS = {"musl-gcc": "musl-tools"}
+# header -> Debian package (objtool, built for every x86_64 kernel, needs libelf)
+KERNEL_HEADERS = {"gelf.h": "libelf-dev"}
 
 Progress = Callable[[str], None] | None
 
@@ -120,9 +122,12 @@ def _lock(name: str, progress: Progress) -> Iterator[None]:
 # --------------------------------------------------------------------------- tools
 
 
-def require_tools(tools: dict[str, str]) -> None:
-    """Raise GuestBuildError naming the Debian packages for every missing tool."""
+def require_tools(tools: dict[str, str], headers: dict[str, str] | None = None) -> None:
+    """Raise GuestBuildError naming the Debian packages for every missing tool or header."""
     missing = {t: pkg for t, pkg in tools.items() if shutil.which(t) is None}
+    for h, pkg in (headers or {}).items():
+        if not any((Path(d) / h).is_file() for d in ("/usr/include", "/usr/local/include")):
+            missing[h] = pkg
     if missing:
         pkgs = " ".join(sorted(set(missing.values())))
         raise GuestBuildError(
@@ -326,7 +331,7 @@ def build_kernel(
     out = cache_dir() / flavour / key
     if (out / "config").is_file():
         return out, key
-    require_tools(KERNEL_TOOLS)
+    require_tools(KERNEL_TOOLS, KERNEL_HEADERS)
     with _lock(f"kernel-{flavour}", progress):
         if (out / "config").is_file():  # another process built it while we waited
             return out, key

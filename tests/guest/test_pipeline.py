@@ -171,6 +171,9 @@ def test_missing_tool_names_the_package(tmp_path: Path) -> None:
         assert pkg in r.stderr
     with pytest.raises(GuestBuildError, match="apt-get install musl-tools"):
         gbuild.require_tools({"musl-gcc-not-here": "musl-tools"})
+    with pytest.raises(GuestBuildError, match="apt-get install libelf-dev"):
+        gbuild.require_tools({}, {"no-such-header-here.h": "libelf-dev"})
+    gbuild.require_tools({"sh": "dash"}, {"stdio.h": "libc6-dev"})  # present: no error
 
 
 def test_dynamic_busybox_is_rejected(tmp_path: Path) -> None:

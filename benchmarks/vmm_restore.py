@@ -1,0 +1,159 @@
+"""Benchmark: the bundled VMM's host-side restore time and in-place rollback time, directly
+on this machine's KVM with CPL3 guests (which run natively even on PVM).
+
+Metrics (records in ``benchmarks/results/vmm.json``, which this script rewrites):
+
+* ``restore_time_host``: ``Machine.restore`` entered → every vCPU handed to its run loop
+  (state file read and checked, VM + irqchip + PIT, memory file mapped MAP_PRIVATE, KVM
+  and device state loaded, vsock reset posted, vCPU threads started), for guests of
+  128 MiB, 512 MiB and 2 GiB. The memory is mapped lazily, so this should be flat in size.
+* ``rollback_time``: ``Machine.rollback`` on a running VM whose guest dirtied N pages
+  (1, 1k, 10k, 100k) since the snapshot: pause, dirty log, MADV_DONTNEED per run of
+  adjacent pages, vCPU/VM/device state, resume. ``memory_ms`` is the page-revert part.
+
+Usage: ``python -m benchmarks.vmm_restore [--restores 20] [--rollbacks 20]
+[--sizes 128,512,2048] [--pages 1,1000,10000,100000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "vmm.json"
+MiB = 1 << 20
+FIRST_DIRTY = 0x0100_0000
+
+
+def _pct(sorted_ms: list[float], q: float) -> float:
+    pos = (len(sorted_ms) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def host_description() -> str:
+    kvm = (
+        "kvm-pvm"
+        if Path("/sys/module/kvm_pvm").exists()
+        else ("kvm" if Path("/dev/kvm").exists() else "no-kvm")
+    )
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
+
+
+def record(metric: str, params: dict, samples_ms: list[float], **extra: object) -> dict:
+    ms = sorted(samples_ms)
+    return {
+        "metric": metric,
+        "engine": "ignition",
+        "where": "direct",
+        "params": params,
+        "median_ms": round(statistics.median(ms), 3),
+        "p10_ms": round(_pct(ms, 0.1), 3),
+        "p90_ms": round(_pct(ms, 0.9), 3),
+        "n": len(ms),
+        "host": host_description(),
+        **extra,
+    }
+
+
+def _guest_helpers():
+    # The CPL3 guest builders live with the VMM's tests (tests/vmm), as for the PIO probe.
+    sys.path.insert(0, str(ROOT / "tests" / "vmm"))
+    import test_snapshot
+
+    return test_snapshot
+
+
+def bench_restore(system, tmp: Path, size_mib: int, reps: int) -> dict:
+    from pytest_ignition.vmm.machine import Machine
+
+    g = _guest_helpers()
+    m = g.cpl3_machine(tmp, [g.counter_loop(g.data_page(0))], mem_size=size_mib * MiB)
+    try:
+        m.start()
+        g.pause_with_progress(m, [1000])
+        path = m.snapshot(tmp / "store", f"restore-{size_mib}")
+    finally:
+        m.close()
+    samples = []
+    for i in range(reps + 1):
+        r = Machine.restore(path, system=system)
+        try:
+            if i:  # the first one warms the page cache and Python's imports
+                samples.append(r.restore_time_us / 1000)
+        finally:
+            r.close()
+    return record("restore_time_host", {"mem_mib": size_mib, "cpus": 1}, samples)
+
+
+def bench_rollback(system, tmp: Path, pages: int, reps: int) -> dict:
+    g = _guest_helpers()
+    mem = 512 * MiB
+    m = g.cpl3_machine(tmp, [g.dirty_pages(FIRST_DIRTY, pages)], mem_size=mem)
+    samples, memory_ms = [], []
+    try:
+        m.snapshot(tmp / "store", f"rollback-{pages}")
+        m.start()
+        for _ in range(reps):
+            if not m.done.event.wait(300):
+                raise RuntimeError("guest did not finish dirtying its pages")
+            m.done.event.clear()
+            t0 = time.perf_counter_ns()
+            info = m.rollback()  # running VM: pause, revert, resume
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+            memory_ms.append(info["memory_us"] / 1000)
+            if info["pages"] != pages:
+                raise RuntimeError(f"rolled back {info['pages']} pages, expected {pages}")
+    finally:
+        m.close()
+    return record(
+        "rollback_time",
+        {"dirty_pages": pages, "mem_mib": mem // MiB},
+        samples,
+        memory_median_ms=round(statistics.median(memory_ms), 3),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--restores", type=int, default=20)
+    ap.add_argument("--rollbacks", type=int, default=20)
+    ap.add_argument("--sizes", default="128,512,2048", help="guest sizes in MiB")
+    ap.add_argument("--pages", default="1,1000,10000,100000", help="dirty page counts")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    from pytest_ignition.vmm import kvm
+    from pytest_ignition.vmm.vcpu import install_kick_handler
+
+    install_kick_handler()
+    system = kvm.System()
+    records = []
+    with tempfile.TemporaryDirectory(prefix="ignition-bench-") as d:
+        tmp = Path(d)
+        for size in (int(x) for x in args.sizes.split(",") if x):
+            rec = bench_restore(system, tmp, size, args.restores)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+        for pages in (int(x) for x in args.pages.split(",") if x):
+            rec = bench_rollback(system, tmp, pages, args.rollbacks)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+    system.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -80,16 +80,13 @@ def _enc(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__} in a snapshot")
 
 
-def _dec(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            if "$b" in obj:
-                return base64.b64decode(obj["$b"], validate=True)
-            if "$d" in obj:
-                return {_hashable(_dec(k)): _dec(v) for k, v in obj["$d"]}
-        return {k: _dec(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_dec(v) for v in obj]
+def _hook(obj: dict[str, Any]) -> Any:
+    # json calls this bottom-up for every object, so inner tags are already decoded
+    if len(obj) == 1:
+        if "$b" in obj:
+            return base64.b64decode(obj["$b"], validate=True)
+        if "$d" in obj:
+            return {_hashable(k): v for k, v in obj["$d"]}
     return obj
 
 
@@ -126,7 +123,7 @@ def decode_state(data: bytes, where: str | os.PathLike[str]) -> dict[str, Any]:
     if hashlib.sha256(payload).digest() != digest:
         raise SnapshotError(f"{where}: snapshot state file is corrupt (sha256 mismatch)")
     try:
-        state = _dec(json.loads(payload))
+        state = json.loads(payload, object_hook=_hook)
     except (ValueError, TypeError, KeyError) as e:
         raise SnapshotError(f"{where}: undecodable snapshot state: {e}") from None
     if not isinstance(state, dict):

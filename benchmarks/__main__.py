@@ -1,0 +1,434 @@
+"""``python -m benchmarks``: run every benchmark script, merge their records, write the report.
+
+Each benchmark is a script ``benchmarks/<name>.py`` run as a subprocess (``python -m
+benchmarks.<name> ...``) that writes its own ``benchmarks/results/<name>.json``. This runner
+owns the order, the repeat counts (full or ``--quick``), a warm-up, the time budget, and the
+merge: the records a script added in this run go to ``benchmarks/results/latest.json``;
+an expected metric that no script produced becomes an ``absent`` record naming the reason (the
+script is missing, failed, timed out or was not selected). Then :mod:`benchmarks.report`
+writes ``latest.md`` and the plots. A failing script never stops the run.
+
+Usage: ``python -m benchmarks [--quick] [--only NAME,...] [--budget SECONDS] [--update-readme]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common, report
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+LOG_DIR = ROOT / "build" / "bench-logs"
+# Accelerator names some scripts put in "where" → the record format's "where".
+WHERE_ALIASES = {"kvm": "direct", "hvf": "direct", "whpx": "direct"}
+
+
+@dataclass
+class Expect:
+    """A record the run should produce: metric, engine, where, and params it must match."""
+
+    metric: str
+    engine: str
+    where: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        if (rec.get("metric"), rec.get("engine"), rec.get("where")) != (
+            self.metric,
+            self.engine,
+            self.where,
+        ):
+            return False
+        p = rec.get("params") or {}
+        return all(p.get(k) == v for k, v in self.params.items())
+
+
+@dataclass
+class Unit:
+    """One subprocess run of one benchmark script."""
+
+    name: str  # unique, for the log and the report
+    group: str  # what --only selects (the script's name)
+    module: str  # benchmarks.<module>
+    results: str  # file name in benchmarks/results/
+    args: list[str]
+    quick_args: list[str]
+    expects: list[Expect]
+    timeout_s: float
+    pass_quick_flag: bool = False  # add --quick under --quick when the script's --help has it
+    keep: bool = True  # False: a warm-up whose records are discarded
+    script: Path | None = None  # run this file instead of benchmarks/<module>.py (tests)
+
+    def script_path(self) -> Path:
+        return self.script or BENCH_DIR / f"{self.module}.py"
+
+    def argv(self, args: list[str]) -> list[str]:
+        if self.script is not None:
+            return [sys.executable, str(self.script), *args]
+        return [sys.executable, "-m", f"benchmarks.{self.module}", *args]
+
+
+def qemu_where() -> str:
+    """The ``where`` of QEMU records on this machine (its accelerator, normalized)."""
+    try:
+        from pytest_ignition.engines.select import decide, probe_host
+
+        accel = decide("qemu", probe_host()).accelerator
+    except Exception:  # noqa: BLE001 - the runner must still run without the package's probe
+        accel = "tcg"
+    return WHERE_ALIASES.get(accel, accel)
+
+
+def plan(quick: bool, qwhere: str) -> list[Unit]:
+    """The units of a run, in order (cheap and host-side first, the nested harness last)."""
+    sizes = (128, 2048)
+    units = [
+        Unit(
+            "qemu_warmup",
+            "qemu_engine",
+            "qemu_engine",
+            "qemu.json",
+            ["--boots", "1", "--snapshots", "1", "--restores", "1", "--no-write"],
+            ["--boots", "1", "--snapshots", "1", "--restores", "1", "--no-write"],
+            [],
+            180,
+            keep=False,
+        ),
+        Unit(
+            "vmm_restore",
+            "vmm_restore",
+            "vmm_restore",
+            "vmm.json",
+            [],
+            [],
+            [
+                Expect("restore_time_host", "ignition", "direct", {"memory_mib": m})
+                for m in (128, 512, 2048)
+            ]
+            + [Expect("rollback_time", "ignition", "direct")],
+            300,
+            pass_quick_flag=True,
+        ),
+    ]
+    for mib in sizes:
+        units.append(
+            Unit(
+                f"qemu_engine_{mib}M",
+                "qemu_engine",
+                "qemu_engine",
+                "qemu.json",
+                ["--boots", "1", "--snapshots", "3", "--restores", "10", "--memory", str(mib)],
+                ["--boots", "1", "--snapshots", "1", "--restores", "2", "--memory", str(mib)],
+                [Expect("restore_to_ready", "qemu", qwhere, {"memory_mib": mib})],
+                240,
+            )
+        )
+    # The 512 MiB run last of the three, so that results/qemu.json keeps the main numbers.
+    units.append(
+        Unit(
+            "qemu_engine_512M",
+            "qemu_engine",
+            "qemu_engine",
+            "qemu.json",
+            ["--boots", "5", "--snapshots", "10", "--restores", "15", "--memory", "512"],
+            ["--boots", "1", "--snapshots", "2", "--restores", "3", "--memory", "512"],
+            [
+                Expect(m, "qemu", qwhere, {"memory_mib": 512})
+                for m in ("launch_to_ready", "snapshot_time", "restore_to_ready")
+            ],
+            300,
+        )
+    )
+    units.append(
+        Unit(
+            "pytest_per_test",
+            "pytest_per_test",
+            "pytest_per_test",
+            "pytest_per_test.json",
+            ["-n", "20", "--prefetch", "both"],
+            ["-n", "3", "--prefetch", "on"],
+            [Expect("pytest_per_test", "qemu", qwhere)],
+            420,
+        )
+    )
+    units.append(
+        Unit(
+            "nested_boot",
+            "nested_boot",
+            "nested_boot",
+            "nested.json",
+            [],
+            [],
+            [
+                Expect(m, e, "nested")
+                for m in ("guest_boot_time", "launch_to_ready")
+                for e in ("ignition", "qemu")
+            ],
+            720,
+            pass_quick_flag=True,
+        )
+    )
+    return units
+
+
+def _canon(rec: dict[str, Any]) -> str:
+    return json.dumps(rec, sort_keys=True)
+
+
+def new_records(before: list[dict], after: list[dict]) -> list[dict]:
+    """Records in ``after`` that were not in ``before`` (scripts append or rewrite)."""
+    seen: dict[str, int] = {}
+    for r in before:
+        seen[_canon(r)] = seen.get(_canon(r), 0) + 1
+    out = []
+    for r in after:
+        c = _canon(r)
+        if seen.get(c, 0) > 0:
+            seen[c] -= 1
+        else:
+            out.append(r)
+    return out
+
+
+def normalize(rec: dict[str, Any], unit: str, when: str) -> dict[str, Any]:
+    """A copy with ``where`` in the record format's vocabulary and the producing unit noted."""
+    rec = dict(rec)
+    where = rec.get("where")
+    if where in WHERE_ALIASES:
+        rec["params"] = {**(rec.get("params") or {}), "accel": where}
+        rec["where"] = WHERE_ALIASES[where]
+    rec.setdefault("when", when)
+    rec["unit"] = unit
+    return rec
+
+
+def _has_flag(unit: Unit, flag: str) -> bool:
+    try:
+        out = subprocess.run(
+            unit.argv(["--help"]),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in out.stdout
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])[-400:]
+
+
+def run_unit(
+    unit: Unit,
+    quick: bool,
+    timeout_s: float,
+    results_dir: Path | None = None,
+    log_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run one unit; return its status and the records it added to its results file."""
+    status: dict[str, Any] = {"unit": unit.name, "group": unit.group, "records": []}
+    if not unit.script_path().exists():
+        status.update(ok=False, seconds=0.0, reason=f"{unit.script_path().name} does not exist")
+        return status
+    args = list(unit.quick_args if quick else unit.args)
+    if quick and unit.pass_quick_flag and _has_flag(unit, "--quick"):
+        args.append("--quick")
+    results = (results_dir or common.RESULTS_DIR) / unit.results
+    before = common.load_records(results)
+    log_dir = log_dir or LOG_DIR
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{unit.name}.log"
+    cmd = unit.argv(args)
+    status["command"] = " ".join(["python", *cmd[1:]])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", IGNITION_BENCH_QUICK="1" if quick else "0")
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        # A session of its own so that a timeout can end the script and everything it started.
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            _kill_session(proc)
+            rc = None
+        except KeyboardInterrupt:
+            _kill_session(proc)
+            raise
+    status["seconds"] = round(time.monotonic() - t0, 1)
+    if rc is None:
+        status.update(ok=False, reason=f"timed out after {timeout_s:.0f} s (log {log})")
+        return status
+    if rc != 0:
+        status.update(ok=False, reason=f"exit {rc}: {_tail(log)}")
+        return status
+    if not unit.keep:
+        status.update(ok=True, reason="warm-up, records discarded")
+        return status
+    added = new_records(before, common.load_records(results))
+    if not added:
+        status.update(ok=False, reason=f"exit 0 but no new records in results/{unit.results}")
+        return status
+    status.update(ok=True, records=added)
+    return status
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """End the script we started and its children (its own process group), TERM then KILL."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def warm_page_cache() -> None:
+    """Read the guest kernel/initrd and QEMU once, so that the first timed boot is not cold."""
+    paths: list[Path] = []
+    try:
+        from pytest_ignition.guest import find_guest
+
+        g = find_guest()
+        if g is not None:
+            paths += [Path(g.kernel), Path(g.initrd)]
+    except Exception:  # noqa: BLE001 - a warm-up is best effort
+        pass
+    paths.append(Path("/usr/bin/qemu-system-x86_64"))
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except OSError:
+            pass
+
+
+def merge(
+    statuses: list[dict[str, Any]], units: list[Unit], selected: set[str] | None, when: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """All kept records of this run plus an absent record for each unmet expectation."""
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    by_unit = {s["unit"]: s for s in statuses}
+    for unit in units:
+        st = by_unit.get(unit.name)
+        for rec in (st or {}).get("records", []):
+            bad = common.validate(rec)
+            if bad:
+                problems.append(f"{unit.name}: dropped a record ({'; '.join(bad)}): {rec}")
+                continue
+            records.append(normalize(rec, unit.name, when))
+    for unit in units:
+        st = by_unit.get(unit.name)
+        for exp in unit.expects:
+            if any(exp.matches(r) for r in records):
+                continue
+            if selected is not None and unit.group not in selected:
+                reason = "not selected (--only)"
+            elif st is None:
+                reason = "not run (time budget exhausted)"
+            elif not st.get("ok"):
+                reason = f"{unit.name}: {st.get('reason')}"
+            else:
+                reason = f"{unit.name} ran but produced no such record"
+            rec = common.absent_record(exp.metric, exp.engine, exp.where, reason, **exp.params)
+            rec.update(when=when, unit=unit.name)
+            records.append(rec)
+    return records, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
+    ap.add_argument("--only", default="", help="comma-separated script names to run")
+    ap.add_argument(
+        "--budget", type=float, default=1080.0, help="seconds for all scripts (default 18 min)"
+    )
+    ap.add_argument("--list", action="store_true", help="print the plan and exit")
+    ap.add_argument(
+        "--update-readme", action="store_true", help="also put the table into README.md"
+    )
+    args = ap.parse_args(argv)
+
+    units = plan(args.quick, qemu_where())
+    groups = {u.group for u in units}
+    selected = None
+    if args.only:
+        selected = {s.strip() for s in args.only.split(",") if s.strip()}
+        unknown = selected - groups
+        if unknown:
+            ap.error(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(groups)}")
+    if args.list:
+        for u in units:
+            print(f"{u.group:16} {u.name:20} {' '.join(u.quick_args if args.quick else u.args)}")
+        return 0
+
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    machine = common.machine_info()
+    deadline = time.monotonic() + args.budget
+    t_start = time.monotonic()
+    warm_page_cache()
+    statuses: list[dict[str, Any]] = []
+    for unit in units:
+        if selected is not None and unit.group not in selected:
+            continue
+        if unit.name == "qemu_warmup" and args.quick:
+            continue
+        left = deadline - time.monotonic()
+        if left < 5:
+            print(f"==> {unit.name}: skipped, time budget exhausted", file=sys.stderr)
+            continue
+        print(f"==> {unit.name} ...", file=sys.stderr, flush=True)
+        st = run_unit(unit, args.quick, min(unit.timeout_s, left))
+        statuses.append(st)
+        outcome = f"{len(st['records'])} records" if st.get("ok") else f"FAILED: {st['reason']}"
+        print(f"    {unit.name}: {st.get('seconds', 0)} s, {outcome}", file=sys.stderr, flush=True)
+
+    records, problems = merge(statuses, units, selected, when)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    meta = {
+        "date": when,
+        "command": "python -m benchmarks"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else ""),
+        "quick": args.quick,
+        "machine": machine,
+        "host": common.host_description(),
+        "total_seconds": round(time.monotonic() - t_start, 1),
+        "units": [{k: v for k, v in s.items() if k != "records"} for s in statuses],
+        "problems": problems,
+    }
+    common.write_records(common.RESULTS_DIR / "latest.json", records)
+    outputs = report.generate(records, meta, common.RESULTS_DIR)
+    if args.update_readme:
+        report.update_readme(ROOT / "README.md", report.readme_section(records, meta))
+        outputs.append(ROOT / "README.md")
+    for p in [common.RESULTS_DIR / "latest.json", *outputs]:
+        print(f"wrote {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

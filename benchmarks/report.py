@@ -1,0 +1,601 @@
+"""Turn benchmark records into the report: ``latest.md``, ``latest.meta.json`` and PNG plots.
+
+Owns the presentation: what each clock means, the markdown table grouped by metric, the
+ignition/qemu ratios (same metric, same ``where``, matching params, same run), the paragraph on
+what is comparable, the README's ``## Benchmarks`` section, and two plots (restore time against
+guest memory size; rollback time against dirty pages). Missing data never fails a plot: the
+figure says what is missing.
+
+Usage: ``python -m benchmarks.report [--results benchmarks/results/latest.json] [--readme README.md]``
+regenerates the report from a results file (and its ``.meta.json`` beside it, if any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+Record = dict[str, Any]
+
+# metric -> (heading, what the clock measures)
+CLOCKS: dict[str, tuple[str, str]] = {
+    "guest_boot_time": (
+        "Guest-boot-time",
+        "boot-timer device: the guest's init writes a magic byte to a fixed MMIO page; the VMM "
+        "stamps it relative to VM start. Kernel + early init, in the guest's time domain; "
+        "excludes host process spawn.",
+    ),
+    "launch_to_ready": (
+        "launch→ready",
+        "host wall clock from exec of the VMM until the guest agent answers a ping (cold boot).",
+    ),
+    "snapshot_time": (
+        "snapshot-time",
+        "host wall clock to pause the running guest, write its memory and device state, and "
+        "resume it.",
+    ),
+    "restore_time_host": (
+        "restore-time (host side)",
+        "host-side clock from the restore entry (state file read, guest memory mapped) until "
+        "the vCPU is handed to the run loop; the guest has not run yet. The seed's Restore-time.",
+    ),
+    "restore_to_ready": (
+        "restore→ready",
+        "host wall clock from launching the restore until the restored guest's agent answers.",
+    ),
+    "rollback_time": (
+        "rollback-time",
+        "in-place reset of a running VM to its snapshot: revert the dirtied guest pages and "
+        "the vCPU/device state; against the number of dirty pages.",
+    ),
+    "pytest_per_test": (
+        "pytest per test",
+        "pytest wall time per trivial test (setup + call + teardown of "
+        '`ignition_vm.run("true")`), session setup excluded.',
+    ),
+}
+
+WHERE_TEXT = {
+    "direct": "this machine's KVM",
+    "nested": "inside the nested harness (QEMU-TCG hypervisor host with emulated SVM)",
+    "tcg": "QEMU TCG on this machine",
+}
+
+# Params that describe an engine rather than the workload: never used to pair records.
+ENGINE_PARAMS = {
+    "qemu",
+    "accel",
+    "engine_description",
+    "state_bytes",
+    "pytest_args",
+    "version",
+    "vmm",
+    "kernel",
+    "initrd",
+}
+# Params too noisy for the table.
+HIDDEN_PARAMS = {"engine_description", "pytest_args", "test"}
+
+MEMORY_KEYS = ("memory_mib", "mem_mib", "memory_mb", "guest_memory_mib")
+DIRTY_KEYS = ("dirty_pages", "dirty", "pages_dirty", "dirty_page_count")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def memory_mib(params: dict[str, Any]) -> float | None:
+    """Guest memory in MiB from whichever key a script used."""
+    for k in MEMORY_KEYS:
+        v = params.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return float(v)
+    v = params.get("memory_bytes")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        return v / (1 << 20)
+    return None
+
+
+def dirty_pages(params: dict[str, Any]) -> float | None:
+    for k in DIRTY_KEYS:
+        v = params.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+            return float(v)
+    return None
+
+
+def fmt_ms(v: float | None, unit: bool = False) -> str:
+    """Milliseconds for a table cell (seconds marked ``s``); ``unit`` adds ``ms`` too."""
+    if v is None:
+        return "—"
+    if v >= 1000:
+        return f"{v / 1000:.2f} s"
+    ms = " ms" if unit else ""
+    if v >= 100:
+        return f"{v:.0f}{ms}"
+    if v >= 10:
+        return f"{v:.1f}{ms}"
+    return f"{v:.2f}{ms}"
+
+
+def fmt_params(params: dict[str, Any]) -> str:
+    parts = []
+    for k in sorted(params):
+        if k in HIDDEN_PARAMS:
+            continue
+        v = params[k]
+        if isinstance(v, (dict, list)):
+            continue
+        text = f"{k}={v}"
+        if len(text) > 40:
+            continue
+        parts.append(text)
+    return ", ".join(parts) or "—"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def measured(records: Iterable[Record]) -> list[Record]:
+    return [r for r in records if not common.is_absent(r)]
+
+
+def _params_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    shared = (set(a) & set(b)) - ENGINE_PARAMS
+    return all(a[k] == b[k] for k in shared)
+
+
+def ratios(records: Iterable[Record]) -> list[dict[str, Any]]:
+    """ignition/qemu for every measured pair with the same metric, ``where`` and workload params.
+
+    Records of one results file are one run (the runner writes only this run's records), so
+    each pair was measured in the same run.
+    """
+    recs = measured(records)
+    out = []
+    for ig in recs:
+        if ig["engine"] != "ignition":
+            continue
+        for qe in recs:
+            if qe["engine"] != "qemu":
+                continue
+            if (ig["metric"], ig["where"]) != (qe["metric"], qe["where"]):
+                continue
+            if not _params_match(ig["params"], qe["params"]):
+                continue
+            q = qe["median_ms"]
+            out.append(
+                {
+                    "metric": ig["metric"],
+                    "where": ig["where"],
+                    "params": {k: v for k, v in ig["params"].items() if k in qe["params"]},
+                    "ignition_ms": ig["median_ms"],
+                    "qemu_ms": q,
+                    "ratio": round(ig["median_ms"] / q, 3) if q else None,
+                }
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    m = meta.get("machine") or {}
+    if not m:
+        return f"Host: {meta.get('host', 'unknown')}."
+    kvm = m.get("kvm", "?")
+    if m.get("kvm_is_pvm"):
+        kvm_text = (
+            "KVM is **PVM** (this machine is itself a guest: guest CPL0 code is emulated, "
+            "~1 µs/instruction; CPL3 runs natively)"
+        )
+    elif kvm == "kvm":
+        kvm_text = "KVM with hardware virtualization"
+    else:
+        kvm_text = "no KVM"
+    load = m.get("loadavg")
+    load_text = f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}" if load else ""
+    return (
+        f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, {m.get('arch', '')} "
+        f"{m.get('os', '')} {m.get('kernel', '?')}; {kvm_text}{load_text}."
+    )
+
+
+COMPARABLE = """\
+**What is comparable.**
+A ratio is printed only for the same metric, the same `where` and the same workload parameters,
+measured in the same run. `nested` numbers come from inside the nested harness: the hypervisor
+host is itself emulated by QEMU TCG, so the guest's own work (kernel boot, init, the agent) is
+inflated many-fold (CPL0 code there runs ~15× slower than native) and absolute `nested` times
+say little about real hardware; the ignition/qemu ratio within `nested` is the meaningful
+number. Host-side VMM work measured `direct` (`restore_time_host`, `rollback_time`) runs on this
+machine's CPU and is not inflated by TCG, but its clock stops when the vCPU is handed to the run
+loop, before the guest runs. `tcg` numbers are QEMU emulating the guest CPU in software: they
+are not KVM numbers, and the bundled VMM has no TCG mode, so there is no ratio there.
+`restore_time_host` (ignition, stops before the guest runs) and `restore_to_ready` (QEMU, stops
+when the agent answers) are different clocks: the restore plot puts them on one axis for scale,
+not as a race. Guest-boot-time and launch→ready are complementary, not subtractable (different
+clock domains), as in the seed.
+"""
+
+NOISE = """\
+**Noise.** The machine is shared with other jobs (builds, test suites) while these numbers are
+taken; expect wide p10–p90 ranges and medians that move between runs by tens of percent.
+"""
+
+
+def _table(rows: list[Record]) -> list[str]:
+    lines = [
+        "| engine | where | params | median | p10 | p90 | n |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if common.is_absent(r):
+            lines.append(
+                f"| {r['engine']} | {r['where']} | {_cell(fmt_params(r['params']))} | "
+                f"absent: {_cell(str(r.get('absent', '')))[:200]} | | | 0 |"
+            )
+            continue
+        lines.append(
+            f"| {r['engine']} | {r['where']} | {_cell(fmt_params(r['params']))} | "
+            f"{fmt_ms(r['median_ms'])} | {fmt_ms(r['p10_ms'])} | {fmt_ms(r['p90_ms'])} | "
+            f"{r['n']} |"
+        )
+    return lines
+
+
+def _sort_key(r: Record) -> tuple:
+    p = r.get("params") or {}
+    return (
+        r["engine"],
+        r["where"],
+        memory_mib(p) or 0,
+        dirty_pages(p) or 0,
+        json.dumps(p, sort_keys=True, default=str),
+    )
+
+
+def results_markdown(records: list[Record], heading: str = "###") -> list[str]:
+    """Tables grouped by metric (in the record format's order), each with its ratios."""
+    lines: list[str] = []
+    all_ratios = ratios(records)
+    metrics = [m for m in common.METRICS if any(r["metric"] == m for r in records)]
+    metrics += sorted({r["metric"] for r in records} - set(metrics))
+    for metric in metrics:
+        title, meaning = CLOCKS.get(metric, (metric, ""))
+        rows = sorted((r for r in records if r["metric"] == metric), key=_sort_key)
+        lines += ["", f"{heading} `{metric}`: {title}", "", meaning, "", *_table(rows)]
+        rs = [x for x in all_ratios if x["metric"] == metric]
+        if rs:
+            lines.append("")
+            for x in rs:
+                lines.append(
+                    f"- ignition/qemu ({x['where']}, {fmt_params(x['params'])}): "
+                    f"**{x['ratio']:.2f}×** (ignition {fmt_ms(x['ignition_ms'], unit=True)} vs "
+                    f"qemu {fmt_ms(x['qemu_ms'], unit=True)})"
+                )
+    return lines
+
+
+def markdown(records: list[Record], meta: dict[str, Any]) -> str:
+    """The whole ``latest.md``."""
+    date = meta.get("date", "unknown date")
+    lines = [
+        f"# Benchmarks, {date}",
+        "",
+        machine_line(meta),
+        "",
+        f"Command: `{meta.get('command', 'python -m benchmarks')}`"
+        + (f" (took {meta['total_seconds']:.0f} s)." if "total_seconds" in meta else "."),
+        "Times in ms unless marked s; median and p10/p90 over n repeats.",
+        "`where`: " + "; ".join(f"`{k}` = {v}" for k, v in WHERE_TEXT.items()) + ".",
+        "",
+        NOISE,
+    ]
+    lines += results_markdown(records)
+    rs = ratios(records)
+    lines += ["", "## Ratios (ignition / qemu, same run, same `where`)", ""]
+    if rs:
+        lines += [
+            "| metric | where | params | ignition | qemu | ignition/qemu |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for x in rs:
+            lines.append(
+                f"| {x['metric']} | {x['where']} | {_cell(fmt_params(x['params']))} | "
+                f"{fmt_ms(x['ignition_ms'])} | {fmt_ms(x['qemu_ms'])} | {x['ratio']:.2f}× |"
+            )
+    else:
+        lines.append("No metric was measured for both engines in the same `where` in this run.")
+    lines += ["", COMPARABLE]
+    absent = [r for r in records if common.is_absent(r)]
+    if absent:
+        lines += ["## Not measured in this run", ""]
+        for r in absent:
+            lines.append(f"- `{r['metric']}` {r['engine']}/{r['where']}: {r.get('absent')}")
+        lines.append("")
+    units = meta.get("units") or []
+    if units:
+        lines += [
+            "## Scripts run",
+            "",
+            "| run | command | seconds | outcome |",
+            "|---|---|---:|---|",
+        ]
+        for u in units:
+            outcome = "ok" if u.get("ok") else f"failed: {u.get('reason', '')}"
+            lines.append(
+                f"| {u['unit']} | `{u.get('command', '')}` | {u.get('seconds', 0):.0f} | "
+                f"{_cell(outcome)[:300]} |"
+            )
+        lines.append("")
+    lines += [
+        "## Plots",
+        "",
+        "![restore time against guest memory](restore_vs_memory.png)",
+        "",
+        "![rollback time against dirty pages](rollback_vs_dirty.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def readme_section(records: list[Record], meta: dict[str, Any]) -> str:
+    """The README's ``## Benchmarks`` section: how to run, the clocks, the latest table."""
+    lines = [
+        "## Benchmarks",
+        "",
+        "`make bench` (or `.venv/bin/python -m benchmarks`; `--quick` for a smoke run, "
+        "`--only qemu_engine,...` for some) runs every script in `benchmarks/`, each as a "
+        "subprocess writing `benchmarks/results/<name>.json`, and merges this run's records into "
+        "`benchmarks/results/latest.json`, `latest.md` and two plots. A script that is missing "
+        "or fails is reported and its metrics are marked absent with the reason.",
+        "",
+        "What each clock means:",
+        "",
+    ]
+    for metric in common.METRICS:
+        title, meaning = CLOCKS[metric]
+        lines.append(f"- **{title}** (`{metric}`): {meaning}")
+    lines += [
+        "",
+        f"Latest run: {meta.get('date', 'unknown date')}. {machine_line(meta)}",
+        "",
+        NOISE,
+    ]
+    lines += results_markdown(records, heading="####")
+    lines += ["", COMPARABLE]
+    lines += [
+        "![restore time against guest memory](benchmarks/results/restore_vs_memory.png)",
+        "![rollback time against dirty pages](benchmarks/results/rollback_vs_dirty.png)",
+        "",
+        "Full report, with absent metrics and the scripts' commands: "
+        "[`benchmarks/results/latest.md`](benchmarks/results/latest.md).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str, heading: str = "## Benchmarks") -> str:
+    """``text`` with its ``heading`` section (up to the next level-2 heading outside code
+    fences, or the end) replaced by ``section``; appended when there is no such section."""
+    lines = text.splitlines(keepends=True)
+    start = None
+    end = len(lines)
+    fence = False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fence = not fence
+            continue
+        if fence:
+            continue
+        if start is None:
+            if line.rstrip() == heading:
+                start = i
+        elif line.startswith("## ") or line.startswith("# "):
+            end = i
+            break
+    body = section.rstrip("\n") + "\n"
+    if start is None:
+        sep = "" if text.endswith("\n\n") or not text else ("\n" if text.endswith("\n") else "\n\n")
+        return text + sep + body
+    if end < len(lines):
+        body += "\n"
+    return "".join(lines[:start]) + body + "".join(lines[end:])
+
+
+def update_readme(path: Path, section: str) -> None:
+    path = Path(path)
+    path.write_text(replace_section(path.read_text(), section))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _series(records: list[Record], metric: str, key) -> dict[tuple[str, str], list[Record]]:
+    out: dict[tuple[str, str], list[Record]] = {}
+    for r in measured(records):
+        if r["metric"] != metric or key(r["params"]) is None:
+            continue
+        out.setdefault((r["engine"], r["where"]), []).append(r)
+    return out
+
+
+def _absent_notes(records: list[Record], metrics: set[str]) -> list[str]:
+    return [
+        f"{r['metric']} {r['engine']}/{r['where']}: not measured ({str(r.get('absent'))[:70]})"
+        for r in records
+        if common.is_absent(r) and r["metric"] in metrics
+    ]
+
+
+def _draw(ax, series, key, label_fmt) -> None:
+    markers = "osD^v<>"
+    for i, ((engine, where), rows) in enumerate(sorted(series.items())):
+        # One point per x: where a run measured an x twice, the record with more repeats.
+        best: dict[float, Record] = {}
+        for r in rows:
+            x = key(r["params"])
+            if x not in best or r["n"] > best[x]["n"]:
+                best[x] = r
+        rows = [best[x] for x in sorted(best)]
+        xs = [key(r["params"]) for r in rows]
+        ys = [r["median_ms"] for r in rows]
+        lo = [r["median_ms"] - r["p10_ms"] for r in rows]
+        hi = [r["p90_ms"] - r["median_ms"] for r in rows]
+        ax.errorbar(
+            xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], capsize=3,
+            label=label_fmt(engine, where, rows),
+        )  # fmt: skip
+
+
+def _finish(fig, ax, notes: list[str], empty: bool, path: Path) -> None:
+    if empty:
+        ax.text(
+            0.5, 0.5, "no data measured in this run", ha="center", va="center",
+            transform=ax.transAxes, fontsize=13, color="0.3",
+        )  # fmt: skip
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(True, which="both", alpha=0.3)
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes[:6]), fontsize=7, color="0.35", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * min(len(notes), 6), 1, 1))
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(path)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+RESTORE_LABELS = {
+    "restore_time_host": "restore-time, host side (to vCPU handover)",
+    "restore_to_ready": "restore→ready (to agent answer)",
+}
+
+
+def plot_restore(records: list[Record], path: Path, title_suffix: str = "") -> Path:
+    """Restore time against guest memory size, every engine and restore clock measured."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    any_data = False
+    for metric, label in RESTORE_LABELS.items():
+        series = _series(records, metric, lambda p: memory_mib(p))
+        if series:
+            any_data = True
+
+            def fmt(engine, where, rows, label=label):
+                return f"{engine} ({where}): {label}"
+
+            _draw(ax, series, memory_mib, fmt)
+    notes = _absent_notes(records, set(RESTORE_LABELS))
+    if any_data:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("guest memory (MiB)")
+        ax.set_ylabel("median ms (bars: p10–p90), log scale")
+        sizes = sorted(
+            {memory_mib(r["params"]) for r in measured(records) if r["metric"] in RESTORE_LABELS}
+            - {None}
+        )
+        if sizes:
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([f"{s:g}" for s in sizes])
+    ax.set_title("Restore time against guest memory size" + title_suffix)
+    _finish(fig, ax, notes, not any_data, path)
+    plt.close(fig)
+    return path
+
+
+def plot_rollback(records: list[Record], path: Path, title_suffix: str = "") -> Path:
+    """In-place rollback time against the number of dirty pages."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [
+        r
+        for r in measured(records)
+        if r["metric"] == "rollback_time" and dirty_pages(r["params"]) is not None
+    ]
+    # Separate lines per engine/where/memory size.
+    series: dict[tuple[str, str], list[Record]] = {}
+    for r in rows:
+        mem = memory_mib(r["params"])
+        label_where = f"{r['where']}, {mem:g} MiB" if mem else r["where"]
+        series.setdefault((r["engine"], label_where), []).append(r)
+    if series:
+        _draw(ax, series, dirty_pages, lambda e, w, rows: f"{e} ({w})")
+        xs = [dirty_pages(r["params"]) for r in rows]
+        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        elif max(xs) > 0 and max(xs) / max(min(xs), 1) >= 20:
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("dirty guest pages (4 KiB) reverted")
+        ax.set_ylabel("median ms (bars: p10–p90)")
+    notes = _absent_notes(records, {"rollback_time"})
+    ax.set_title("In-place rollback time against dirty pages" + title_suffix)
+    _finish(fig, ax, notes, not series, path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def generate(records: list[Record], meta: dict[str, Any], outdir: Path) -> list[Path]:
+    """Write ``latest.md``, ``latest.meta.json`` and the plots into ``outdir``; their paths."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "ratios": ratios(records)}
+    md = outdir / "latest.md"
+    md.write_text(markdown(records, meta))
+    common.write_json(outdir / "latest.meta.json", meta)
+    suffix = f" ({meta['date'][:10]})" if meta.get("date") else ""
+    written = [md, outdir / "latest.meta.json"]
+    for fn, name in (
+        (plot_restore, "restore_vs_memory.png"),
+        (plot_rollback, "rollback_vs_dirty.png"),
+    ):
+        try:
+            written.append(fn(records, outdir / name, suffix))
+        except Exception as e:  # noqa: BLE001 - a plot must not lose the rest of the report
+            print(f"warning: plot {name} failed: {e!r}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=common.RESULTS_DIR / "latest.json")
+    ap.add_argument("--readme", type=Path, help="also replace this README's ## Benchmarks section")
+    args = ap.parse_args(argv)
+    records = [r for r in common.load_records(args.results) if not common.validate(r)]
+    meta_path = args.results.with_name(args.results.stem + ".meta.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = {"host": common.host_description()}
+    meta.pop("ratios", None)
+    for p in generate(records, meta, args.results.parent):
+        print(f"wrote {p}")
+    if args.readme:
+        update_readme(args.readme, readme_section(records, meta))
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -68,9 +68,9 @@ def _worker_id(config: pytest.Config) -> str:
 
 
 def _new_loop_for_thread() -> None:
-    # qemu.qmp's synchronous client binds to the calling thread's event loop; a machine
-    # created in a pool thread gets a loop of its own so closing it elsewhere never finds
-    # that loop running.
+    # An engine whose client binds to the calling thread's asyncio loop (qemu.qmp's
+    # synchronous wrapper does) gets a loop of its own per pool-restored machine, so closing
+    # that machine from another thread never finds the loop running.
     asyncio.set_event_loop(asyncio.new_event_loop())
 
 
@@ -90,8 +90,13 @@ class Pool:
         vm, seconds = self.session.restore_vm(self.snapshot, self.reset)
         # Warm up off the critical path: a just-restored guest's first command is slow (under
         # TCG every code path is translated afresh; ~300 ms here against ~30 ms after).
-        with contextlib.suppress(Exception):
+        try:
             vm.run("true", timeout=30)
+        except Exception:
+            # A guest that cannot run `true` is no use to a test: drop it, and acquire()
+            # restores afresh in the foreground (where a repeated error is reported).
+            self.session.close_vm(vm, background=False)
+            raise
         vm.history.clear()
         return vm, seconds
 

@@ -5,8 +5,8 @@ when this process dies), the serial console (a chardev socket with a log file), 
 channel (virtio-serial port ``org.ignition.agent`` on a chardev socket), disks as qcow2
 overlays over a base that is never written, and snapshots:
 
-* snapshot: QMP ``stop``, ``migrate`` to ``fd:`` (``<dir>/state``, handed over the QMP
-  socket with ``getfd``), wait for completion, copy the disk overlay to
+* snapshot: QMP ``stop``, ``migrate`` to ``exec:cat > <dir>/state.partial && mv ...``,
+  wait for completion and the rename, copy the disk overlay to
   ``<dir>/disk.qcow2``, write ``<dir>/meta.json``, QMP ``cont`` (the machine keeps
   running, per the engine contract).
 * restore: QEMU with the identical device arguments plus ``-incoming fd:N`` (the state file)
@@ -17,8 +17,7 @@ overlays over a base that is never written, and snapshots:
 
 The kernel command line gets ``reboot=t``: microvm has no i8042, and a triple fault is
 the reset that ``-no-reboot`` turns into QEMU exiting (a panicking guest, ``panic=-1``).
-QEMU 7.2 has no ``file:`` migration URI; file descriptors do the same without a shell
-(and, unlike ``exec:cat >``, the file is complete when the migration reports completed).
+QEMU 7.2 has no ``file:`` migration URI; restore reads the state through an inherited fd.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -204,19 +204,6 @@ class _Qmp:
             raise QmpError(f"QMP {name} failed: {exc}") from exc
         except TimeoutError as exc:
             raise QmpError(f"QMP {name}: no answer within {timeout or self.timeout}s") from exc
-
-    def getfd(self, fd: int, name: str) -> None:
-        """Hand QEMU a copy of ``fd`` (SCM_RIGHTS), known to it as ``name``."""
-
-        async def send() -> Any:
-            # On the loop thread: the fd rides on the byte before the getfd command.
-            self._client.send_fd_scm(fd)
-            return await self._client.execute("getfd", {"fdname": name})
-
-        try:
-            _qmp_loop.run(send(), self.timeout)
-        except Exception as exc:
-            raise QmpError(f"QMP getfd failed: {exc}") from exc
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -601,14 +588,12 @@ class QemuEngine(Engine):
         try:
             # The stream goes to a local file: no reason to throttle it (default 128 MiB/s).
             qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-            # QEMU writes the stream straight into our file: once the migration reports
-            # completed, every byte is in it (an `exec:cat >` could still be writing).
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                qmp.getfd(fd, "ignition-snapshot")
-            finally:
-                os.close(fd)
-            qmp.cmd("migrate", uri="fd:ignition-snapshot")
+            # A pipe to `cat` beats QEMU writing the file itself (fd:) by ~1/3: the file
+            # writes run beside the migration. `cat` may still be writing when QEMU reports
+            # completion, so the stream is renamed into place by the same shell once `cat`
+            # is done, and waited for below.
+            q_partial, q_state = shlex.quote(str(partial)), shlex.quote(str(state))
+            qmp.cmd("migrate", uri=f"exec:cat > {q_partial} && mv -f {q_partial} {q_state}")
             deadline = time.monotonic() + 600
             while True:
                 info = qmp.cmd("query-migrate")
@@ -622,10 +607,13 @@ class QemuEngine(Engine):
                 if time.monotonic() > deadline:
                     raise EngineError("snapshot migration did not complete within 600s")
                 time.sleep(0.005)
+            while not state.exists():
+                if time.monotonic() > deadline:
+                    raise EngineError(f"the snapshot stream never reached {state}")
+                time.sleep(0.002)
             # Images were flushed and inactivated by the completed migration: copy now.
             if machine.overlay is not None:
                 self._save_disk(machine, directory / "disk.qcow2")
-            os.replace(partial, state)
             meta = {
                 "format": SNAPSHOT_FORMAT,
                 "engine": self.name,

@@ -6,6 +6,11 @@ One request per line, one reply per line::
     {"cmd": "pause"}     -> {"ok": true, "state": "paused"}
     {"cmd": "resume"}    -> {"ok": true, "state": "running"}
     {"cmd": "shutdown"}  -> {"ok": true, "state": "stopping"}   (then the process exits)
+    {"cmd": "snapshot", "store": DIR, "name": NAME}
+                         -> {"ok": true, "path": ..., "snapshot_ms": ...}
+                            (store/name default to the process's --store/--name)
+    {"cmd": "rollback"}  -> {"ok": true, "pages": N, "ranges": R, "rollback_us": ...}
+                            (back to the snapshot this process restored from or last took)
 
 Anything malformed (not JSON, not an object, unknown command, a line over 64 KiB) gets
 ``{"ok": false, "error": "..."}`` and the connection keeps serving. Each client has its own

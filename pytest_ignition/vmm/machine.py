@@ -13,6 +13,15 @@
   timer at 0xd0000000 when asked, virtio-mmio slots from 0xd0001000 on IRQs 5+ through
   irqfds); backends run on an :class:`EventLoop` thread.
 
+Snapshots (:mod:`.snapshot`): :meth:`Machine.snapshot` writes the paused VM (vCPU, VM and
+device state, RAM, disk overlays) into a store and makes it the rollback base: guest RAM is
+remapped in place as a private mapping of the new ``memory.bin`` and KVM's dirty log starts
+afresh. :meth:`Machine.restore` rebuilds a VM from a snapshot with RAM mapped privately and
+lazily from ``memory.bin`` (logging ``Restore-time = <us> us <ms> ms``, entry to vCPUs in
+their run loops). :meth:`Machine.rollback` returns a live VM to its base in place:
+``MADV_DONTNEED`` over exactly the pages dirtied since (KVM's dirty log + the VMM's own
+writes, one call per run of adjacent pages), then state reloaded and the vsock reset posted.
+
 Lifecycle: ``created`` -> ``running`` <-> ``paused`` -> ``stopped``. The first vCPU to stop
 (guest reboot via i8042, triple fault, SYSTEM_EVENT, an error, or :meth:`shutdown`) stops
 the others; :meth:`wait` returns the exit status: 0 for a guest power-off/reboot or a

@@ -557,12 +557,28 @@ def build_initrd(progress: Progress = None) -> tuple[Path, str]:
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=".initrd-", dir=cache_dir()) as tmpd:
             tmp = Path(tmpd)
+            # Build from a snapshot of the inputs, keyed by that snapshot: a source edited
+            # mid-build (the agent, by its author) cannot end up under a stale key.
+            snap = tmp / "guest"
+            shutil.copytree(src, snap, ignore=shutil.ignore_patterns("kernel"))
+            bb = tmp / "busybox"
+            bb.write_bytes(busybox)
+            bb.chmod(0o755)
+            key = initrd_key(snap, busybox)
+            out = cache_dir() / f"initrd-{key}.cpio.gz"
+            if out.is_file():
+                return out, key
             log = tmp / "build.log"
             agent: Path | None = tmp / "ignition-agent"
             assert agent is not None
-            if not _compile_agent(src, agent, log, progress):
-                agent = None
-            data = make_initrd_bytes(src, BUSYBOX, agent)
+            try:
+                if not _compile_agent(snap, agent, log, progress):
+                    agent = None
+            except GuestBuildError as e:
+                kept = cache_dir() / "initrd-failed.log"
+                shutil.copy2(log, kept)  # the temp dir goes away; keep the log
+                raise GuestBuildError(str(e).replace(str(log), str(kept))) from None
+            data = make_initrd_bytes(snap, bb, agent)
             part = tmp / "initrd.cpio.gz"
             part.write_bytes(data)
             os.rename(part, out)

@@ -257,3 +257,20 @@ def test_guest_mounts_rootfs_from_virtio_blk(tmp_path: Path) -> None:
         _reboot(child)
     finally:
         child.close(force=True)
+
+
+def test_agent_compile_error_keeps_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require(
+        shutil.which("musl-gcc") is not None, "musl-gcc not installed (apt-get install musl-tools)"
+    )
+    src = tmp_path / "guest"
+    shutil.copytree(gbuild.guest_src_dir(), src)
+    (src / "agent" / "zz_broken.c").write_text("int main(void) { return undeclared_thing; }\n")
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gbuild, "guest_src_dir", lambda: src)
+    with pytest.raises(GuestBuildError, match=r"agent compile \(musl-gcc\) failed") as ei:
+        gbuild.build_initrd()
+    log = tmp_path / "cache" / "initrd-failed.log"
+    assert str(log) in str(ei.value)
+    assert "undeclared_thing" in log.read_text()
+    assert not list((tmp_path / "cache").glob("initrd-*.cpio.gz"))

@@ -274,3 +274,24 @@ def test_agent_compile_error_keeps_log(tmp_path: Path, monkeypatch: pytest.Monke
     assert str(log) in str(ei.value)
     assert "undeclared_thing" in log.read_text()
     assert not list((tmp_path / "cache").glob("initrd-*.cpio.gz"))
+
+
+def test_dropped_fragment_option_fails_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reuse an already extracted tree (as --kernel-source); only tinyconfig + olddefconfig run.
+    trees = sorted(gbuild.cache_dir().glob("src/*/linux-*/Makefile"))
+    require(trees, f"no extracted kernel tree in the cache ({BUILD_HINT})")
+    tree = trees[0].parent
+    frag = tmp_path / "broken.config"
+    # VIRTIO_VSOCKETS depends on VSOCKETS and NET, which this fragment forgets.
+    frag.write_text(
+        "CONFIG_64BIT=y\nCONFIG_VIRTIO_MENU=y\nCONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_VSOCKETS=y\n"
+    )
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(GuestBuildError, match="did not survive olddefconfig") as ei:
+        gbuild.build_kernel("guest", frag, tree, want_vmlinux=False)
+    msg = str(ei.value)
+    assert "CONFIG_VIRTIO_VSOCKETS wanted =y, got not set" in msg
+    assert "CONFIG_VIRTIO_MMIO" not in msg  # satisfied options are not listed
+    assert not list((tmp_path / "cache").glob("guest/*"))  # no output on failure

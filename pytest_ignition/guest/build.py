@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -595,13 +595,6 @@ def find_initrd() -> tuple[Path, str] | None:
     key = initrd_key(src, busybox)
     out = cache_dir() / f"initrd-{key}.cpio.gz"
     return (out, key) if out.is_file() else None
-
-
-def stale_outputs(keep: Iterable[Path]) -> list[Path]:  # pragma: no cover - maintenance aid
-    """Cached outputs not in ``keep`` (for a future ``clean`` command)."""
-    keep_set = {Path(p).resolve() for p in keep}
-    found = list((cache_dir() / "guest").glob("*")) + list(cache_dir().glob("initrd-*.cpio.gz"))
-    return [p for p in found if p.resolve() not in keep_set]
 
 
 def main_progress(quiet: bool) -> Progress:

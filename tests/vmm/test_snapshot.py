@@ -400,3 +400,73 @@ def test_state_file_round_trip_and_names(tmp_path):
     for bad in ("", ".hidden", "a/b", "../x", "x" * 200):
         with pytest.raises(snap.SnapshotError, match="bad snapshot name"):
             snap.check_name(bad)
+
+
+# -- devices across a restore ----------------------------------------------------------------
+def test_restore_posts_the_vsock_transport_reset(tmp_path, kvm_system):
+    """The guest's vsock driver had an event buffer posted when the snapshot was taken; the
+    restored VM fills it with VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (the agent listens again)."""
+    import time
+
+    from pytest_ignition.vmm.devices.virtio import mmio
+    from pytest_ignition.vmm.devices.virtio.driver import Arena, Driver
+    from pytest_ignition.vmm.machine import Machine
+
+    m = cpl3_machine(tmp_path, [b"\xeb\xfe"], vsock=str(tmp_path / "v1.sock"))
+    try:
+        (_, _, transport) = m.virtio_devices[0]
+        assert type(transport.device).__name__ == "VirtioVsock"
+        d = Driver(transport, m.mem, Arena(0x30_0000, 0x38_0000))
+        assert d.init() & mmio.DRIVER_OK
+        evt = d.queues[2]
+        buf = 0x40_0000
+        m.mem.write(buf, b"\xff" * 8)
+        head = evt.post([(buf, 8, True)])
+        path = m.snapshot(tmp_path / "store", "vsock")
+        assert evt.take_used() == []  # nothing happened to it before the restore
+    finally:
+        m.close()
+    r = Machine.restore(path, vsock=str(tmp_path / "v2.sock"), system=kvm_system)
+    try:
+        assert (tmp_path / "v2.sock").exists()
+        deadline = time.monotonic() + 10
+        while r.mem.read_u16(evt.used + 2) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        evt.mem = r.mem
+        assert evt.take_used() == [(head, 4)]
+        assert r.mem.read(buf, 8) == b"\0\0\0\0\xff\xff\xff\xff"  # event id 0 = TRANSPORT_RESET
+    finally:
+        r.close()
+
+
+def test_two_restores_draw_different_random_bytes(tmp_path, kvm_system):
+    """virtio-rng serves each restored VM from the host's CSPRNG: two restores of one snapshot
+    fill the same guest buffer with different bytes."""
+    from pytest_ignition.vmm.devices.virtio import mmio
+    from pytest_ignition.vmm.devices.virtio.driver import Arena, Driver
+    from pytest_ignition.vmm.machine import Machine
+
+    m = cpl3_machine(tmp_path, [b"\xeb\xfe"], rng=True)
+    try:
+        (_, _, t) = m.virtio_devices[0]
+        d = Driver(t, m.mem, Arena(0x30_0000, 0x38_0000))
+        assert d.init() & mmio.DRIVER_OK
+        q = d.queues[0]
+        path = m.snapshot(tmp_path / "store", "rng")
+    finally:
+        m.close()
+    fills = []
+    for _ in range(2):
+        r = Machine.restore(path, start=False, system=kvm_system)
+        try:
+            (_, _, t) = r.virtio_devices[0]
+            q.mem = r.mem
+            d2 = Driver(t, r.mem, Arena(0x30_0000, 0x38_0000))
+            q.avail_idx = q.last_used = q.next_desc = 0
+            head = q.post([(0x50_0000, 64, True)])
+            d2.notify(0)
+            assert q.take_used() == [(head, 64)]
+            fills.append(r.mem.read(0x50_0000, 64))
+        finally:
+            r.close()
+    assert fills[0] != fills[1] and bytes(64) not in fills

@@ -50,7 +50,12 @@ class Expect:
         ):
             return False
         p = rec.get("params") or {}
-        return all(p.get(k) == v for k, v in self.params.items())
+        for k, v in self.params.items():
+            # Scripts spell guest memory differently (memory_mib, mem_mib, ...).
+            got = report.memory_mib(p) if k == "memory_mib" else p.get(k)
+            if got != v:
+                return False
+        return True
 
 
 @dataclass

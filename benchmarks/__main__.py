@@ -120,7 +120,10 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
                 Expect("restore_time_host", "ignition", "direct", {"memory_mib": m})
                 for m in (128, 512, 2048)
             ]
-            + [Expect("rollback_time", "ignition", "direct")],
+            + [
+                Expect("rollback_time", "ignition", "direct"),
+                Expect("snapshot_time", "ignition", "direct"),
+            ],
             300,
             pass_quick_flag=True,
         ),

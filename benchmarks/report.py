@@ -291,6 +291,8 @@ def not_applicable(meta: dict[str, Any]) -> list[str]:
         "- `restore_time_host` qemu: QEMU exposes no clock from restore entry to vCPU handover; "
         "its restore is timed end to end (`restore_to_ready`).",
         "- `tcg` for ignition: the bundled VMM needs KVM; it has no software emulation.",
+        "- `pytest_per_test` measures the engine that `--ignition-engine auto` picks on this "
+        "machine (see its `engine` column).",
     ]
     if (meta.get("machine") or {}).get("kvm_is_pvm"):
         out.insert(

@@ -210,6 +210,7 @@ class Machine:
         self._base_state: dict[str, Any] | None = None
         self._base_memory: Path | None = None
         self._backing: Path | None = None  # the file guest RAM is privately mapped from
+        self._dirty_acc: list[bytes | bytearray] | None = None  # see _dirty_runs
         self._fingerprint: dict[str, Any] | None = None
         self._snap_lock = threading.Lock()
         self.restore_time_us: int | None = None
@@ -568,8 +569,15 @@ class Machine:
                 virtio_entries.append({**entry, "state": {**entry["state"], "device": dev_state}})
             file_state["devices"]["virtio"] = virtio_entries
 
+            # A VM mapped from a file needs only its changed pages written over a copy of it.
+            backing = self._backing
+            dirty_runs = self._dirty_runs() if backing is not None else None
+
             def fill(tmp: Path) -> None:
-                snap.write_memory(tmp / snap.MEMORY_FILE, self.mem)
+                if backing is not None and dirty_runs is not None:
+                    snap.write_memory_delta(tmp / snap.MEMORY_FILE, backing, self.mem, dirty_runs)
+                else:
+                    snap.write_memory(tmp / snap.MEMORY_FILE, self.mem)
                 for i, dev in overlays:
                     path = tmp / f"disk{i}.overlay"
                     dev.save_overlay(path)
@@ -596,6 +604,7 @@ class Machine:
         for slot, r in enumerate(mem.regions):
             self.vm.get_dirty_log(slot, r.size)  # reading clears it
         mem.take_vmm_dirty()
+        self._dirty_acc = None
         self._base_memory = memory_path
         self._base_state = state
 
@@ -647,6 +656,11 @@ class Machine:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise snap.SnapshotError(f"{snapshot.state_path}: bad configuration: {e}") from None
+        if int(st["memory"]["size"]) != spec.mem_size:
+            raise snap.SnapshotError(
+                f"{snapshot.state_path}: memory is {st['memory']['size']} bytes, "
+                f"the configuration says {spec.mem_size}"
+            )
         if len(st["vcpus"]) != spec.cpus:
             raise snap.SnapshotError(
                 f"{snapshot.state_path}: {len(st['vcpus'])} vCPU states for {spec.cpus} vCPUs"
@@ -768,12 +782,15 @@ class Machine:
         )
         return info
 
-    def _revert_memory(self) -> tuple[int, int]:
-        """DONTNEED every page dirtied since the base (vCPU or VMM writes), one call per run of
-        adjacent pages. Returns (pages, runs)."""
+    def _dirty_runs(self) -> list[list[tuple[int, int]]]:
+        """Per region, the (first page, count) runs of pages written since the rollback base:
+        KVM's dirty log (vCPU and in-kernel writes) plus the VMM's own bitmap. Both are
+        cleared by reading, so what was read is kept (``_dirty_acc``) until a new base is set
+        or the pages are reverted: a failed snapshot must not make rollback miss a page."""
         mem = self.mem
         vmm_pages = mem.take_vmm_dirty()
-        total = nruns = 0
+        acc = self._dirty_acc or [b""] * len(mem.regions)
+        merged: list[bytes | bytearray] = []
         for slot, r in enumerate(mem.regions):
             npages = r.size // PAGE_SIZE
             bitmap: bytes | bytearray = self.vm.get_dirty_log(slot, r.size)
@@ -781,13 +798,26 @@ class Machine:
             mine = [p - first for p in vmm_pages if first <= p < first + npages]
             if mine:
                 bitmap = snap.or_bitmaps(bitmap, snap.pages_to_bitmap(mine, npages))
-            for start, count in snap.bitmap_runs(bitmap):
-                if start >= npages:
-                    continue
-                count = min(count, npages - start)
+            if acc[slot]:
+                bitmap = snap.or_bitmaps(bitmap, acc[slot])
+            merged.append(bitmap)
+        self._dirty_acc = merged
+        out = []
+        for r, bitmap in zip(mem.regions, merged, strict=True):
+            npages = r.size // PAGE_SIZE
+            out.append([(s, min(c, npages - s)) for s, c in snap.bitmap_runs(bitmap) if s < npages])
+        return out
+
+    def _revert_memory(self) -> tuple[int, int]:
+        """DONTNEED every page dirtied since the base (vCPU or VMM writes), one call per run of
+        adjacent pages. Returns (pages, runs)."""
+        total = nruns = 0
+        for r, runs in zip(self.mem.regions, self._dirty_runs(), strict=True):
+            for start, count in runs:
                 r.mm.madvise(mmap.MADV_DONTNEED, start * PAGE_SIZE, count * PAGE_SIZE)
                 total += count
                 nruns += 1
+        self._dirty_acc = None
         return total, nruns
 
     # -- lifecycle ------------------------------------------------------------------------

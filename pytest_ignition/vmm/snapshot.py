@@ -175,6 +175,53 @@ def write_memory(path: str | os.PathLike[str], mem: GuestMemory) -> int:
     return written
 
 
+def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str], size: int) -> None:
+    """Copy ``src`` to a new ``dst`` of ``size`` bytes, in the kernel (``copy_file_range``,
+    which reflinks where the filesystem can) and only its data extents: holes stay holes."""
+    with open(src, "rb") as fs, open(dst, "wb") as fd:
+        i, o = fs.fileno(), fd.fileno()
+        os.ftruncate(o, size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(i, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = min(os.lseek(i, start, os.SEEK_HOLE), size)
+            while start < end:
+                n = os.copy_file_range(i, o, end - start, start, start)
+                if n <= 0:
+                    raise OSError(f"{src}: copy_file_range copied nothing at {start}")
+                start += n
+            pos = end
+
+
+def write_memory_delta(
+    path: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    mem: GuestMemory,
+    runs: list[list[tuple[int, int]]],
+) -> int:
+    """Write guest RAM as ``base`` (the file it is privately mapped from) plus the pages that
+    changed since: ``runs[i]`` lists (first page, count) within region ``i``. Clean pages are
+    never read, so a large, mostly untouched guest snapshots fast. Returns bytes written."""
+    copy_sparse(base, path, mem.size)
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        file_off = 0
+        for r, region_runs in zip(mem.regions, runs, strict=True):
+            for first, count in region_runs:
+                off, n = first * PAGE_SIZE, count * PAGE_SIZE
+                os.pwrite(fd, r.mm[off : off + n], file_off + off)
+                written += n
+            file_off += r.size
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -193,3 +193,28 @@ def test_disk_overlay_reverts(tmp_path, kvm_system):
     ov.write_bytes(ov.read_bytes()[:-1] + b"\x00")
     with pytest.raises(snap.SnapshotError, match="disk0.overlay"):
         Machine.restore(path, start=False, system=kvm_system)
+
+
+def test_failed_snapshot_does_not_lose_dirty_pages(tmp_path, kvm_system, monkeypatch):
+    """Taking a snapshot reads (and so clears) KVM's dirty log; if the snapshot then fails,
+    a rollback to the previous base must still revert those pages."""
+    m = cpl3_machine(tmp_path, [dirty_pages(FIRST, 30)])
+    try:
+        path = m.snapshot(tmp_path / "store", "base")
+        m.start()
+        assert m.done.event.wait(60)
+        m.pause()
+
+        def boom(p, state):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(snap, "write_state", boom)
+        with pytest.raises(OSError):
+            m.snapshot(tmp_path / "store", "base")
+        monkeypatch.undo()
+        assert m.status()["rollback_base"] == str(path)
+        info = m.rollback(resume=False)
+        assert info["pages"] == 30
+        assert_memory_equals_file(m.mem, path / snap.MEMORY_FILE)
+    finally:
+        m.close()

@@ -209,6 +209,8 @@ def test_two_vcpu_round_trip_and_snapshot_of_a_restored_vm(tmp_path, kvm_system)
         second = pause_with_progress(r, first)
         r.snapshot(store, "two-again")  # a restored VM snapshotted again
         assert r.state == "paused"
+        # written as the old memory file plus the changed pages: still every byte right
+        assert store.load("two-again").memory_path.read_bytes() == r.mem.read(0, r.mem.size)
         r.resume()
         third = pause_with_progress(r, second)
     finally:

@@ -1,0 +1,572 @@
+"""The ignition engine: each machine is one ``python -m pytest_ignition.vmm`` process.
+
+Owns launching the bundled VMM (its own session, killed by the kernel when this process
+dies), the serial console relay, the agent over virtio-vsock (Firecracker's Unix-socket
+convention, port 52), and snapshots through the VMM's control socket:
+
+* boot: ``python -m pytest_ignition.vmm boot --kernel K --initrd I --vsock <dir>/vsock.sock
+  --control <dir>/control.sock --console stdio --boot-timer``; the agent is reached with
+  ``CONNECT 52`` on the vsock socket and pinged until it answers.
+* snapshot: control ``{"cmd": "snapshot", "store": <parent>, "name": <leaf>}`` (the VMM
+  pauses, writes ``state`` + ``memory.bin`` into ``<parent>/<leaf>``), then ``resume`` if the
+  VMM left it paused; ``meta.json`` (this engine's) is written last and ties the snapshot
+  to the :class:`VMConfig`.
+* restore: ``python -m pytest_ignition.vmm restore --store <parent> --name <leaf>``; memory is
+  mapped lazily from ``memory.bin``, vsock connections were reset by the VMM so the agent
+  listens again; the engine then sets the guest clock and reseeds its CRNG.
+* rollback: control ``rollback`` on a restored (or snapshotted) machine, then a fresh agent
+  session.
+
+The console: the VMM's stdin/stdout are one end of a socketpair; a relay thread appends
+every byte of guest output to ``console.log`` and serves ``console.sock``, which
+:class:`pytest_ignition.console.SerialConsole` connects to, exactly as with QEMU.
+
+Usable only where KVM runs guest kernels natively: real VT-x/AMD-V (``/dev/kvm`` present,
+not PVM, whose emulated CPL0 makes a kernel boot take minutes).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from pytest_ignition.console import SerialConsole, read_tail
+from pytest_ignition.engines.base import (
+    BootError,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Machine,
+    SnapshotMismatch,
+    VMConfig,
+)
+
+__all__ = ["IgnitionEngine", "IgnitionMachine", "SNAPSHOT_FORMAT", "available"]
+
+SNAPSHOT_FORMAT = 1
+AGENT_VSOCK_PORT = 52
+_MAX_SOCK_PATH = 100  # sun_path is 108 bytes; the vsock convention appends "_<port>"
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def available() -> tuple[bool, str]:
+    """Whether the bundled VMM can run guests here at useful speed, and if not, why."""
+    if not sys.platform.startswith("linux"):
+        return False, f"the bundled VMM needs Linux KVM (this is {sys.platform})"
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist (load kvm_intel or kvm_amd)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not readable and writable by this user"
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return False, (
+            "/dev/kvm is PVM: guest kernel (CPL0) code is emulated instruction by instruction, "
+            "so a Linux guest would take minutes to boot (use the nested harness or QEMU)"
+        )
+    return True, "KVM runs guest kernels natively"
+
+
+def _default_cmdline() -> str:
+    try:
+        from pytest_ignition.guest import DEFAULT_CMDLINE
+    except ImportError:
+        return "console=ttyS0 reboot=k panic=-1 quiet"
+    return DEFAULT_CMDLINE
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class _Spawner:
+    """Starts every VMM from one long-lived thread: PDEATHSIG fires when the *thread* that
+    forked the child exits, so a VMM started from a short-lived thread would die with it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._jobs: list[tuple[Any, threading.Event, list[Any]]] = []
+        self._cond = threading.Condition(self._lock)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                fn, done, out = self._jobs.pop(0)
+            try:
+                out.append((True, fn()))
+            except BaseException as exc:  # handed back to the caller
+                out.append((False, exc))
+            done.set()
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        done = threading.Event()
+        out: list[Any] = []
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="ignition-vmm-spawner", daemon=True
+                )
+                self._thread.start()
+            self._jobs.append((lambda: subprocess.Popen(argv, **kw), done, out))
+            self._cond.notify()
+        done.wait()
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value
+
+
+_spawner = _Spawner()
+
+
+class _ConsoleRelay:
+    """Guest serial output -> ``console.log`` (always) and a connected console client; the
+    client's input -> the guest. One thread, select-driven; the log is opened for append so
+    it survives the relay."""
+
+    def __init__(self, vmm_end: socket.socket, sock_path: Path, log_path: Path) -> None:
+        self.vmm = vmm_end
+        self.vmm.setblocking(False)
+        self.log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by the thread
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(sock_path))
+        self.listener.listen(1)
+        self.listener.setblocking(False)
+        self.sock_path = sock_path
+        self.client: socket.socket | None = None
+        self._stop_r, self._stop_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="ignition-console", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                fds: list[Any] = [self.vmm, self.listener, self._stop_r]
+                if self.client is not None:
+                    fds.append(self.client)
+                ready, _, _ = select.select(fds, [], [])
+                if self._stop_r in ready:
+                    break
+                if self.vmm in ready:
+                    try:
+                        data = self.vmm.recv(65536)
+                    except BlockingIOError:
+                        data = None
+                    except OSError:
+                        data = b""
+                    if data == b"":
+                        break  # the VMM went away
+                    if data:
+                        self.log.write(data)
+                        if self.client is not None:
+                            try:
+                                self.client.sendall(data)
+                            except OSError:
+                                self._drop_client()
+                if self.listener in ready:
+                    with contextlib.suppress(OSError):
+                        conn, _ = self.listener.accept()
+                        self._drop_client()  # one interactive user at a time: the newest
+                        self.client = conn
+                if self.client is not None and self.client in ready:
+                    try:
+                        data = self.client.recv(4096)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop_client()
+                    else:
+                        with contextlib.suppress(OSError):
+                            self.vmm.setblocking(True)
+                            self.vmm.sendall(data)
+                            self.vmm.setblocking(False)
+        finally:
+            self._drop_client()
+            self.log.close()
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.sock_path)
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(OSError):
+                self.client.close()
+            self.client = None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self.thread.join(5.0)
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            self.vmm.close()
+
+
+_live: weakref.WeakSet[IgnitionMachine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for m in list(_live):
+        with contextlib.suppress(Exception):
+            m.close()
+
+
+class IgnitionMachine(Machine):
+    """One VMM process and what it owns (a private directory under ``workdir``)."""
+
+    def __init__(self, engine: IgnitionEngine, config: VMConfig, workdir: Path) -> None:
+        self.engine = engine
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="vmm-", dir=self.workdir))
+        self._sockdir_owned = False
+        sockdir = self.dir
+        if len(str(sockdir / "control.sock")) > _MAX_SOCK_PATH - 8:
+            sockdir = Path(tempfile.mkdtemp(prefix="ign-"))
+            self._sockdir_owned = True
+        self.sockdir = sockdir
+        self.vsock_sock = sockdir / "vsock.sock"
+        self.control_sock = sockdir / "control.sock"
+        self.console_sock = sockdir / "console.sock"
+        self.console_log = self.dir / "console.log"
+        self.vmm_log = self.dir / "vmm.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.agent: Any = None
+        self.ready_seconds = 0.0
+        self.restored_from: Path | None = None
+        self._relay: _ConsoleRelay | None = None
+        self._console = SerialConsole(self.console_sock, self.console_log)
+        self._closed = False
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    # -- Machine API ------------------------------------------------------------------------
+    @property
+    def console(self) -> Any:
+        return self._console.spawn
+
+    def console_tail(self, max_chars: int = 4000) -> str:
+        return self._console.tail(max_chars)
+
+    def vmm_output(self, max_chars: int = 4000) -> str:
+        """The VMM's own log (stderr): setup errors, Guest-boot-time, stop reasons."""
+        return read_tail(self.vmm_log, max_chars)
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def control(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+        """One request on the VMM's control socket; raises EngineError when it fails."""
+        req = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(str(self.control_sock))
+                s.sendall(req)
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except OSError as exc:
+            raise EngineError(f"VMM control {cmd!r}: {exc}") from exc
+        try:
+            reply = json.loads(buf)
+        except ValueError as exc:
+            raise EngineError(f"VMM control {cmd!r}: bad reply {buf[:200]!r}") from exc
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            err = reply.get("error") if isinstance(reply, dict) else reply
+            raise EngineError(f"VMM control {cmd!r} failed: {err}")
+        return reply
+
+    def boot_time_us(self) -> int | None:
+        """The guest's boot time as the VMM's boot timer measured it (None if not yet)."""
+        try:
+            return self.control("status", timeout=5.0).get("boot_time_us")
+        except EngineError:
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self.agent is not None:
+                with contextlib.suppress(Exception):
+                    self.agent.close()
+            self._kill()
+            if self._relay is not None:
+                self._relay.close()
+            self._console.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._sockdir_owned:
+                shutil.rmtree(self.sockdir, ignore_errors=True)
+            _live.discard(self)
+
+    def _kill(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+    def __repr__(self) -> str:
+        return f"<IgnitionMachine pid={self.pid} {'closed' if self._closed else 'open'}>"
+
+
+class IgnitionEngine(Engine):
+    """The bundled VMM, one process per machine; snapshots through its control socket."""
+
+    name = "ignition"
+    accelerator = "kvm"
+    supports_rollback = True
+
+    def __init__(self, python: str | None = None, check: bool = False) -> None:
+        self.python = python or sys.executable
+        if check:
+            ok, why = available()
+            if not ok:
+                raise EngineUnavailable(why, hint="use --ignition-engine=qemu")
+
+    def describe(self) -> str:
+        return "ignition (bundled VMM, kvm)"
+
+    def cmdline(self, config: VMConfig) -> str:
+        parts = [_default_cmdline()]
+        if config.rootfs is not None:
+            parts.append("ignition.rootfs=/dev/vda")
+        if config.kernel_args.strip():
+            parts.append(config.kernel_args.strip())
+        return " ".join(parts)
+
+    def _common(self, m: IgnitionMachine) -> list[str]:
+        return [
+            "--vsock",
+            str(m.vsock_sock),
+            "--control",
+            str(m.control_sock),
+            "--console",
+            "stdio",
+        ]
+
+    def boot_argv(self, m: IgnitionMachine, config: VMConfig) -> list[str]:
+        argv = [self.python, "-m", "pytest_ignition.vmm", "boot"]
+        argv += ["--kernel", str(Path(config.kernel).resolve())]
+        if config.initrd is not None:
+            argv += ["--initrd", str(Path(config.initrd).resolve())]
+        argv += ["--mem", f"{config.memory_mib}M", "--cpus", str(config.cpus)]
+        argv += ["--cmdline", self.cmdline(config), "--boot-timer"]
+        if config.rootfs is not None:
+            argv += ["--disk", str(Path(config.rootfs).resolve())]
+        return argv + self._common(m)
+
+    def _launch(self, m: IgnitionMachine, argv: list[str]) -> float:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log = open(m.vmm_log, "wb")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            m._relay = _ConsoleRelay(ours, m.console_sock, m.console_log)
+            started = time.monotonic()
+            m.proc = _spawner.popen(
+                argv,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=log,
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+            theirs.close()
+        return started
+
+    def _fail(self, m: IgnitionMachine, what: str) -> BootError:
+        if m.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                m.proc.wait(timeout=0.5)
+        msg = what
+        if m.proc is not None and m.proc.poll() is not None:
+            msg += f" (the VMM exited with {m.proc.returncode})"
+        out = m.vmm_output(2000).strip()
+        if out:
+            msg += f"\nthe VMM said: {out}"
+        tail = m.console_tail()
+        m.close()
+        return BootError(msg, tail)
+
+    def _connect_agent(
+        self, m: IgnitionMachine, deadline: float, timeout: float, what: str
+    ) -> None:
+        from pytest_ignition.agent import AgentClient, AgentError
+
+        while not m.vsock_sock.exists():
+            if not m.is_alive():
+                raise self._fail(m, f"the VMM exited before the guest {what}")
+            if time.monotonic() > deadline:
+                raise self._fail(m, f"the VMM did not start within {timeout:g}s")
+            time.sleep(0.005)
+        # A CONNECT is refused (the VMM closes it) until the guest agent listens; retry.
+        while True:
+            try:
+                m.agent = AgentClient.connect_vsock_uds(
+                    str(m.vsock_sock),
+                    AGENT_VSOCK_PORT,
+                    timeout=min(2.0, deadline - time.monotonic()),
+                )
+                break
+            except (AgentError, OSError) as exc:
+                if not m.is_alive():
+                    raise self._fail(m, f"the guest stopped before it {what}") from exc
+                if time.monotonic() > deadline:
+                    raise self._fail(
+                        m, f"the guest agent did not answer within {timeout:g}s after launch"
+                    ) from exc
+        try:
+            m.agent.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            if not m.is_alive():
+                raise self._fail(m, f"the guest stopped before it {what}") from exc
+            raise self._fail(m, f"the guest agent failed: {exc!r}") from exc
+
+    def _check_files(self, config: VMConfig) -> None:
+        for name, path in config.files().items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{name} {path} does not exist")
+
+    # -- Engine API -----------------------------------------------------------------------------
+    def boot(self, config: VMConfig, workdir: Path) -> IgnitionMachine:
+        self._check_files(config)
+        m = IgnitionMachine(self, config, workdir)
+        try:
+            started = self._launch(m, self.boot_argv(m, config))
+            deadline = started + config.boot_timeout
+            self._connect_agent(m, deadline, config.boot_timeout, "booted")
+            m.ready_seconds = time.monotonic() - started
+            return m
+        except BaseException:
+            m.close()
+            raise
+
+    def snapshot(self, machine: Machine, directory: Path) -> None:
+        if not isinstance(machine, IgnitionMachine):
+            raise TypeError("snapshot() needs a machine of the ignition engine")
+        if not machine.is_alive():
+            raise EngineError("cannot snapshot a machine whose VMM is not running")
+        directory = Path(directory).resolve()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        (directory / "meta.json").unlink(missing_ok=True)
+        reply = machine.control(
+            "snapshot", timeout=600, store=str(directory.parent), name=directory.name
+        )
+        try:
+            meta = {
+                "format": SNAPSHOT_FORMAT,
+                "engine": self.name,
+                "config_key": machine.config.key(),
+                "cmdline": self.cmdline(machine.config),
+                "snapshot_ms": reply.get("snapshot_ms"),
+                "created": time.time(),
+            }
+            tmp = directory / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, directory / "meta.json")
+        finally:
+            if reply.get("state") == "paused" and machine.is_alive():
+                machine.control("resume")
+
+    def read_meta(self, config: VMConfig, directory: Path) -> dict[str, Any]:
+        meta_path = Path(directory) / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise SnapshotMismatch(f"{meta_path}: no such snapshot metadata") from None
+        except (OSError, ValueError) as exc:
+            raise SnapshotMismatch(f"{meta_path}: unreadable snapshot metadata: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise SnapshotMismatch(f"{meta_path}: not a snapshot metadata object")
+        problems = []
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            problems.append(f"format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT}")
+        if meta.get("engine") != self.name:
+            problems.append(f"taken by engine {meta.get('engine')!r}, not {self.name!r}")
+        if meta.get("config_key") != config.key():
+            problems.append("taken with another configuration (or a file changed since)")
+        if problems:
+            raise SnapshotMismatch(f"{meta_path}: snapshot does not match: " + "; ".join(problems))
+        return meta
+
+    def restore(self, config: VMConfig, directory: Path, workdir: Path) -> IgnitionMachine:
+        directory = Path(directory).resolve()
+        self.read_meta(config, directory)
+        self._check_files(config)
+        m = IgnitionMachine(self, config, workdir)
+        m.restored_from = directory
+        try:
+            argv = [self.python, "-m", "pytest_ignition.vmm", "restore"]
+            argv += ["--store", str(directory.parent), "--name", directory.name]
+            argv += ["--kernel", str(Path(config.kernel).resolve())]
+            if config.initrd is not None:
+                argv += ["--initrd", str(Path(config.initrd).resolve())]
+            started = self._launch(m, argv + self._common(m))
+            deadline = started + config.boot_timeout
+            self._connect_agent(m, deadline, config.boot_timeout, "was restored")
+            self._sync(m)
+            m.ready_seconds = time.monotonic() - started
+            return m
+        except BaseException:
+            m.close()
+            raise
+
+    def _sync(self, m: IgnitionMachine) -> None:
+        try:
+            m.agent.sync(time.time_ns(), os.urandom(256))
+        except Exception as exc:
+            raise self._fail(m, f"setting the restored guest's clock failed: {exc!r}") from exc
+
+    def rollback(self, machine: Machine) -> None:
+        if not isinstance(machine, IgnitionMachine):
+            raise TypeError("rollback() needs a machine of the ignition engine")
+        if machine.agent is not None:
+            with contextlib.suppress(Exception):
+                machine.agent.close()
+            machine.agent = None
+        machine.control("rollback", timeout=120)
+        deadline = time.monotonic() + machine.config.boot_timeout
+        self._connect_agent(machine, deadline, machine.config.boot_timeout, "was rolled back")
+        self._sync(machine)

@@ -1,0 +1,251 @@
+"""Benchmark, inside the nested harness: cold boot of the default guest, bundled VMM vs QEMU+KVM.
+
+Both engines boot the same kernel (bzImage) and initramfs with the same memory, on the
+nested host's real /dev/kvm (AMD SVM emulated by TCG), interleaved run by run (the engine
+that goes first alternates), so that drifts in the shared machine hit both alike.
+
+Metrics (a JSON list in ``benchmarks/results/nested.json``, which this script rewrites):
+
+* ``guest_boot_time``: process launch -> the guest's rcS reached its boot marker. For the
+  bundled VMM this is its boot-timer device (the rcS's ``devmem 0xd0000000 8 123``,
+  ``params.method = "boot-timer"``). QEMU's microvm has no such device, so for both engines
+  it is also taken as launch -> ``ignition: init done`` (printed by the same rcS a few
+  commands later) appearing in the serial console file (``method = "console-marker"``,
+  polled every 2 ms); the ratio uses that method.
+* ``launch_to_ready``: process launch -> the guest agent answered a ping (vsock for the
+  bundled VMM, virtio-serial for QEMU: each engine's own agent channel).
+
+Records: ``{"metric", "engine": "ignition"|"qemu", "where": "nested", "params", "median_ms",
+"p10_ms", "p90_ms", "n", "host"}``, plus one ``{"metric": "ratio", ...}`` line per metric.
+
+Usage (from the repository root)::
+
+    python -m pytest_ignition.nested run -- .venv/bin/python -m benchmarks.nested_boot [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "nested.json"
+MARKER = b"ignition: init done"
+BOOT_TIMEOUT = 300.0
+
+
+def _pct(sorted_ms: list[float], q: float) -> float:
+    pos = (len(sorted_ms) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def host_description() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"nested host (QEMU TCG, emulated AMD SVM) {platform.machine()} {os.cpu_count()}cpu "
+        f"{platform.release()} [{cpu}]"
+    )
+
+
+def record(metric: str, engine: str, params: dict, seconds: list[float]) -> dict:
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        "metric": metric,
+        "engine": engine,
+        "where": "nested",
+        "params": params,
+        "median_ms": round(statistics.median(ms), 2),
+        "p10_ms": round(_pct(ms, 0.1), 2),
+        "p90_ms": round(_pct(ms, 0.9), 2),
+        "n": len(ms),
+        "host": host_description(),
+    }
+
+
+class _MarkerWatch(threading.Thread):
+    """Poll a console file until MARKER appears; remember when."""
+
+    def __init__(self, path: Path, t0: float) -> None:
+        super().__init__(daemon=True)
+        self.path, self.t0 = path, t0
+        self.seen: float | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if MARKER in self.path.read_bytes():
+                    self.seen = time.monotonic() - self.t0
+                    return
+            except OSError:
+                pass
+            time.sleep(0.002)
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def run_ignition(guest, mem_mib: int, d: Path) -> dict[str, float]:
+    from pytest_ignition.agent import AgentClient
+
+    console, log, vsock = d / "console.log", d / "vmm.log", d / "v.sock"
+    argv = [sys.executable, "-m", "pytest_ignition.vmm", "boot", "--kernel", str(guest.kernel)]
+    argv += ["--initrd", str(guest.initrd), "--mem", f"{mem_mib}M", "--vsock", str(vsock)]
+    argv += ["--boot-timer", "--console", str(console)]
+    with open(log, "wb") as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    watch = _MarkerWatch(console, t0)
+    watch.start()
+    try:
+        client = AgentClient.connect_vsock_uds(vsock, 52, timeout=BOOT_TIMEOUT)
+        with client:
+            client.wait_ready(timeout=BOOT_TIMEOUT)
+            ready = time.monotonic() - t0
+        watch.join(10)
+        m = re.search(rb"Guest-boot-time = +(\d+) us", log.read_bytes())
+        if m is None or watch.seen is None:
+            raise RuntimeError(f"no boot time (log: {log.read_bytes()[-500:]!r})")
+        return {"boot_timer": int(m.group(1)) / 1e6, "marker": watch.seen, "ready": ready}
+    finally:
+        watch.stop.set()
+        _finish(proc)
+
+
+def run_qemu(guest, mem_mib: int, d: Path) -> dict[str, float]:
+    from pytest_ignition.agent import AgentClient
+    from pytest_ignition.guest import DEFAULT_CMDLINE
+
+    console, sock = d / "console.log", d / "agent.sock"
+    argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"]
+    argv += ["-m", str(mem_mib), "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += ["-no-reboot", "-serial", f"file:{console}", "-kernel", str(guest.kernel)]
+    argv += ["-initrd", str(guest.initrd), "-append", DEFAULT_CMDLINE]
+    argv += ["-device", "virtio-serial-device"]
+    argv += ["-chardev", f"socket,id=agent,path={sock},server=on,wait=off"]
+    argv += ["-device", "virtserialport,chardev=agent,name=org.ignition.agent"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watch = _MarkerWatch(console, t0)
+    watch.start()
+    try:
+        client = AgentClient.connect_unix(sock, timeout=60)
+        with client:
+            client.wait_ready(timeout=BOOT_TIMEOUT)
+            ready = time.monotonic() - t0
+        watch.join(10)
+        if watch.seen is None:
+            raise RuntimeError("QEMU: the console marker never appeared")
+        return {"marker": watch.seen, "ready": ready}
+    finally:
+        watch.stop.set()
+        _finish(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.nested_boot", description=__doc__)
+    p.add_argument("--runs", type=int, default=5, help="boots per engine (default 5)")
+    p.add_argument("--memory", type=int, default=256, help="guest MiB (default 256)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--force", action="store_true", help="run outside the nested harness too")
+    args = p.parse_args(argv)
+
+    from pytest_ignition.guest import find_guest
+    from pytest_ignition.nested import inside
+
+    if not inside() and not args.force:
+        print(
+            "run this inside the nested harness: python -m pytest_ignition.nested run -- "
+            ".venv/bin/python -m benchmarks.nested_boot",
+            file=sys.stderr,
+        )
+        return 2
+    guest = find_guest()
+    if guest is None:
+        print("guest not built (python -m pytest_ignition.guest build)", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict[str, float]]] = {"ignition": [], "qemu": []}
+    fns = {"ignition": run_ignition, "qemu": run_qemu}
+    with tempfile.TemporaryDirectory(prefix="nested-bench-") as tmp:
+        for i in range(args.runs):
+            order = ["ignition", "qemu"] if i % 2 == 0 else ["qemu", "ignition"]
+            for eng in order:
+                d = Path(tmp) / f"{eng}-{i}"
+                d.mkdir()
+                r = fns[eng](guest, args.memory, d)
+                runs[eng].append(r)
+                print(
+                    f"run {i} {eng}: " + " ".join(f"{k}={v:.3f}s" for k, v in r.items()), flush=True
+                )
+    base = {"memory_mib": args.memory, "kernel": "bzImage", "cpus": 1}
+    recs = [
+        record(
+            "guest_boot_time",
+            "ignition",
+            {**base, "method": "boot-timer"},
+            [r["boot_timer"] for r in runs["ignition"]],
+        ),
+    ]
+    for eng in ("ignition", "qemu"):
+        recs.append(
+            record(
+                "guest_boot_time",
+                eng,
+                {**base, "method": "console-marker"},
+                [r["marker"] for r in runs[eng]],
+            )
+        )
+        recs.append(record("launch_to_ready", eng, dict(base), [r["ready"] for r in runs[eng]]))
+    for metric, method in (("guest_boot_time", "console-marker"), ("launch_to_ready", None)):
+        ign = next(
+            r
+            for r in recs
+            if r["engine"] == "ignition"
+            and r["metric"] == metric
+            and r["params"].get("method") == method
+        )
+        qem = next(r for r in recs if r["engine"] == "qemu" and r["metric"] == metric)
+        recs.append(
+            {
+                "metric": "ratio",
+                "of": metric,
+                "where": "nested",
+                "ignition_over_qemu": round(ign["median_ms"] / qem["median_ms"], 3),
+                "params": dict(base),
+                "host": host_description(),
+            }
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(recs, indent=2) + "\n")
+    for r in recs:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,6 +87,7 @@ def host_description() -> str:
 
 def run(n: int, extra: list[str], prefetch: bool = True) -> dict:
     """Run the suite once and return its record."""
+    load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="ign-bench-") as d:
         root = Path(d)
         (root / "conftest.py").write_text(INNER_CONFTEST)
@@ -128,6 +129,8 @@ def run(n: int, extra: list[str], prefetch: bool = True) -> dict:
         "session_setup_s": round(first, 2),
         "total_wall_s": round(total, 2),
         "host": host_description(),
+        # Other work on the host skews wall times; record how busy it was.
+        "load_avg_1m_before": load_before,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return record

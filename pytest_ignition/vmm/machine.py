@@ -591,12 +591,12 @@ class Machine:
         return path
 
     def _set_rollback_base(self, memory_path: Path, state: dict[str, Any]) -> None:
-        """Make ``memory_path`` the private backing of guest RAM (if it is not already) and
-        start a fresh dirty log, so that :meth:`rollback` returns exactly here."""
+        """Make the just-written ``memory_path`` the private backing of guest RAM and start a
+        fresh dirty log, so that :meth:`rollback` returns exactly here. Always a remap, even
+        when the path is the old backing's: a snapshot replacing its own base is a new file."""
         mem = self.mem
-        if self._backing != memory_path:
-            _remap_private(mem, memory_path)
-            self._backing = memory_path
+        _remap_private(mem, memory_path)
+        self._backing = memory_path
         if not self._log_dirty:
             for slot, r in enumerate(mem.regions):
                 self.vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr, log_dirty=True)

@@ -218,3 +218,22 @@ def test_failed_snapshot_does_not_lose_dirty_pages(tmp_path, kvm_system, monkeyp
         assert_memory_equals_file(m.mem, path / snap.MEMORY_FILE)
     finally:
         m.close()
+
+
+def test_snapshot_over_its_own_base_then_rollback(tmp_path, kvm_system):
+    """A VM re-snapshotted under the name it was based on rolls back to the new contents."""
+    m = cpl3_machine(tmp_path, [dirty_pages(FIRST, 20)])
+    try:
+        m.snapshot(tmp_path / "store", "base")
+        m.start()
+        assert m.done.event.wait(60)
+        path = m.snapshot(tmp_path / "store", "base")  # replaces the file RAM is mapped from
+        m.pause()
+        for i in range(20):
+            m.mem.write(FIRST + i * 4096, b"\xcd")
+        info = m.rollback(resume=False)
+        assert info["pages"] >= 20
+        assert all(m.mem.read_u8(FIRST + i * 4096) == 0xAB for i in range(20))
+        assert_memory_equals_file(m.mem, path / snap.MEMORY_FILE)
+    finally:
+        m.close()

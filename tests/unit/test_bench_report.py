@@ -6,6 +6,7 @@ No VM: the scripts run here are tiny Python files written by the tests.
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -145,8 +146,9 @@ def test_merge_marks_every_unmet_expectation_absent_with_its_reason() -> None:
         _unit("late", [E("restore_to_ready", "qemu", "tcg")]),
     ]  # fmt: skip
     bad = {**rec("snapshot_time", "qemu", "tcg"), "median_ms": "fast"}
+    ratio_line = {"metric": "ratio", "of": "snapshot_time", "ignition_over_qemu": 0.5}
     statuses = [
-        {"unit": "good", "ok": True, "records": [rec("snapshot_time", "qemu", "tcg", memory_mib=512), bad]},
+        {"unit": "good", "ok": True, "records": [rec("snapshot_time", "qemu", "tcg", memory_mib=512), bad, ratio_line]},
         {"unit": "broken", "ok": False, "reason": "exit 1: Traceback", "records": []},
         {"unit": "partial", "ok": True, "records": [rec("launch_to_ready", "ignition", "nested")]},
     ]  # fmt: skip
@@ -217,6 +219,19 @@ def test_run_unit_collects_only_this_runs_records(tmp_path: Path) -> None:
     assert st["ok"], st
     assert [r["median_ms"] for r in st["records"]] == [2.0]
     assert st["command"].startswith("python ")
+
+
+def test_run_unit_runs_a_wrapped_script_through_its_wrapper(tmp_path: Path) -> None:
+    body = SCRIPT_OK.replace(
+        '"params": {}', '"params": {"via": __import__("os").environ.get("VIA")}'
+    )
+    unit = _script_unit(tmp_path, body)
+    unit.via = ["env", "VIA=wrapper"]
+    st = runner.run_unit(unit, False, 30, tmp_path / "results", tmp_path / "logs")
+    assert st["ok"], st
+    assert st["records"][0]["params"] == {"via": "wrapper"}
+    assert st["command"].startswith("env VIA=wrapper python ")
+    assert unit.argv(["--help"], wrapped=False)[0] == sys.executable
 
 
 def test_run_unit_reports_failure_missing_script_and_silence(tmp_path: Path) -> None:

@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     accel = args.accel or decide("qemu", probe_host()).accelerator
     engine = QemuEngine(accelerator=accel)
     config = VMConfig(kernel=guest.kernel, initrd=guest.initrd, memory_mib=args.memory)
-    params = {"memory_mib": args.memory, "cpus": 1, "qemu": engine.version}
+    # The host is often shared: record how busy it was, the numbers depend on it.
+    params = {
+        "memory_mib": args.memory,
+        "cpus": 1,
+        "qemu": engine.version,
+        "loadavg_1m_before": round(os.getloadavg()[0], 2),
+    }
     boots: list[float] = []
     snaps: list[float] = []
     restores: list[float] = []

@@ -540,9 +540,8 @@ class IgnitionEngine(Engine):
         try:
             argv = [self.python, "-m", "pytest_ignition.vmm", "restore"]
             argv += ["--store", str(directory.parent), "--name", directory.name]
-            argv += ["--kernel", str(Path(config.kernel).resolve())]
-            if config.initrd is not None:
-                argv += ["--initrd", str(Path(config.initrd).resolve())]
+            # meta.json already tied the snapshot to ``config``; the VMM checks its own
+            # checksums, so the kernel need not be hashed again on every restore.
             started = self._launch(m, argv + self._common(m))
             deadline = started + config.boot_timeout
             self._connect_agent(m, deadline, config.boot_timeout, "was restored")

@@ -145,8 +145,13 @@ def measured(records: Iterable[Record]) -> list[Record]:
     return [r for r in records if not common.is_absent(r)]
 
 
+def _context_key(k: str) -> bool:
+    """Params that describe the engine or the moment (load), not the workload."""
+    return k in ENGINE_PARAMS or k.startswith("loadavg")
+
+
 def _params_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    shared = (set(a) & set(b)) - ENGINE_PARAMS
+    shared = {k for k in set(a) & set(b) if not _context_key(k)}
     return all(a[k] == b[k] for k in shared)
 
 
@@ -173,7 +178,11 @@ def ratios(records: Iterable[Record]) -> list[dict[str, Any]]:
                 {
                     "metric": ig["metric"],
                     "where": ig["where"],
-                    "params": {k: v for k, v in ig["params"].items() if k in qe["params"]},
+                    "params": {
+                        k: v
+                        for k, v in ig["params"].items()
+                        if k in qe["params"] and not _context_key(k)
+                    },
                     "ignition_ms": ig["median_ms"],
                     "qemu_ms": q,
                     "ratio": round(ig["median_ms"] / q, 3) if q else None,

@@ -281,8 +281,16 @@ def test_run_unit_timeout_kills_the_script_and_its_children(tmp_path: Path) -> N
 
 def test_ratios_pair_same_metric_where_and_workload() -> None:
     records = [
-        rec("launch_to_ready", "ignition", "nested", (100.0,), memory_mib=512),
-        rec("launch_to_ready", "qemu", "nested", (400.0,), memory_mib=512, qemu="7.2.22"),
+        rec("launch_to_ready", "ignition", "nested", (100.0,), memory_mib=512, loadavg_1m=5.0),
+        rec(
+            "launch_to_ready",
+            "qemu",
+            "nested",
+            (400.0,),
+            memory_mib=512,
+            qemu="7.2.22",
+            loadavg_1m=3.1,
+        ),
         rec("launch_to_ready", "qemu", "nested", (999.0,), memory_mib=2048),
         rec("launch_to_ready", "qemu", "tcg", (50.0,), memory_mib=512),
         rec("restore_time_host", "ignition", "direct", (5.0,), memory_mib=512),

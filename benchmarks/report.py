@@ -28,7 +28,8 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "Guest-boot-time",
         "boot-timer device: the guest's init writes a magic byte to a fixed MMIO page; the VMM "
         "stamps it relative to VM start. Kernel + early init, in the guest's time domain; "
-        "excludes host process spawn.",
+        "excludes host process spawn. QEMU's microvm has no boot-timer device, so both engines "
+        "are also timed from launch to the same init's console marker (`method` in params).",
     ),
     "launch_to_ready": (
         "launch→ready",
@@ -377,6 +378,39 @@ def markdown(records: list[Record], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compact_markdown(records: list[Record]) -> list[str]:
+    """One table for every metric (the README's), then the ratios."""
+    lines = [
+        "| metric | engine | where | params | median | p10–p90 | n |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    order = {m: i for i, m in enumerate(common.METRICS)}
+    rows = sorted(records, key=lambda r: (order.get(r["metric"], 99), *_sort_key(r)))
+    for r in rows:
+        head = f"| `{r['metric']}` | {r['engine']} | {r['where']} | "
+        if common.is_absent(r):
+            reason = _cell(str(r.get("absent", "")))
+            reason = reason if len(reason) <= 90 else reason[:87] + "..."
+            lines.append(head + f"— | not measured: {reason} | | 0 |")
+            continue
+        lines.append(
+            head + f"{_cell(fmt_params(r['params']))} | {fmt_ms(r['median_ms'])} | "
+            f"{fmt_ms(r['p10_ms'])}–{fmt_ms(r['p90_ms'])} | {r['n']} |"
+        )
+    rs = ratios(records)
+    lines.append("")
+    if rs:
+        for x in rs:
+            lines.append(
+                f"- ignition/qemu, `{x['metric']}` {x['where']} ({fmt_params(x['params'])}): "
+                f"**{x['ratio']:.2f}×** (ignition {fmt_ms(x['ignition_ms'], unit=True)} vs "
+                f"qemu {fmt_ms(x['qemu_ms'], unit=True)})"
+            )
+    else:
+        lines.append("No metric was measured for both engines in the same `where` in this run.")
+    return lines
+
+
 def readme_section(records: list[Record], meta: dict[str, Any]) -> str:
     """The README's ``## Benchmarks`` section: how to run, the clocks, the latest table."""
     lines = [
@@ -398,10 +432,15 @@ def readme_section(records: list[Record], meta: dict[str, Any]) -> str:
         "",
         f"Latest run: {meta.get('date', 'unknown date')}. {machine_line(meta)}",
         "",
+        "Times in ms unless marked s (median, p10–p90 over n repeats). `where`: "
+        + "; ".join(f"`{k}` = {v}" for k, v in WHERE_TEXT.items())
+        + ".",
+        "",
         NOISE,
+        *compact_markdown(records),
+        "",
+        COMPARABLE,
     ]
-    lines += results_markdown(records, heading="####")
-    lines += ["", COMPARABLE]
     lines += [
         "![restore time against guest memory](benchmarks/results/restore_vs_memory.png)",
         "![rollback time against dirty pages](benchmarks/results/rollback_vs_dirty.png)",

@@ -577,7 +577,7 @@ class Machine:
                 if backing is not None and dirty_runs is not None:
                     snap.write_memory_delta(tmp / snap.MEMORY_FILE, backing, self.mem, dirty_runs)
                 else:
-                    snap.write_memory(tmp / snap.MEMORY_FILE, self.mem)
+                    snap.write_memory(tmp / snap.MEMORY_FILE, self.mem, anonymous=True)
                 for i, dev in overlays:
                     path = tmp / f"disk{i}.overlay"
                     dev.save_overlay(path)

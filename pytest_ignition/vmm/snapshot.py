@@ -26,6 +26,7 @@ fingerprint is refused (:func:`check_fingerprint`).
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import json
 import os
@@ -151,10 +152,36 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # -- memory -------------------------------------------------------------------------------
-def write_memory(path: str | os.PathLike[str], mem: GuestMemory) -> int:
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def _swap_active() -> bool:
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().strip().splitlines()) > 1
+    except OSError:
+        return True  # cannot tell: assume pages may be swapped out
+
+
+def resident_pages(addr: int, length: int) -> bytes | None:
+    """mincore(2) over an anonymous mapping: one byte per page, bit 0 set if resident. A
+    never-touched anonymous page is not resident and reads as zero, so a scan can skip it
+    (unless swap is on, where a non-resident page may hold data: None then)."""
+    if _swap_active():
+        return None
+    vec = ctypes.create_string_buffer((length + PAGE_SIZE - 1) // PAGE_SIZE)
+    if _libc.mincore(addr, length, vec) != 0:
+        return None
+    return vec.raw
+
+
+def write_memory(path: str | os.PathLike[str], mem: GuestMemory, *, anonymous: bool = False) -> int:
     """Write guest RAM (regions back to back) to ``path``, leaving all-zero chunks as holes.
-    Returns the bytes actually written."""
+    With ``anonymous`` (RAM is a private anonymous mapping), chunks with no resident page
+    are known to be zero and are not even read. Returns the bytes actually written."""
     zero = bytes(ZERO_CHUNK)
+    per_chunk = ZERO_CHUNK // PAGE_SIZE
     written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -162,8 +189,15 @@ def write_memory(path: str | os.PathLike[str], mem: GuestMemory) -> int:
         file_off = 0
         for r in mem.regions:
             mm = r.mm
+            resident = resident_pages(r.host_addr, r.size) if anonymous else None
             for off in range(0, r.size, ZERO_CHUNK):
                 n = min(ZERO_CHUNK, r.size - off)
+                if resident is not None:
+                    page = off // PAGE_SIZE
+                    if resident.count(0, page, page + per_chunk) == len(
+                        resident[page : page + per_chunk]
+                    ):
+                        continue
                 chunk = mm[off : off + n]
                 if chunk != zero[:n]:
                     os.pwrite(fd, chunk, file_off + off)

@@ -472,3 +472,22 @@ def test_two_restores_draw_different_random_bytes(tmp_path, kvm_system):
         finally:
             r.close()
     assert fills[0] != fills[1] and bytes(64) not in fills
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+def test_memory_file_is_exact_and_sparse(tmp_path, anonymous):
+    from pytest_ignition.vmm.memory import GuestMemory
+
+    mem = GuestMemory.anonymous(64 << 20)
+    try:
+        marks = {0: b"first", 5 << 20: b"middle", (64 << 20) - 3: b"end"}
+        for gpa, data in marks.items():
+            mem.write(gpa, data)
+        mem.read(32 << 20, 4096)  # read-only touch: resident zero page, still a hole
+        f = tmp_path / "memory.bin"
+        written = snap.write_memory(f, mem, anonymous=anonymous)
+        assert written == 3 * snap.ZERO_CHUNK  # three non-zero 1 MiB chunks
+        assert f.read_bytes() == mem.read(0, mem.size)
+        assert f.stat().st_blocks * 512 <= 4 * snap.ZERO_CHUNK
+    finally:
+        mem.close()

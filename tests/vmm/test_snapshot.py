@@ -249,12 +249,13 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
     raise AssertionError("control socket never appeared")
 
 
-def test_restore_in_a_new_process_continues(tmp_path, kvm_system):
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_restore_in_a_new_process_continues(tmp_path, kvm_system, cpus):
     store = tmp_path / "store"
-    m = cpl3_machine(tmp_path, [counter_loop(data_page(0))])
+    m = cpl3_machine(tmp_path, [counter_loop(data_page(i)) for i in range(cpus)])
     try:
         m.start()
-        (rbx,) = pause_with_progress(m, [1000])
+        before = pause_with_progress(m, [1000] * cpus)
         m.snapshot(store, "base")
     finally:
         m.close()
@@ -271,13 +272,15 @@ def test_restore_in_a_new_process_continues(tmp_path, kvm_system):
         _wait_for(ctl, proc)
         st = _control(ctl, "status")
         assert st["ok"] and st["state"] == "running" and st["restore_time_us"] > 0
+        assert st["cpus"] == cpus
         for _ in range(200):  # let the restored guest count on, then take its picture
             threading.Event().wait(0.01)
             assert _control(ctl, "pause")["ok"]
             reply = _control(ctl, "snapshot", name="later")
             assert reply["ok"], reply
             later = snap.SnapshotStore(store).load("later")
-            if later.state["vcpus"][0]["regs"]["rbx"] > rbx:
+            after = [v["regs"]["rbx"] for v in later.state["vcpus"]]
+            if all(x > y for x, y in zip(after, before, strict=True)):
                 break
             assert _control(ctl, "resume")["ok"]
         assert _control(ctl, "shutdown")["ok"]
@@ -289,13 +292,18 @@ def test_restore_in_a_new_process_continues(tmp_path, kvm_system):
     err = proc.stderr.read().decode()
     assert "Restore-time = " in err and " us " in err
     base = snap.SnapshotStore(store).load("base")
-    later_rbx = later.state["vcpus"][0]["regs"]["rbx"]
-    assert later_rbx > rbx  # the counter continued in the new process
+    # every counter continued in the new process
+    assert all(x > y for x, y in zip(after, before, strict=True))
     a = base.memory_path.read_bytes()
     b = later.memory_path.read_bytes()
-    page = data_page(0)
-    assert a[:page] == b[:page] and a[page + 8 :] == b[page + 8 :]  # everything else equal
-    assert struct.unpack_from("<Q", b, page)[0] in (later_rbx, later_rbx - 1)
+    pages = [data_page(i) for i in range(cpus)]
+    start = 0
+    for page in pages:  # everything but the counters' words is equal
+        assert a[start:page] == b[start:page]
+        start = page + 8
+    assert a[start:] == b[start:]
+    for page, value in zip(pages, after, strict=True):
+        assert struct.unpack_from("<Q", b, page)[0] in (value, value - 1)
 
 
 # -- unusable snapshots ----------------------------------------------------------------------

@@ -153,3 +153,28 @@ def test_restore_errors_are_one_line(tmp_path):
     assert_one_line_error(r, str(state), "truncated")
     r = run_vmm("restore", "--store", str(store))
     assert r.returncode == 2 and b"--name" in r.stderr
+
+
+def test_restore_paused_then_resume(tmp_path, procs):
+    need_kvm()
+    store = tmp_path / "store"
+    k = bzimage(tmp_path, PRINT_OK + HALT)
+    src = procs(
+        ["boot", "--kernel", str(k), "--mem", "64M", "--console", "none"],
+        tmp_path / "c1.sock",
+    )
+    assert src.cmd("snapshot", store=str(store), name="s")["ok"]
+    assert src.finish()[0] == 0
+    out = tmp_path / "console.txt"
+    dst = procs(
+        ["restore", "--store", str(store), "--name", "s", "--paused", "--console", str(out)],
+        tmp_path / "c2.sock",
+    )
+    st = dst.cmd("status")
+    assert st["state"] == "created" and st["restore_time_us"] > 0
+    prepared = st["restore_time_us"]
+    assert dst.cmd("resume")["state"] == "running"
+    assert dst.cmd("status")["restore_time_us"] >= prepared  # now includes the start
+    rc, err = dst.finish()
+    assert rc == 0 and err.count("Restore-time = ") == 1, err
+    assert out.read_bytes() == b""  # the restored guest does not boot again

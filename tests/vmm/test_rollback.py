@@ -237,3 +237,25 @@ def test_snapshot_over_its_own_base_then_rollback(tmp_path, kvm_system):
         assert_memory_equals_file(m.mem, path / snap.MEMORY_FILE)
     finally:
         m.close()
+
+
+def test_two_vcpu_rollback(tmp_path, kvm_system):
+    from test_snapshot import counter_loop, pause_with_progress
+
+    m = cpl3_machine(tmp_path, [counter_loop(data_page(0)), counter_loop(data_page(1))])
+    try:
+        m.start()
+        first = pause_with_progress(m, [100, 100])
+        path = m.snapshot(tmp_path / "store", "two")
+        regs = [r.vcpu.get_regs().to_dict() for r in m.runners]
+        m.resume()
+        pause_with_progress(m, first)
+        info = m.rollback(resume=False)
+        assert info["pages"] == 2  # each counter's page
+        assert [r.vcpu.get_regs().to_dict() for r in m.runners] == regs
+        assert_memory_equals_file(m.mem, path / snap.MEMORY_FILE)
+        m.resume()
+        again = pause_with_progress(m, first)
+        assert all(a > f for a, f in zip(again, first, strict=True))
+    finally:
+        m.close()

@@ -15,7 +15,6 @@ torn down in ``pytest_sessionfinish`` and at exit.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import json
@@ -67,13 +66,6 @@ def _worker_id(config: pytest.Config) -> str:
     return str(workerinput.get("workerid", "main")) if workerinput else "main"
 
 
-def _new_loop_for_thread() -> None:
-    # An engine whose client binds to the calling thread's asyncio loop (qemu.qmp's
-    # synchronous wrapper does) gets a loop of its own per pool-restored machine, so closing
-    # that machine from another thread never finds the loop running.
-    asyncio.set_event_loop(asyncio.new_event_loop())
-
-
 class Pool:
     """Hands out VMs of one snapshot; keeps one restoring in the background."""
 
@@ -86,7 +78,6 @@ class Pool:
         self.closed = False
 
     def _restore(self) -> tuple[VM, float]:
-        _new_loop_for_thread()
         vm, seconds = self.session.restore_vm(self.snapshot, self.reset)
         # Warm up off the critical path: a just-restored guest's first command is slow (under
         # TCG every code path is translated afresh; ~300 ms here against ~30 ms after).
@@ -173,7 +164,6 @@ class IgnitionSession:
         self.failures: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.live: set[Any] = set()
-        self.restore_times: list[float] = []
         self.boots: list[tuple[str, float]] = []
         self._boots_reported = 0  # boots already attached to a test report
         # Tests per marker signature still to run: prefetching for a configuration no test
@@ -236,7 +226,10 @@ class IgnitionSession:
         except Exception as e:  # a broken pipeline must not break the header
             return f"default guest (unavailable: {e})"
         if g is None:
-            return "default guest (not built yet: built on first use, or `make guest`)"
+            return (
+                "default guest (not built yet: built on first use, "
+                "or now with `python -m pytest_ignition.guest build`)"
+            )
         return f"default guest {g.kernel}"
 
     def _progress(self, message: str) -> None:
@@ -557,7 +550,7 @@ def _record_restore(request: pytest.FixtureRequest, seconds: float) -> None:
         props.append((BOOT_PROPERTY, round(boot_seconds, 3)))
 
 
-def _map_restore_error(session: IgnitionSession, fn: Callable[[], Any]) -> Any:
+def _map_restore_error(fn: Callable[[], Any]) -> Any:
     failure = None
     try:
         return fn()
@@ -593,7 +586,7 @@ def ignition_vm(request: pytest.FixtureRequest, _ignition_session: IgnitionSessi
     with session.lock:
         session.remaining[overrides] -= 1
         more = session.prefetch and session.remaining[overrides] > 0
-    vm, seconds = _map_restore_error(session, lambda: pool.acquire(prefetch=more))
+    vm, seconds = _map_restore_error(lambda: pool.acquire(prefetch=more))
     _record_restore(request, seconds)
     _track(request, "ignition_vm", vm)
     try:
@@ -615,7 +608,7 @@ class VMFactory:
         vmcfg, reset = self._session.vm_config(overrides)
         snap = self._session.snapshot_for(vmcfg)
         pool = self._session.pool(snap, reset)
-        vm, seconds = _map_restore_error(self._session, lambda: pool.acquire(prefetch=False))
+        vm, seconds = _map_restore_error(lambda: pool.acquire(prefetch=False))
         self._vms.append(vm)
         _record_restore(self._request, seconds)
         _track(self._request, f"ignition_vm_factory #{len(self._vms)}", vm)

@@ -59,7 +59,8 @@ struct ig_sockaddr_vm {
 #define RETRY_MS 1000
 #define DRAIN_LIMIT (1u << 20)
 
-static const char *const DEFAULT_ENV[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"};
+static const char *const DEFAULT_ENV[] = {"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                         "HOME=/root"};
 
 /* ---------------------------------------------------------------- buffers */
 

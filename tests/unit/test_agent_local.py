@@ -192,7 +192,7 @@ def test_stdout_and_stderr_are_separate(client: AgentClient) -> None:
 
 def test_env_defaults_and_overrides(client: AgentClient) -> None:
     r = client.exec(["sh", "-c", 'echo "$PATH|$HOME|$FOO"'], env={"FOO": "a b=c"})
-    assert r.stdout == b"/usr/sbin:/usr/bin:/sbin:/bin|/root|a b=c\n"
+    assert r.stdout == b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|/root|a b=c\n"
     r = client.exec(["sh", "-c", 'echo "$HOME"'], env={"HOME": "/elsewhere"})
     assert r.stdout == b"/elsewhere\n"
     with pytest.raises(ValueError):

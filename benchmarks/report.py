@@ -126,7 +126,7 @@ def fmt_ms(v: float | None, unit: bool = False) -> str:
 def fmt_params(params: dict[str, Any]) -> str:
     parts = []
     for k in sorted(params):
-        if k in HIDDEN_PARAMS:
+        if k in HIDDEN_PARAMS or k.startswith("loadavg"):
             continue
         v = params[k]
         if isinstance(v, (dict, list)):

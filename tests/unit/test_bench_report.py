@@ -347,7 +347,7 @@ def test_fmt_ms_and_params() -> None:
     assert report.fmt_ms(2500.0) == "2.50 s"
     assert report.fmt_ms(123.4) == "123"
     assert report.fmt_ms(12.34, unit=True) == "12.3 ms"
-    p = {"memory_mib": 512, "engine_description": "x", "long": "y" * 60, "l": [1]}
+    p = {"memory_mib": 512, "engine_description": "x", "long": "y" * 60, "l": [1], "loadavg_1m": 2}
     assert report.fmt_params(p) == "memory_mib=512"
     assert report.fmt_params({}) == "—"
 

@@ -328,6 +328,11 @@ def markdown(records: list[Record], meta: dict[str, Any]) -> str:
         "`where`: " + "; ".join(f"`{k}` = {v}" for k, v in WHERE_TEXT.items()) + ".",
         "",
         NOISE,
+        "## The seed's table, side by side",
+        "",
+        *seed_table(records),
+        "",
+        "## All results",
     ]
     lines += results_markdown(records)
     rs = ratios(records)
@@ -376,6 +381,85 @@ def markdown(records: list[Record], meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# The seed's own table (Apple Silicon, HVF, aarch64 Linux 6.1 guest, 512 MiB, mean of n = 6).
+SEED_ROWS = (
+    ("Fresh boot", "guest_boot_time", "Guest-boot-time", "204 ms"),
+    ("Fresh boot", "launch_to_ready", "launch → ready (seed: → login:)", "1.24 s"),
+    ("Restore", "restore_time_host", "Restore-time (host side)", "115 ms"),
+    ("Restore", "restore_to_ready", "launch → restored and ready (seed: → prompt)", "0.53 s"),
+    ("Snapshot", "snapshot_time", "snapshot-time", "—"),
+    ("Reset", "rollback_time", "in-place rollback", "100–1220 ms (browser)"),
+)
+SEED_NOTE = (
+    "The seed column is the seed's own measurement (Apple Silicon, HVF, aarch64 guest, 512 MiB, "
+    "mean of 6), for orientation only: another machine, another architecture, another "
+    "hypervisor. Each engine cell shows one record per `where` (512 MiB where several sizes "
+    "were run; the boot-timer method where there are two); see the full table for the rest."
+)
+
+
+def _pick(rows: list[Record]) -> Record:
+    """The record that stands for a metric/engine/where in the seed table."""
+
+    def score(r: Record) -> tuple:
+        p = r.get("params") or {}
+        return (
+            memory_mib(p) == 512,
+            p.get("method") == "boot-timer",
+            p.get("prefetch") is True,
+            p.get("kind") != "first",
+            r["n"],
+        )
+
+    return max(rows, key=score)
+
+
+def _seed_cell(records: list[Record], metric: str, engine: str) -> str:
+    rows = [r for r in measured(records) if r["metric"] == metric and r["engine"] == engine]
+    if not rows:
+        return "—"
+    cells = []
+    for where in common.WHERE:
+        here = [r for r in rows if r["where"] == where]
+        if not here:
+            continue
+        r = _pick(here)
+        p = r.get("params") or {}
+        detail = [where]
+        if memory_mib(p):
+            detail.append(f"{memory_mib(p):g} MiB")
+        for key in ("method", "kind"):
+            if p.get(key):
+                detail.append(f"{key} {p[key]}" if key == "kind" else str(p[key]))
+        if dirty_pages(p) is not None:
+            others = sorted(
+                dirty_pages(x["params"]) for x in here if dirty_pages(x["params"]) is not None
+            )
+            lo = min(here, key=lambda x: dirty_pages(x["params"]) or 0)
+            hi = max(here, key=lambda x: dirty_pages(x["params"]) or 0)
+            cells.append(
+                f"{fmt_ms(lo['median_ms'], unit=True)}–{fmt_ms(hi['median_ms'], unit=True)} "
+                f"({where}, {others[0]:g}–{others[-1]:g} dirty pages)"
+            )
+            continue
+        cells.append(f"{fmt_ms(r['median_ms'], unit=True)} ({', '.join(detail)})")
+    return "; ".join(cells)
+
+
+def seed_table(records: list[Record]) -> list[str]:
+    """The seed's table, with this run's numbers for both engines beside it."""
+    lines = [
+        "| phase | clock | seed (HVF) | ignition | qemu |",
+        "|---|---|---|---|---|",
+    ]
+    for phase, metric, label, seed in SEED_ROWS:
+        lines.append(
+            f"| {phase} | {label} | {seed} | {_cell(_seed_cell(records, metric, 'ignition'))} | "
+            f"{_cell(_seed_cell(records, metric, 'qemu'))} |"
+        )
+    return [*lines, "", SEED_NOTE]
 
 
 def compact_markdown(records: list[Record]) -> list[str]:
@@ -437,6 +521,10 @@ def readme_section(records: list[Record], meta: dict[str, Any]) -> str:
         + ".",
         "",
         NOISE,
+        *seed_table(records),
+        "",
+        "All records of the run:",
+        "",
         *compact_markdown(records),
         "",
         COMPARABLE,

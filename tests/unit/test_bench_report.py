@@ -361,6 +361,30 @@ def test_memory_and_dirty_page_keys() -> None:
     assert report.dirty_pages({"dirty": -1}) is None
 
 
+def test_seed_table_sets_both_engines_beside_the_seed() -> None:
+    records = [
+        rec("guest_boot_time", "ignition", "nested", (4000.0,), memory_mib=256, method="boot-timer"),
+        rec("guest_boot_time", "ignition", "nested", (5000.0,), memory_mib=256, method="console-marker"),
+        rec("guest_boot_time", "qemu", "nested", (2000.0,), memory_mib=256, method="console-marker"),
+        rec("restore_time_host", "ignition", "direct", (9.0,), memory_mib=128),
+        rec("restore_time_host", "ignition", "direct", (8.0,), memory_mib=512),
+        rec("restore_to_ready", "qemu", "tcg", (300.0,), memory_mib=512),
+        rec("rollback_time", "ignition", "direct", (0.5,), dirty_pages=1),
+        rec("rollback_time", "ignition", "direct", (40.0,), dirty_pages=100000),
+        common.absent_record("launch_to_ready", "qemu", "nested", "x"),
+    ]  # fmt: skip
+    lines = report.seed_table(records)
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| ")}
+    assert (
+        "204 ms | 4.00 s (nested, 256 MiB, boot-timer) | 2.00 s (nested, 256 MiB, console-marker) |"
+        in rows["Guest-boot-time"]
+    )
+    assert "| 8.00 ms (direct, 512 MiB) | — |" in rows["Restore-time (host side)"]
+    assert rows["launch → ready (seed: → login:)"].endswith("| — | — |")
+    assert "0.50 ms–40.0 ms (direct, 1–100000 dirty pages)" in rows["in-place rollback"]
+    assert "300 ms (tcg, 512 MiB)" in rows["launch → restored and ready (seed: → prompt)"]
+
+
 # ----------------------------------------------------------------- README section
 
 README = """\

@@ -128,17 +128,9 @@ def _format_history(vm: Any) -> str:
 
 
 def _format_entry(entry: Any) -> str:
-    # vm.HistoryEntry: (command as shown, exit code or None when it timed out / was cut off, seconds)
-    if isinstance(entry, (tuple, list)) and len(entry) >= 2:
-        cmd, code = entry[0], entry[1]
-        dur = entry[2] if len(entry) > 2 else None
-    else:
-        cmd = getattr(entry, "command", entry)
-        code = getattr(entry, "exit_code", None)
-        dur = getattr(entry, "duration", None)
-    status = f"exit {code}" if isinstance(code, int) else "no exit code (timed out or interrupted)"
-    extra = f", {dur:.3f} s" if isinstance(dur, (int, float)) else ""
-    return f"$ {str(cmd)[:500]}\n    -> {status}{extra}"
+    cmd, code, seconds = entry  # vm.HistoryEntry; code is None when it timed out / was cut off
+    status = f"exit {code}" if code is not None else "no exit code (timed out or interrupted)"
+    return f"$ {str(cmd)[:500]}\n    -> {status}, {seconds:.3f} s"
 
 
 @pytest.hookimpl(wrapper=True)

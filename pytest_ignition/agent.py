@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -619,6 +619,18 @@ class AgentClient:
         self._close_chan(chan)
         return mode, size
 
+    def _stream(self, q: queue.SimpleQueue[object], ftype: int, what: str) -> Iterator[bytes]:
+        """The payloads of ``ftype`` frames on a channel, up to the empty one that ends them."""
+        while True:
+            frame = self._recv(q, self._deadline(), what)
+            if frame.type == FrameType.ERROR:
+                raise _error_from(frame, what)
+            if frame.type != ftype:
+                raise AgentError(f"{what}: unexpected frame type 0x{frame.type:02x}")
+            if not frame.payload:
+                return
+            yield frame.payload
+
     def get_file(self, guest_path: str) -> bytes:
         """The contents of a regular file in the guest."""
         chan, q, mode, _ = self._get(guest_path, 0)
@@ -626,16 +638,7 @@ class AgentClient:
             if not stat_mod.S_ISREG(mode):
                 code = errno.EISDIR if stat_mod.S_ISDIR(mode) else errno.EINVAL
                 raise AgentError(f"get {guest_path}: not a regular file", code)
-            data = bytearray()
-            while True:
-                frame = self._recv(q, self._deadline(), f"get {guest_path}")
-                if frame.type == FrameType.ERROR:
-                    raise _error_from(frame, f"get {guest_path}")
-                if frame.type != FrameType.DATA:
-                    raise AgentError(f"get {guest_path}: unexpected frame type 0x{frame.type:02x}")
-                if not frame.payload:
-                    return bytes(data)
-                data += frame.payload
+            return b"".join(self._stream(q, FrameType.DATA, f"get {guest_path}"))
         finally:
             self._close_chan(chan)
 
@@ -645,15 +648,8 @@ class AgentClient:
         try:
             if not stat_mod.S_ISDIR(mode):
                 raise AgentError(f"list {guest_path}: not a directory", errno.ENOTDIR)
-            while True:
-                frame = self._recv(q, self._deadline(), f"list {guest_path}")
-                if frame.type == FrameType.ERROR:
-                    raise _error_from(frame, f"list {guest_path}")
-                if frame.type != FrameType.LIST:
-                    raise AgentError(f"list {guest_path}: unexpected frame type 0x{frame.type:02x}")
-                if not frame.payload:
-                    return entries
-                p, pos = frame.payload, 0
+            for p in self._stream(q, FrameType.LIST, f"list {guest_path}"):
+                pos = 0
                 while pos < len(p):
                     if len(p) - pos < _STAT.size:
                         raise AgentError(f"list {guest_path}: truncated entry")
@@ -666,6 +662,7 @@ class AgentClient:
                         raise AgentError(f"list {guest_path}: refusing entry path {rel!r}")
                     entries.append((emode, esize, rel))
                     pos = nul + 1
+            return entries
         finally:
             self._close_chan(chan)
 

@@ -180,7 +180,8 @@ class Queue:
                     raise QueueError("indirect descriptor not allowed here", head)
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
                     raise QueueError(f"bad indirect table length {length}", head)
-                if addr % 16 or not mem.check(addr, length):
+                # No alignment rule for indirect tables: Linux kmallocs them (8-byte aligned).
+                if not mem.check(addr, length):
                     raise QueueError(f"indirect table {addr:#x}+{length:#x} not in RAM", head)
                 table, table_len = addr, length // DESC_SIZE
                 index, steps, in_indirect = 0, 0, True

@@ -226,7 +226,10 @@ inflated many-fold (CPL0 code there runs ~15× slower than native) and absolute 
 say little about real hardware; the ignition/qemu ratio within `nested` is the meaningful
 number. Host-side VMM work measured `direct` (`restore_time_host`, `rollback_time`) runs on this
 machine's CPU and is not inflated by TCG, but its clock stops when the vCPU is handed to the run
-loop, before the guest runs. `tcg` numbers are QEMU emulating the guest CPU in software: they
+loop, before the guest runs. The `direct` records come from tiny CPL3 test guests (PVM cannot
+run a Linux kernel in useful time), whose memory is mostly never touched: they measure the VMM's
+own mechanics, not a booted Linux guest's snapshot or restore, so `snapshot_time` ignition/direct
+and qemu/tcg are not a race either. `tcg` numbers are QEMU emulating the guest CPU in software: they
 are not KVM numbers, and the bundled VMM has no TCG mode, so there is no ratio there.
 `restore_time_host` (ignition, stops before the guest runs) and `restore_to_ready` (QEMU, stops
 when the agent answers) are different clocks: the restore plot puts them on one axis for scale,

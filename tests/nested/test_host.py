@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,17 +54,30 @@ def test_dev_kvm_is_amd_svm_not_pvm() -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Guest:
+    kernel: Path
+    initrd: Path
+
+
 @pytest.fixture(scope="module")
-def guest():
+def guest() -> _Guest:
+    """The default guest, or IGNITION_KERNEL + IGNITION_INITRD when both are set."""
     from pytest_ignition.guest import find_guest
 
+    require(shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 not installed")
+    kernel, initrd = os.environ.get("IGNITION_KERNEL"), os.environ.get("IGNITION_INITRD")
+    if kernel and initrd:
+        return _Guest(Path(kernel), Path(initrd))
     found = find_guest()
     require(found is not None, "guest not built (python -m pytest_ignition.guest build)")
-    require(shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 not installed")
-    return found
+    assert found is not None
+    return _Guest(found.kernel, found.initrd)
 
 
-def test_qemu_kvm_boots_default_guest_to_agent(guest, tmp_path: Path, capsys) -> None:
+def test_qemu_kvm_boots_default_guest_to_agent(
+    guest: _Guest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pytest_ignition.agent import AgentClient
     from pytest_ignition.guest import DEFAULT_CMDLINE
 

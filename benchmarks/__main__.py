@@ -275,6 +275,10 @@ def run_unit(
 ) -> dict[str, Any]:
     """Run one unit; return its status and the records it added to its results file."""
     status: dict[str, Any] = {"unit": unit.name, "group": unit.group, "records": []}
+    try:  # the machine is shared: how busy it was when this script started
+        status["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     if not unit.script_path().exists():
         status.update(ok=False, seconds=0.0, reason=f"{unit.script_path().name} does not exist")
         return status

@@ -365,14 +365,15 @@ def markdown(records: list[Record], meta: dict[str, Any]) -> str:
         lines += [
             "## Scripts run",
             "",
-            "| run | command | seconds | outcome |",
-            "|---|---|---:|---|",
+            "| run | command | seconds | load (1 min) at start | outcome |",
+            "|---|---|---:|---:|---|",
         ]
         for u in units:
             outcome = "ok" if u.get("ok") else f"failed: {u.get('reason', '')}"
+            load = u.get("loadavg_1m")
             lines.append(
                 f"| {u['unit']} | `{u.get('command', '')}` | {u.get('seconds', 0):.0f} | "
-                f"{_cell(outcome)[:300]} |"
+                f"{'' if load is None else load} | {_cell(outcome)[:300]} |"
             )
         lines.append("")
     lines += [

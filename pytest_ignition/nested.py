@@ -185,6 +185,10 @@ def build_qemu_argv(
         "ro",
         "panic=-1",
         "reboot=k",
+        # TCG's TSC is the outer machine's (constant, shared by all vCPUs), but the boot-time
+        # sync check fails under TCG's jitter and leaves the host on HPET, where every clock read
+        # is an emulated MMIO access instead of a vDSO rdtsc.
+        "tsc=reliable",
         "init=/bin/sh",
     ]
     if not verbose:

@@ -191,5 +191,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if collector is not None and collector.boots:
         boots = ", ".join(f"{b:.1f} s" for b in collector.boots)
         terminalreporter.write_line(
-            f"{len(collector.boots)} snapshot(s) booted and prepared: {boots}"
+            # boot_seconds ends at agent-ready, before the prepare hook and the snapshot
+            f"{len(collector.boots)} snapshot(s) booted and prepared: boot to agent-ready {boots}"
         )

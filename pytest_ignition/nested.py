@@ -24,8 +24,8 @@ Command line::
     python -m pytest_ignition.nested check      # is the harness usable here?
 
 Exit status: CMD's; 124 on timeout; 125 when the harness itself fails (no host kernel, no QEMU,
-kernel panic, host died before CMD ended); 130 on Ctrl-C. QEMU is killed and the control
-directory removed in every case.
+kernel panic, host died before CMD ended); 130 on Ctrl-C or SIGTERM. QEMU is killed and the
+control directory removed in every case (QEMU also dies with us on SIGKILL: PR_SET_PDEATHSIG).
 
 The VMM's end-to-end tests run inside it (``tests/nested/`` skip anywhere else)::
 
@@ -523,6 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.buffer.write(data)
         sys.stderr.buffer.flush()
 
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through run()'s cleanup: QEMU killed, files removed
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         res = run(
             args.cmd,

@@ -58,7 +58,8 @@ __all__ = ["QemuEngine", "QemuMachine", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = 1
 AGENT_PORT_NAME = "org.ignition.agent"
-QEMU_HINT = "apt-get install qemu-system-x86 (provides qemu-system-x86_64 and qemu-img)"
+QEMU_HINT = "apt-get install qemu-system-x86 (provides qemu-system-x86_64)"
+QEMU_IMG_HINT = "apt-get install qemu-utils (provides qemu-img; needed for a rootfs)"
 # sun_path is 108 bytes; keep socket paths well below it.
 _MAX_SOCK_PATH = 100
 
@@ -425,7 +426,7 @@ class QemuEngine(Engine):
 
     def _overlay(self, m: QemuMachine, base: Path, base_format: str) -> None:
         if self.qemu_img is None:
-            raise EngineUnavailable("qemu-img was not found on PATH", hint=QEMU_HINT)
+            raise EngineUnavailable("qemu-img was not found on PATH", hint=QEMU_IMG_HINT)
         overlay = m.dir / "overlay.qcow2"
         res = subprocess.run(
             [

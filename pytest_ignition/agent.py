@@ -306,6 +306,9 @@ class AgentClient:
                 last = f"answer {line!r}"
             except OSError as e:
                 last = str(e)
+            except BaseException:  # Ctrl-C mid-handshake: no socket left open
+                sock.close()
+                raise
             sock.close()
             time.sleep(0.05)
 
@@ -780,6 +783,6 @@ def _connect_unix_retry(path: str, timeout: float) -> socket.socket:
             if time.monotonic() >= deadline:
                 raise AgentTimeout(f"cannot connect to {path}: {e}") from e
             time.sleep(0.02)
-        except OSError:
+        except BaseException:  # other errors, and Ctrl-C: no socket left open
             sock.close()
             raise

@@ -73,7 +73,10 @@ class SerialConsole:
             except OSError as exc:
                 sock.close()
                 last = exc
-                time.sleep(0.02)
+            except BaseException:  # Ctrl-C: no socket left open
+                sock.close()
+                raise
+            time.sleep(0.02)
         raise ConnectionError(f"cannot connect to the serial console {self.socket_path}: {last}")
 
     def tail(self, max_chars: int = 4000) -> str:

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-ENGINES = ("auto", "ignition", "qemu")
+from pytest_ignition.engines.select import ENGINE_NAMES as ENGINES
+
 RESET_MODES = ("restore", "rollback")
 MIN_MEMORY_MIB = 32
 MAX_CPUS = 64

@@ -73,6 +73,9 @@ class Pool:
         self.session = session
         self.snapshot = snapshot
         self.reset = reset
+        # Rolled back in place, a test's VM becomes the next test's (give_back): a restore
+        # prefetched beside it would only block that and be thrown away.
+        self.rolls_back = reset == "rollback" and snapshot.engine.supports_rollback
         self.pending: Future[tuple[VM, float]] | None = None
         self.lock = threading.Lock()
         self.closed = False
@@ -105,7 +108,7 @@ class Pool:
                 vm_and_time = None
         if vm_and_time is None:
             vm_and_time = self.session.restore_vm(self.snapshot, self.reset)
-        if prefetch:
+        if prefetch and not self.rolls_back:
             self.start_prefetch()
         return vm_and_time
 
@@ -457,12 +460,7 @@ class IgnitionSession:
 
     def release(self, vm: VM, pool: Pool | None) -> None:
         """A test is done with ``vm``: roll it back for the next test, or close it."""
-        if (
-            pool is not None
-            and pool.reset == "rollback"
-            and pool.snapshot.engine.supports_rollback
-            and pool.give_back(vm)
-        ):
+        if pool is not None and pool.rolls_back and pool.give_back(vm):
             return
         self.close_vm(vm)
 

@@ -130,6 +130,7 @@ class Pool:
                 except BaseException:
                     self.session.close_vm(vm)
                     raise
+                vm.history.clear()  # the next test's report lists its own commands only
                 return vm, time.monotonic() - t0
 
             self.pending = self.session.restorer.submit(rollback)

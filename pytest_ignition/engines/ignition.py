@@ -441,28 +441,32 @@ class IgnitionEngine(Engine):
             if time.monotonic() > deadline:
                 raise self._fail(m, f"the VMM did not start within {timeout:g}s")
             time.sleep(0.005)
-        # A CONNECT is refused (the VMM closes it) until the guest agent listens; retry.
+        # A CONNECT is refused (the VMM closes it) until the guest agent listens, and after a
+        # restore or rollback the guest may drop a fresh connection when it handles the
+        # transport-reset event: retry both until the deadline.
+        last: BaseException | None = None
         while True:
-            try:
-                m.agent = AgentClient.connect_vsock_uds(
-                    str(m.vsock_sock),
-                    AGENT_VSOCK_PORT,
-                    timeout=min(2.0, deadline - time.monotonic()),
-                )
-                break
-            except (AgentError, OSError) as exc:
-                if not m.is_alive():
-                    raise self._fail(m, f"the guest stopped before it {what}") from exc
-                if time.monotonic() > deadline:
-                    raise self._fail(
-                        m, f"the guest agent did not answer within {timeout:g}s after launch"
-                    ) from exc
-        try:
-            m.agent.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as exc:
+            remaining = deadline - time.monotonic()
             if not m.is_alive():
-                raise self._fail(m, f"the guest stopped before it {what}") from exc
-            raise self._fail(m, f"the guest agent failed: {exc!r}") from exc
+                raise self._fail(m, f"the guest stopped before it {what}") from last
+            if remaining <= 0:
+                raise self._fail(
+                    m, f"the guest agent did not answer within {timeout:g}s ({last!r})"
+                ) from last
+            agent = None
+            try:
+                agent = AgentClient.connect_vsock_uds(
+                    str(m.vsock_sock), AGENT_VSOCK_PORT, timeout=min(2.0, remaining)
+                )
+                agent.wait_ready(timeout=max(0.1, min(30.0, deadline - time.monotonic())))
+                m.agent = agent
+                return
+            except (AgentError, OSError) as exc:
+                last = exc
+                if agent is not None:
+                    with contextlib.suppress(Exception):
+                        agent.close()
+                time.sleep(0.05)
 
     def _check_files(self, config: VMConfig) -> None:
         for name, path in config.files().items():

@@ -6,7 +6,7 @@
 # the outer machine, and re-executes itself inside it as stage 2. Stage 2 mounts the kernel
 # filesystems, the control share (`ignctl`: run.sh, nonce, cwd; rc is written back) and the
 # writable share of the caller's directory (`igncwd`), prints the start marker on the console,
-# runs run.sh with its output on the console, prints the exit marker and reboots (QEMU runs with
+# runs run.sh (sourced in a subshell) with its output on the console, prints the exit marker and reboots (QEMU runs with
 # -no-reboot, so that ends it). If anything here fails, PID 1 exits and the kernel panics
 # (panic=-1 reboots at once), which the outer side reports with the console tail.
 
@@ -15,49 +15,55 @@ export PATH
 SELF="$1"
 STAGE="${2:-1}"
 P9="trans=virtio,version=9p2000.L,msize=262144"
+# Every exec of a dynamically linked tool costs ~0.2 s under TCG (ld.so and libc over 9p);
+# busybox is static, so its applets are used where it exists.
+BB=/bin/busybox
+[ -x "$BB" ] || BB=
 
 say() { echo "ignition-nested-init: $*" >/dev/console; }
 
 if [ "$STAGE" = 1 ]; then
-    mount -t tmpfs -o mode=0755 tmpfs /run || exit 1
-    mkdir -p /run/ovl/upper /run/ovl/work /run/ovl/root
-    if mount -t overlay -o lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work \
+    $BB mount -t tmpfs -o mode=0755 tmpfs /run || exit 1
+    $BB mkdir -p /run/ovl/upper /run/ovl/work /run/ovl/root
+    if $BB mount -t overlay -o lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work \
         overlay /run/ovl/root 2>/dev/console; then
-        exec chroot /run/ovl/root /bin/sh "$SELF" "$SELF" 2
+        exec $BB chroot /run/ovl/root ${BB:-/bin/sh} ${BB:+sh} "$SELF" "$SELF" 2
     fi
     say "overlayfs over the 9p root failed; the root stays read-only (tmpfs on /tmp, /var/tmp)"
-    umount /run
-    exec /bin/sh "$SELF" "$SELF" 2
+    $BB umount /run
+    $BB mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+    STAGE=2
 fi
 
 # ---- stage 2
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o mode=0620,ptmxmode=0666 devpts /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs -o mode=1777 tmpfs /var/tmp 2>/dev/null
+$BB mount -t proc proc /proc
+$BB mount -t sysfs sysfs /sys
+$BB mount -t devtmpfs devtmpfs /dev 2>/dev/null
+$BB mkdir -p /dev/pts /dev/shm
+$BB mount -t devpts -o mode=0620,ptmxmode=0666 devpts /dev/pts
+$BB mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+# Fresh /run and /tmp: the outer machine's show through the root share otherwise.
+$BB mount -t tmpfs -o mode=0755 tmpfs /run
+$BB mount -t tmpfs -o mode=1777 tmpfs /tmp
 CTL=/run/ignition-nested
-mkdir -p "$CTL"
-mount -t 9p -o "$P9" ignctl "$CTL" || { say "cannot mount the control share"; exit 1; }
-NONCE=$(cat "$CTL/nonce")
-if [ -s "$CTL/cwd" ]; then
-    CWD=$(cat "$CTL/cwd")
-    mkdir -p "$CWD" 2>/dev/null
-    mount -t 9p -o "$P9,cache=mmap" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
+$BB mkdir -p "$CTL"
+$BB mount -t 9p -o "$P9" ignctl "$CTL" || { say "cannot mount the control share"; exit 1; }
+read -r NONCE <"$CTL/nonce"
+CWD=
+[ -s "$CTL/cwd" ] && read -r CWD <"$CTL/cwd"
+if [ -n "$CWD" ]; then
+    [ -d "$CWD" ] || $BB mkdir -p "$CWD"
+    $BB mount -t 9p -o "$P9,cache=mmap" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
 fi
-ip link set lo up 2>/dev/null
+$BB ip link set lo up 2>/dev/null
 # Raw console: CMD's bytes reach the outer side unchanged (no \n -> \r\n, no echo).
-stty raw -echo </dev/ttyS0 2>/dev/null
+$BB stty raw -echo </dev/ttyS0 2>/dev/null
 
 printf '@@ignition-nested:%s:start@@\n' "$NONCE" >/dev/ttyS0
-/bin/sh "$CTL/run.sh" </dev/null >/dev/ttyS0 2>&1
+(. "$CTL/run.sh") </dev/null >/dev/ttyS0 2>&1
 rc=$?
 echo "$rc" >"$CTL/rc"
 printf '@@ignition-nested:%s:exit=%s@@\n' "$NONCE" "$rc" >/dev/ttyS0
-sync
+$BB sync
 echo b >/proc/sysrq-trigger
 exit "$rc"

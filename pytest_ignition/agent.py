@@ -700,10 +700,14 @@ class AgentClient:
         for gdir, mode in reversed(dirs):
             self._put_dir(gdir, mode)
 
-    def get_tree(self, guest_path: str, host_path: Path) -> None:
-        """Copy a guest file or directory tree to the host, modes kept; other file types skipped."""
+    def get_tree(self, guest_path: str, host_path: Path, mode: int | None = None) -> None:
+        """Copy a guest file or directory tree to the host, modes kept; other file types skipped.
+
+        ``mode``: the guest path's st_mode when the caller has just asked :meth:`stat`.
+        """
         dest = Path(host_path)
-        mode, _ = self.stat(guest_path)
+        if mode is None:
+            mode, _ = self.stat(guest_path)
         if not stat_mod.S_ISDIR(mode):
             data = self.get_file(guest_path)
             dest.parent.mkdir(parents=True, exist_ok=True)

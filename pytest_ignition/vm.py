@@ -241,7 +241,7 @@ class VM:
         mode, _size = self.machine.agent.stat(str(guest_path))
         if not stat.S_ISDIR(mode) and dst.is_dir():
             dst = dst / PurePosixPath(guest_path).name
-        self.machine.agent.get_tree(str(guest_path), dst)
+        self.machine.agent.get_tree(str(guest_path), dst, mode)
 
     # -- console, reset, lifecycle ----------------------------------------------------------
 

@@ -428,9 +428,7 @@ def _busybox_applets(busybox: Path) -> list[str]:
     r = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise GuestBuildError(f"{busybox} --list-full failed: {r.stderr.strip()}")
-    return sorted(
-        a.strip() for a in r.stdout.splitlines() if a.strip() and ".." not in a and a.strip() != ""
-    )
+    return sorted(a.strip() for a in r.stdout.splitlines() if a.strip() and ".." not in a)
 
 
 def _compile_agent(src: Path, out: Path, log: Path, progress: Progress) -> bool:
@@ -570,7 +568,6 @@ def build_initrd(progress: Progress = None) -> tuple[Path, str]:
                 return out, key
             log = tmp / "build.log"
             agent: Path | None = tmp / "ignition-agent"
-            assert agent is not None
             try:
                 if not _compile_agent(snap, agent, log, progress):
                     agent = None

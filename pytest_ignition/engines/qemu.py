@@ -23,27 +23,28 @@ QEMU 7.2 has no ``file:`` migration URI; restore reads the state through an inhe
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import ctypes
 import json
 import os
-import queue
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pytest_ignition.console import SerialConsole, read_tail
+from pytest_ignition.engines._process import (
+    MachineDirs,
+    default_cmdline,
+    kill_process,
+    spawn,
+    track,
+    untrack,
+)
 from pytest_ignition.engines.base import (
     BootError,
     Engine,
@@ -60,81 +61,7 @@ SNAPSHOT_FORMAT = 1
 AGENT_PORT_NAME = "org.ignition.agent"
 QEMU_HINT = "apt-get install qemu-system-x86 (provides qemu-system-x86_64)"
 QEMU_IMG_HINT = "apt-get install qemu-utils (provides qemu-img; needed for a rootfs)"
-# sun_path is 108 bytes; keep socket paths well below it.
-_MAX_SOCK_PATH = 100
-
 T = TypeVar("T")
-
-
-def _default_cmdline() -> str:
-    try:
-        from pytest_ignition.guest import DEFAULT_CMDLINE
-    except ImportError:  # the guest package is optional for users with their own kernel
-        return "console=ttyS0 reboot=k panic=-1 quiet"
-    return DEFAULT_CMDLINE
-
-
-# --------------------------------------------------------------------------- process spawning
-
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
-with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-class _Spawner:
-    """Starts every QEMU from one long-lived daemon thread.
-
-    PDEATHSIG fires when the *thread* that forked the child exits, not the process: a QEMU
-    started from a short-lived worker thread (e.g. one that prepares the next test's VM)
-    would be killed with it. This thread lives as long as the interpreter.
-    """
-
-    def __init__(self) -> None:
-        self._q: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def _run(self) -> None:
-        while True:
-            fn, reply = self._q.get()
-            try:
-                reply.put((True, fn()))
-            except BaseException as exc:  # handed back to the caller
-                reply.put((False, exc))
-
-    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="ignition-qemu-spawner", daemon=True
-                )
-                self._thread.start()
-        reply: queue.Queue[Any] = queue.Queue()
-        self._q.put((lambda: subprocess.Popen(argv, **kw), reply))
-        try:
-            ok, value = reply.get()
-        except BaseException:
-            # Interrupted (Ctrl-C) while the child was being started: it must not outlive
-            # this call unseen, so wait for it and kill it.
-            ok, value = reply.get()
-            if ok:
-                with contextlib.suppress(OSError):
-                    os.killpg(value.pid, signal.SIGKILL)
-                value.kill()
-                value.wait()
-            raise
-        if not ok:
-            raise value
-        return value
-
-
-_spawner = _Spawner()
 
 
 # --------------------------------------------------------------------------- QMP
@@ -213,15 +140,6 @@ class _Qmp:
 
 # --------------------------------------------------------------------------- the machine
 
-_live: weakref.WeakSet[QemuMachine] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for m in list(_live):
-        with contextlib.suppress(Exception):
-            m.close()
-
 
 class QemuMachine(Machine):
     """One QEMU process and everything it owns (a private directory under ``workdir``)."""
@@ -230,15 +148,10 @@ class QemuMachine(Machine):
         self.engine = engine
         self.config = config
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         # A private directory per machine, so machines may share a workdir.
-        self.dir = Path(tempfile.mkdtemp(prefix="qemu-", dir=self.workdir))
-        self._sockdir_owned = False
-        sockdir = self.dir
-        if len(str(sockdir / "console.sock")) > _MAX_SOCK_PATH:
-            sockdir = Path(tempfile.mkdtemp(prefix="ign-"))
-            self._sockdir_owned = True
-        self.sockdir = sockdir
+        self._dirs = MachineDirs(self.workdir, "qemu-", "console.sock")
+        self.dir = self._dirs.dir
+        self.sockdir = sockdir = self._dirs.sockdir
         self.console_sock = sockdir / "console.sock"
         self.agent_sock = sockdir / "agent.sock"
         self.qmp_sock = sockdir / "qmp.sock"
@@ -253,7 +166,7 @@ class QemuMachine(Machine):
         self._qmp: _Qmp | None = None
         self._closed = False
         self._lock = threading.Lock()
-        _live.add(self)
+        track(self)
 
     # -- Machine API -------------------------------------------------------------------------
 
@@ -294,24 +207,12 @@ class QemuMachine(Machine):
             self._kill()
             self._console.close()  # after the kill: the log is complete
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            if self._sockdir_owned:
-                shutil.rmtree(self.sockdir, ignore_errors=True)
-            _live.discard(self)
+            self._dirs.remove()
+            untrack(self)
 
     def _kill(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # QEMU leads its own process group (anything it forks is in it too). Signalled
-            # before the leader is reaped, so the group id cannot have been reused.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL: only a D-state wait
-            proc.wait(timeout=10)
+        if self.proc is not None:
+            kill_process(self.proc)
 
     def qemu_stderr(self, max_chars: int = 2000) -> str:
         return read_tail(self.qemu_log, max_chars)
@@ -365,7 +266,7 @@ class QemuEngine(Engine):
         # microvm has no i8042, so the default reboot=k would fall through to a jump into
         # the firmware, which boots the kernel again instead of resetting: a panicking
         # guest would loop instead of exiting. A triple fault resets, and -no-reboot exits.
-        parts = [_default_cmdline(), "reboot=t"]
+        parts = [default_cmdline(), "reboot=t"]
         if config.rootfs is not None:
             parts.append("ignition.rootfs=/dev/vda")
         if config.kernel_args.strip():
@@ -463,15 +364,13 @@ class QemuEngine(Engine):
         log = open(m.qemu_log, "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
             started = time.monotonic()
-            m.proc = _spawner.popen(
+            m.proc = spawn(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 close_fds=True,
                 pass_fds=pass_fds,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:
             log.close()

@@ -365,13 +365,16 @@ def cmd_boot(args: argparse.Namespace) -> int:
             from .control import ControlServer
 
             control = ControlServer(args.control, _control_handler(machine, stop, args))
-            sockets.append(args.control)
-            control.start()
+        # Start before the control socket appears: a client that sees the socket sees the VM
+        # in its final state (running, or created under --paused).
         if not args.paused:
             if restoring:
                 _start_restored(machine)
             else:
                 machine.start()
+        if control is not None:
+            control.start()
+            sockets.append(args.control)
         if restoring and args.sync_agent:
             threading.Thread(target=_sync_agent, args=(machine,), daemon=True).start()
         while not stop.is_set():

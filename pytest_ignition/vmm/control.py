@@ -54,12 +54,35 @@ class ControlServer:
             finally:
                 probe.close()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(self.path)
-        self.sock.listen(8)
+        # Bind and listen under a temporary name; start() renames it into place, so the
+        # socket file appears only once it accepts connections (no ECONNREFUSED for a client
+        # polling for it) and only when its owner says it is ready.
+        tmp: str | None = f"{self.path}.{os.getpid()}~"
+        if len(os.fsencode(tmp)) > 107:
+            tmp = None  # too long for sun_path: bind in place
+        self._tmp = tmp
+        try:
+            self.sock.bind(tmp or self.path)
+            self.sock.listen(8)
+        except BaseException:
+            self.sock.close()
+            self._unlink_tmp()
+            raise
         self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
 
     def start(self) -> None:
+        """Publish the socket under its path and serve."""
+        if self._tmp is not None:
+            os.rename(self._tmp, self.path)
+            self._tmp = None
         self._thread.start()
+
+    def _unlink_tmp(self) -> None:
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -77,6 +100,9 @@ class ControlServer:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        if self._tmp is not None:
+            self._unlink_tmp()  # never published: the path may belong to someone else
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:

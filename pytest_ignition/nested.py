@@ -7,7 +7,9 @@ under ``qemu-system-x86_64 -M q35 -accel tcg -cpu EPYC,+svm,+npt``, where KVM_AM
 
 - the root is this machine's ``/`` over virtio-9p, read-only, with an overlayfs (tmpfs upper) on
   top, so HOME, caches, /var are writable in RAM and nothing leaks out;
-- the current directory is shared *writable* at the same path (results come back);
+- the current directory is shared *writable* at the same path (results come back; it is
+  mounted with ``cache=loose`` for speed, so changes made to it from outside during the run
+  may not be seen inside; everything written inside is flushed before the host stops);
 - /tmp, /run, /dev/shm are fresh tmpfs; the environment is PATH, HOME, locale, PYTHON*,
   IGNITION_*, VIRTUAL_ENV (+ ``env``), with ``IGNITION_NESTED=1`` and
   ``PYTHONDONTWRITEBYTECODE=1`` added; stdin is /dev/null;

@@ -53,7 +53,7 @@ CWD=
 [ -s "$CTL/cwd" ] && read -r CWD <"$CTL/cwd"
 if [ -n "$CWD" ]; then
     [ -d "$CWD" ] || $BB mkdir -p "$CWD"
-    $BB mount -t 9p -o "$P9,cache=mmap" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
+    $BB mount -t 9p -o "$P9,cache=loose" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
 fi
 $BB ip link set lo up 2>/dev/null
 # Raw console: CMD's bytes reach the outer side unchanged (no \n -> \r\n, no echo).

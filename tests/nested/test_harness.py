@@ -6,6 +6,7 @@ things at once.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ echo to-stdout; echo to-stderr >&2
 [ "$IGNITION_PROBE" = 'a b $c' ] || exit 12
 [ "$(pwd)" = "$1" ] || exit 13
 echo written-inside > result.txt || exit 14
+head -c 1048576 /dev/urandom > big.bin && sha256sum big.bin > big.sha256 || exit 18
 echo leak > /etc/ignition-nested-leak || exit 15
 [ -c /dev/kvm ] || exit 16
 grep -q ' / 9p \| / overlay ' /proc/mounts || exit 17
@@ -57,6 +59,10 @@ def test_run_probe(usable: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "to-stdout\n" in res.output and "to-stderr\n" in res.output
     assert b"".join(streamed).decode() == res.output
     assert (work / "result.txt").read_text() == "written-inside\n"
+    big = (work / "big.bin").read_bytes()
+    assert len(big) == 1 << 20
+    digest = (work / "big.sha256").read_text().split()[0]
+    assert hashlib.sha256(big).hexdigest() == digest
     assert not Path("/etc/ignition-nested-leak").exists()
     assert 0 < res.boot_time < res.duration
     assert list(ctl_parent.iterdir()) == []  # the control directory is gone

@@ -56,7 +56,9 @@ if [ -n "$CWD" ]; then
     $BB mount -t 9p -o "$P9,cache=loose" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
 fi
 $BB ip link set lo up 2>/dev/null
-# Raw console: CMD's bytes reach the outer side unchanged (no \n -> \r\n, no echo).
+# While CMD runs only critical kernel messages reach the console (it carries CMD's output);
+# everything stays in dmesg. Raw console: CMD's bytes go out unchanged (no \n -> \r\n, no echo).
+echo 3 >/proc/sys/kernel/printk
 $BB stty raw -echo </dev/ttyS0 2>/dev/null
 
 printf '@@ignition-nested:%s:start@@\n' "$NONCE" >/dev/ttyS0

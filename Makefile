@@ -47,7 +47,7 @@ test-nested: guest host-kernel
 	$(VPY) -m pytest_ignition.nested run -- $(VPY) -m pytest tests/nested -v $(PYTEST_ARGS)
 
 bench: guest host-kernel
-	$(VPY) -m benchmarks
+	$(VPY) -m benchmarks --update-readme
 
 lint: venv
 	$(VPY) -m ruff check .

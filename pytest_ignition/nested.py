@@ -33,6 +33,11 @@ The VMM's end-to-end tests run inside it (``tests/nested/`` skip anywhere else):
 
     python -m pytest_ignition.nested run -- .venv/bin/python -m pytest tests/nested -q
 
+(``make test-nested`` runs exactly that, with ``-v``.) Measured on the 2-core development
+machine under load from other jobs (2026-11-27): ``run -- true`` 3.4-4.5 s wall (host boot to
+the command ~3.5 s); ``python3 -c pass`` inside 0.9 s cold, 0.3 s warm; ``import pytest`` from
+the venv 5-16 s (9p + TCG); QEMU+KVM inside boots the default guest to its agent in 4-11 s.
+
 From Python: :func:`run` returns a :class:`NestedResult` (raises :class:`NestedError` when the
 harness fails, :class:`NestedTimeout` on timeout); :func:`available` says whether it can run.
 """

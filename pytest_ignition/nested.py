@@ -298,7 +298,7 @@ class _Splitter:
 
     def __init__(self, nonce: str, sink: Callable[[bytes], None]) -> None:
         self._start = f"@@ignition-nested:{nonce}:start@@\n".encode()
-        self._exit_re = re.compile(rb"@@ignition-nested:" + nonce.encode() + rb":exit=(\d+)@@")
+        self._exit_re = re.compile(rb"@@ignition-nested:" + nonce.encode() + rb":exit=(\d{1,3})@@")
         self._exit_prefix = f"@@ignition-nested:{nonce}:exit=".encode()
         self._sink = sink
         self._pending = b""
@@ -322,7 +322,7 @@ class _Splitter:
         if m:
             self._emit(buf[: m.start()])
             self._pending = b""
-            self.exit_code = int(m.group(1))
+            self.exit_code = _exit_code(m.group(1))
             return
         # Hold back whatever could be the beginning of the exit marker.
         keep = len(self._exit_prefix) + 8
@@ -341,6 +341,29 @@ class _Splitter:
     def _emit(self, data: bytes) -> None:
         if data:
             self._sink(data)
+
+
+def _exit_code(raw: bytes | str) -> int | None:
+    """An exit status the guest reported, if it is one (0-255); None for anything else."""
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        return None
+    return n if 0 <= n <= 255 else None
+
+
+def _read_rc(path: Path) -> int | None:
+    """The rc file the guest wrote: read little, follow no symlink, trust nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return _exit_code(os.read(fd, 16))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -364,12 +387,14 @@ def run(
     stream: Callable[[bytes], None] | None = None,
     console: Callable[[bytes], None] | None = None,
     verbose: bool = False,
+    keep_output: bool = True,
 ) -> NestedResult:
     """Run ``cmd`` (an argv) inside the hypervisor host; return its exit code and output.
 
     ``cwd`` (default: the current directory) is shared writable at the same path and is where
     ``cmd`` starts. ``stream`` receives CMD's output as it arrives; ``console`` receives the
-    console bytes up to CMD's start (the boot log). Raises NestedError/NestedTimeout when the harness fails.
+    console bytes up to CMD's start (the boot log). With ``keep_output=False`` the result's
+    ``output`` is empty (for long streamed runs). Raises NestedError/NestedTimeout when the harness fails.
     """
     if not cmd:
         raise ValueError("no command given")
@@ -394,7 +419,8 @@ def run(
     chunks: list[bytes] = []
 
     def sink(data: bytes) -> None:
-        chunks.append(data)
+        if keep_output:
+            chunks.append(data)
         if stream is not None:
             stream(data)
 
@@ -452,9 +478,8 @@ def run(
         splitter.flush()
         _kill(proc)
         duration = time.monotonic() - t0
-        rc = splitter.exit_code
-        with contextlib.suppress(OSError, ValueError):
-            rc = int((ctl / "rc").read_text().strip())  # the file is the authority
+        from_file = _read_rc(ctl / "rc")  # the file is the authority; the marker a fallback
+        rc = from_file if from_file is not None else splitter.exit_code
         tail = splitter.tail.decode("utf-8", "replace")
         if rc is None:
             stderr_file.seek(0)
@@ -552,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=stream,
             console=console if args.verbose else None,
             verbose=args.verbose,
+            keep_output=False,
         )
     except NestedTimeout as e:
         print(f"pytest_ignition.nested: {e}", file=sys.stderr)

@@ -242,3 +242,33 @@ def test_splitter_never_started() -> None:
     s, out = _split([b"Kernel panic - not syncing: VFS: Unable to mount root fs\r\n"])
     assert not s.started and out == b""
     assert b"Kernel panic" in s.tail
+
+
+def test_splitter_rejects_out_of_range_exit_codes() -> None:
+    s, out = _split([b"@@ignition-nested:abc:start@@\nx@@ignition-nested:abc:exit=999@@"])
+    assert s.exit_code is None
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"0\n", 0),
+        (b"42", 42),
+        (b"255\n", 255),
+        (b"256", None),
+        (b"-1", None),
+        (b"x", None),
+        (b"9" * 100000, None),
+        (b"", None),
+    ],
+)
+def test_rc_file_is_validated(tmp_path: Path, content: bytes, expected: int | None) -> None:
+    (tmp_path / "rc").write_bytes(content)
+    assert nested._read_rc(tmp_path / "rc") == expected
+
+
+def test_rc_file_symlink_is_not_followed(tmp_path: Path) -> None:
+    (tmp_path / "target").write_text("3\n")
+    (tmp_path / "rc").symlink_to(tmp_path / "target")
+    assert nested._read_rc(tmp_path / "rc") is None
+    assert nested._read_rc(tmp_path / "missing") is None

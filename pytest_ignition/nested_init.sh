@@ -6,8 +6,8 @@
 # the outer machine, and re-executes itself inside it as stage 2. Stage 2 mounts the kernel
 # filesystems, the control share (`ignctl`: run.sh, nonce, cwd; rc is written back) and the
 # writable share of the caller's directory (`igncwd`), prints the start marker on the console,
-# runs run.sh (sourced in a subshell) with its output on the console, prints the exit marker and reboots (QEMU runs with
-# -no-reboot, so that ends it). If anything here fails, PID 1 exits and the kernel panics
+# sources run.sh in a subshell with its output on the console, prints the exit marker and
+# reboots (QEMU runs with -no-reboot, so that ends it). If anything here fails, PID 1 exits and the kernel panics
 # (panic=-1 reboots at once), which the outer side reports with the console tail.
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

@@ -63,17 +63,17 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def summarize_ms(samples_ms: Iterable[float]) -> dict[str, Any]:
-    """Median, p10, p90 and n of millisecond samples (rounded to 0.01 ms)."""
+def summarize_ms(samples_ms: Iterable[float], digits: int = 2) -> dict[str, Any]:
+    """Median, p10, p90 and n of millisecond samples (rounded to ``digits`` decimals, 0.01 ms)."""
     ms = sorted(float(s) for s in samples_ms)
     if not ms:
         raise ValueError("no samples")
     if any(math.isnan(s) or s < 0 for s in ms):
         raise ValueError("samples must be non-negative numbers")
     return {
-        "median_ms": round(statistics.median(ms), 2),
-        "p10_ms": round(percentile(ms, 0.1), 2),
-        "p90_ms": round(percentile(ms, 0.9), 2),
+        "median_ms": round(statistics.median(ms), digits),
+        "p10_ms": round(percentile(ms, 0.1), digits),
+        "p90_ms": round(percentile(ms, 0.9), digits),
         "n": len(ms),
     }
 
@@ -131,6 +131,8 @@ def record(
     where: str,
     params: dict[str, Any],
     samples_ms: Iterable[float],
+    *,
+    digits: int = 2,
     **extra: Any,
 ) -> Record:
     """A record from millisecond samples; ``extra`` keys are added as they are."""
@@ -138,12 +140,27 @@ def record(
         raise ValueError(f"unknown metric {metric!r}")
     if where not in WHERE:
         raise ValueError(f"unknown where {where!r}")
+    return unchecked_record(metric, engine, where, params, samples_ms, digits=digits, **extra)
+
+
+def unchecked_record(
+    metric: str,
+    engine: str,
+    where: str | None,
+    params: dict[str, Any],
+    samples_ms: Iterable[float],
+    *,
+    digits: int = 2,
+    **extra: Any,
+) -> Record:
+    """:func:`record` without the vocabulary check, for scripts whose ``where`` is the
+    accelerator they ran on (``kvm``, ``tcg``, ...): the runner maps it onto :data:`WHERE`."""
     rec: Record = {
         "metric": metric,
         "engine": engine,
         "where": where,
         "params": dict(params),
-        **summarize_ms(samples_ms),
+        **summarize_ms(samples_ms, digits),
         "host": host_description(),
     }
     rec.update(extra)
@@ -223,6 +240,20 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_records(path: Path, records: list[Record]) -> None:
     write_json(path, records)
+
+
+def _identity(rec: Record) -> str:
+    keys = ("metric", "engine", "where", "params")
+    return json.dumps({k: rec.get(k) for k in keys}, sort_keys=True)
+
+
+def replace_records(path: Path, records: list[Record]) -> None:
+    """Write ``records`` into the results file at ``path`` in place of the records there with
+    the same metric, engine, where and params (an earlier run of the same measurement); the
+    others stay, in their order, and the new ones go at the end."""
+    new = {_identity(r) for r in records}
+    kept = [r for r in load_records(path) if _identity(r) not in new]
+    write_records(path, kept + list(records))
 
 
 def time_calls(

@@ -19,45 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "qemu.json"
+from benchmarks import common
 
-
-def _pct(sorted_ms: list[float], q: float) -> float:
-    pos = (len(sorted_ms) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
-
-
-def host_description() -> str:
-    kvm = (
-        "kvm-pvm"
-        if Path("/sys/module/kvm_pvm").exists()
-        else ("kvm" if Path("/dev/kvm").exists() else "no-kvm")
-    )
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
+RESULTS = common.RESULTS_DIR / "qemu.json"
 
 
 def record(metric: str, where: str, params: dict, seconds: list[float]) -> dict:
-    ms = sorted(s * 1000 for s in seconds)
-    return {
-        "metric": metric,
-        "engine": "qemu",
-        "where": where,
-        "params": params,
-        "median_ms": round(statistics.median(ms), 2),
-        "p10_ms": round(_pct(ms, 0.1), 2),
-        "p90_ms": round(_pct(ms, 0.9), 2),
-        "n": len(ms),
-        "host": host_description(),
-    }
+    """A QEMU record; ``where`` is the accelerator (the runner maps ``kvm`` onto ``direct``)."""
+    return common.unchecked_record(metric, "qemu", where, params, [s * 1000 for s in seconds])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(json.dumps(records, indent=2))
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESULTS.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(records, indent=2) + "\n")
-        os.replace(tmp, RESULTS)
+        common.write_records(RESULTS, records)
     return 0
 
 

@@ -23,50 +23,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "vmm.json"
+RESULTS = common.RESULTS_DIR / "vmm.json"
 MiB = 1 << 20
 FIRST_DIRTY = 0x0100_0000
 
 
-def _pct(sorted_ms: list[float], q: float) -> float:
-    pos = (len(sorted_ms) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
-
-
-def host_description() -> str:
-    kvm = (
-        "kvm-pvm"
-        if Path("/sys/module/kvm_pvm").exists()
-        else ("kvm" if Path("/dev/kvm").exists() else "no-kvm")
-    )
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
-
-
 def record(metric: str, params: dict, samples_ms: list[float], **extra: object) -> dict:
-    ms = sorted(samples_ms)
-    return {
-        "metric": metric,
-        "engine": "ignition",
-        "where": "direct",
-        "params": params,
-        "median_ms": round(statistics.median(ms), 3),
-        "p10_ms": round(_pct(ms, 0.1), 3),
-        "p90_ms": round(_pct(ms, 0.9), 3),
-        "n": len(ms),
-        "host": host_description(),
-        "loadavg_1m": round(os.getloadavg()[0], 2),  # this host is shared: context for outliers
+    """A record of the bundled VMM on this machine's KVM; µs resolution (restores are ~ms)."""
+    return common.record(
+        metric,
+        "ignition",
+        "direct",
+        params,
+        samples_ms,
+        digits=3,
+        loadavg_1m=round(os.getloadavg()[0], 2),  # this host is shared: context for outliers
         **extra,
-    }
+    )
 
 
 def _guest_helpers():
@@ -169,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rec), flush=True)
             records.append(rec)
     system.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    common.write_records(args.out, records)
     print(f"wrote {args.out}")
     return 0
 

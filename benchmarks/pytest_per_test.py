@@ -3,8 +3,9 @@
 Runs a generated suite of N tests, each ``ignition_vm.run("true")``, in a pytest subprocess.
 An inner conftest times every test's whole protocol (setup + call + teardown); the first
 test, which carries the session setup (boot, prepare, snapshot), is reported separately and
-left out of the per-test statistics. Appends one record to
-``benchmarks/results/pytest_per_test.json``:
+left out of the per-test statistics. Writes one record per prefetch mode to
+``benchmarks/results/pytest_per_test.json``, in place of the record an earlier run wrote for
+the same metric, engine, where and params (records of other settings stay):
 
     {"metric": "pytest_per_test", "engine": "qemu", "where": "tcg", "params": {...},
      "median_ms", "p10_ms", "p90_ms", "n", "host", ...}
@@ -17,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "pytest_per_test.json"
+from benchmarks import common
+
+RESULTS = common.RESULTS_DIR / "pytest_per_test.json"
 
 INNER_CONFTEST = """
 import json, os, time
@@ -67,24 +68,6 @@ def test_trivial(ignition_vm, i):
 """
 
 
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    if len(sorted_ms) == 1:
-        return sorted_ms[0]
-    pos = q * (len(sorted_ms) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
-
-
-def host_description() -> str:
-    kvm = (
-        "kvm-pvm"
-        if Path("/sys/module/kvm_pvm").exists()
-        else ("kvm" if Path("/dev/kvm").exists() else "no-kvm")
-    )
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu {platform.release()} {kvm}"
-
-
 def run(n: int, extra: list[str], prefetch: bool = True) -> dict:
     """Run the suite once and return its record."""
     load_before = round(os.getloadavg()[0], 2)
@@ -108,48 +91,28 @@ def run(n: int, extra: list[str], prefetch: bool = True) -> dict:
         data = json.loads(out.read_text())
     times = [t for _, t in data["times"]]
     first, rest = times[0], times[1:]
-    ms = sorted(t * 1000 for t in rest)
-    record = {
-        "metric": "pytest_per_test",
-        "engine": data["engine"],
-        "where": data["accelerator"],
-        "params": {
+    ms = [t * 1000 for t in rest]
+    return common.unchecked_record(
+        "pytest_per_test",
+        data["engine"],
+        data["accelerator"],  # the runner maps kvm onto direct
+        {
             "n_tests": n,
             "test": 'ignition_vm.run("true")',
             "pytest_args": extra,
             "prefetch": prefetch,
             "engine_description": data["describe"],
         },
-        "median_ms": round(statistics.median(ms), 1),
-        "p10_ms": round(_percentile(ms, 0.10), 1),
-        "p90_ms": round(_percentile(ms, 0.90), 1),
-        "min_ms": round(ms[0], 1),
-        "max_ms": round(ms[-1], 1),
-        "n": len(ms),
-        "session_setup_s": round(first, 2),
-        "total_wall_s": round(total, 2),
-        "host": host_description(),
+        ms,
+        digits=1,
+        min_ms=round(min(ms), 1),
+        max_ms=round(max(ms), 1),
+        session_setup_s=round(first, 2),
+        total_wall_s=round(total, 2),
         # Other work on the host skews wall times; record how busy it was.
-        "load_avg_1m_before": load_before,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    return record
-
-
-def append(record: dict, path: Path = RESULTS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records = []
-    if path.exists():
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            records = []
-    if not isinstance(records, list):
-        records = [records]
-    records.append(record)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    tmp.replace(path)
+        load_avg_1m_before=load_before,
+        when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         record = run(args.n, args.extra, prefetch)
         print(json.dumps(record, indent=2))
         if not args.no_write:
-            append(record)
+            # One record per setting, not a growing history; each has its own 'when', so the
+            # runner still tells this run's records from those the file held before.
+            common.replace_records(RESULTS, [record])
     return 0
 
 

@@ -44,7 +44,7 @@ test: guest host-kernel
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-nested: guest host-kernel
-	$(VPY) -m pytest_ignition.nested run -- $(VPY) -m pytest tests/nested -v $(PYTEST_ARGS)
+	$(VPY) -m pytest_ignition.nested run -- $(VPY) -m pytest tests/nested -v --color=no $(PYTEST_ARGS)
 
 bench: guest host-kernel
 	$(VPY) -m benchmarks --update-readme

@@ -15,6 +15,10 @@ Metrics (a JSON list in ``benchmarks/results/nested.json``, which this script re
 * ``launch_to_ready``: process launch -> the guest agent answered a ping (vsock for the
   bundled VMM, virtio-serial for QEMU: each engine's own agent channel).
 
+Both clocks start at process launch, so the bundled VMM's numbers include its Python start-up,
+which in the nested host runs under TCG (imports alone took ~4 s there, measured with
+``python -X importtime``), while QEMU is a native binary.
+
 Records: ``{"metric", "engine": "ignition"|"qemu", "where": "nested", "params", "median_ms",
 "p10_ms", "p90_ms", "n", "host"}``, plus one ``{"metric": "ratio", ...}`` line per metric.
 

@@ -28,6 +28,7 @@ from typing import Any
 import cffi
 
 from ._kvm_cdef import CDEF
+from .x86_64.gdt import Segment  # one definition of ``struct kvm_segment`` for both layers
 
 log = logging.getLogger(__name__)
 
@@ -289,24 +290,6 @@ class Regs:
 
 
 _SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl")
-
-
-@dataclass
-class Segment:
-    """A segment register as KVM sees it (``struct kvm_segment``)."""
-
-    base: int = 0
-    limit: int = 0
-    selector: int = 0
-    type: int = 0
-    present: int = 0
-    dpl: int = 0
-    db: int = 0
-    s: int = 0
-    l: int = 0  # noqa: E741 - the kernel's field name
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
 
 
 @dataclass

@@ -28,7 +28,10 @@ from typing import Any
 import cffi
 
 from ._kvm_cdef import CDEF
-from .x86_64.gdt import Segment  # one definition of ``struct kvm_segment`` for both layers
+
+# one definition each of ``struct kvm_segment`` and ``struct kvm_cpuid_entry2`` for both layers
+from .x86_64.cpuid import CpuidEntry
+from .x86_64.gdt import Segment
 
 log = logging.getLogger(__name__)
 
@@ -343,26 +346,6 @@ class Sregs:
             kw[name] = d[name]
         kw["interrupt_bitmap"] = tuple(d["interrupt_bitmap"])
         return cls(**kw)
-
-
-@dataclass
-class CpuidEntry:
-    """One CPUID leaf/subleaf (``struct kvm_cpuid_entry2``)."""
-
-    function: int
-    index: int = 0
-    flags: int = 0
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> CpuidEntry:
-        return cls(**d)
 
 
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")

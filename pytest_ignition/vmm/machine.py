@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import dataclasses
 import logging
 import mmap
 import os
@@ -401,9 +400,7 @@ class Machine:
 
     def _create_vcpus(self) -> None:
         spec = self.spec
-        supported = [
-            cpuid.CpuidEntry(**dataclasses.asdict(e)) for e in self.system.supported_cpuid()
-        ]
+        supported = self.system.supported_cpuid()
         try:
             cap = getattr(kvm, "KVM_CAP_TSC_DEADLINE_TIMER", KVM_CAP_TSC_DEADLINE_TIMER)
             tsc_deadline = bool(self.system.check_extension(cap))
@@ -413,7 +410,7 @@ class Machine:
         for i in range(spec.cpus):
             vcpu = self.vm.create_vcpu(i)
             table = cpuid.normalise(supported, i, spec.cpus, tsc_deadline=tsc_deadline)
-            vcpu.set_cpuid2([kvm.CpuidEntry(**dataclasses.asdict(e)) for e in table])
+            vcpu.set_cpuid2(table)
             self._set_msrs(vcpu)
             vcpu.set_lapic(msrs.set_lint(vcpu.get_lapic()))
             vcpu.set_fpu(kvm.fpu_bytes(**setup.fpu))

@@ -8,7 +8,7 @@ emulate (thermal/power management, the architectural PMU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
@@ -34,6 +34,13 @@ class CpuidEntry:
     ebx: int = 0
     ecx: int = 0
     edx: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> CpuidEntry:
+        return cls(**d)
 
 
 def _shift_for(count: int) -> int:

@@ -394,6 +394,23 @@ def _cpuid_list(c: Any) -> list[CpuidEntry]:
     ]
 
 
+def _read_cpuid(fd: int, request: int, n: int) -> list[CpuidEntry]:
+    """A ``struct kvm_cpuid2`` reading ioctl, starting with room for ``n`` entries and
+    doubling it (up to 4096) while the kernel answers E2BIG."""
+    while True:
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + 40 * n)
+        c = ffi.cast("struct kvm_cpuid2 *", buf)
+        c.nent = n
+        try:
+            _ioctl(fd, request, c)
+        except KvmError as e:
+            if e.errno == _errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise
+        return _cpuid_list(c)
+
+
 def _open_kvm(path: str) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -443,19 +460,7 @@ class System:
         return self._mmap_size
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        n = 128
-        while True:
-            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + 40 * n)
-            c = ffi.cast("struct kvm_cpuid2 *", buf)
-            c.nent = n
-            try:
-                _ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, c)
-            except KvmError as e:
-                if e.errno == _errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return _cpuid_list(c)
+        return _read_cpuid(self.fd, KVM_GET_SUPPORTED_CPUID, 128)
 
     def _msr_list(self, request: int) -> list[int]:
         n = 64
@@ -767,19 +772,7 @@ class Vcpu:
         _ioctl(self.fd, KVM_SET_CPUID2, c)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
-        n = 256
-        while True:
-            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + 40 * n)
-            c = ffi.cast("struct kvm_cpuid2 *", buf)
-            c.nent = n
-            try:
-                _ioctl(self.fd, KVM_GET_CPUID2, c)
-            except KvmError as e:
-                if e.errno == _errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return _cpuid_list(c)
+        return _read_cpuid(self.fd, KVM_GET_CPUID2, 256)
 
     def _msrs(self, items: list[tuple[int, int]]) -> tuple[Any, Any]:
         buf = ffi.new("char[]", 8 + 16 * len(items))

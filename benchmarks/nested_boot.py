@@ -14,6 +14,12 @@ Metrics (a JSON list in ``benchmarks/results/nested.json``, which this script re
   polled every 2 ms); the ratio uses that method.
 * ``launch_to_ready``: process launch -> the guest agent answered a ping (vsock for the
   bundled VMM, virtio-serial for QEMU: each engine's own agent channel).
+* ``restore_to_ready``: through the engines' own API, in the same run: each engine boots the
+  guest once (``engine.boot``) and snapshots it (``engine.snapshot``), then ``--restores``
+  times, interleaved, ``engine.restore`` -> the restored guest's agent answered (clock and
+  entropy synced) is timed around the call, and the machine closed. ``IgnitionEngine`` vs
+  ``QemuEngine(accelerator="kvm")`` (the nested host's /dev/kvm is real KVM, not PVM, which is
+  what :mod:`pytest_ignition.engines.select` picks KVM on).
 
 Both clocks start at process launch, so the bundled VMM's numbers include its Python start-up,
 which in the nested host runs under TCG (imports alone took ~4 s there, measured with
@@ -24,7 +30,8 @@ Records: ``{"metric", "engine": "ignition"|"qemu", "where": "nested", "params", 
 
 Usage (from the repository root)::
 
-    python -m pytest_ignition.nested run -- .venv/bin/python -m benchmarks.nested_boot [--runs 5]
+    python -m pytest_ignition.nested run -- .venv/bin/python -m benchmarks.nested_boot \
+        [--runs 5] [--restores N]
 """
 
 from __future__ import annotations
@@ -171,9 +178,48 @@ def run_qemu(guest, mem_mib: int, d: Path) -> dict[str, float]:
         _finish(proc)
 
 
+def measure_restores(guest, mem_mib: int, d: Path, n: int) -> dict[str, list[float]]:
+    """Boot + snapshot once per engine, then ``n`` interleaved restores each; seconds per restore."""
+    from pytest_ignition.engines.base import VMConfig
+    from pytest_ignition.engines.ignition import IgnitionEngine
+    from pytest_ignition.engines.qemu import QemuEngine
+
+    config = VMConfig(
+        kernel=guest.kernel, initrd=guest.initrd, memory_mib=mem_mib, boot_timeout=BOOT_TIMEOUT
+    )
+    engines = {"ignition": IgnitionEngine(), "qemu": QemuEngine(accelerator="kvm")}
+    snaps = {}
+    for name, eng in engines.items():
+        m = eng.boot(config, d / f"boot-{name}")
+        try:
+            snaps[name] = d / "snaps" / name
+            eng.snapshot(m, snaps[name])
+        finally:
+            m.close()
+    out: dict[str, list[float]] = {name: [] for name in engines}
+    for i in range(n):
+        order = ["ignition", "qemu"] if i % 2 == 0 else ["qemu", "ignition"]
+        for name in order:
+            t0 = time.monotonic()
+            m = engines[name].restore(config, snaps[name], d / f"restore-{name}-{i}")
+            took = time.monotonic() - t0
+            try:
+                # Proof that the restored guest runs commands, outside the clock.
+                if m.agent.exec(["true"], timeout=60).exit_code != 0:
+                    raise RuntimeError(f"{name}: the restored guest cannot run `true`")
+            finally:
+                m.close()
+            out[name].append(took)
+            print(f"restore {i} {name}: {took:.3f}s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.nested_boot", description=__doc__)
     p.add_argument("--runs", type=int, default=5, help="boots per engine (default 5)")
+    p.add_argument(
+        "--restores", type=int, default=None, help="restores per engine (default: --runs)"
+    )
     p.add_argument("--memory", type=int, default=256, help="guest MiB (default 256)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--force", action="store_true", help="run outside the nested harness too")
@@ -206,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"run {i} {eng}: " + " ".join(f"{k}={v:.3f}s" for k, v in r.items()), flush=True
                 )
+        n_restores = args.runs if args.restores is None else args.restores
+        restores = measure_restores(guest, args.memory, Path(tmp) / "restore", n_restores)
     base = {"memory_mib": args.memory, "kernel": "bzImage", "cpus": 1}
     recs = [
         record(
@@ -225,7 +273,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         recs.append(record("launch_to_ready", eng, dict(base), [r["ready"] for r in runs[eng]]))
-    for metric, method in (("guest_boot_time", "console-marker"), ("launch_to_ready", None)):
+    for eng in ("ignition", "qemu"):
+        params = {**base, "method": "engine.restore"}
+        if eng == "qemu":
+            params["accelerator"] = "kvm"
+        recs.append(record("restore_to_ready", eng, params, restores[eng]))
+    for metric, method in (
+        ("guest_boot_time", "console-marker"),
+        ("launch_to_ready", None),
+        ("restore_to_ready", "engine.restore"),
+    ):
         ign = next(
             r
             for r in recs

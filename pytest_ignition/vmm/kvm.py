@@ -970,6 +970,24 @@ def restore_vcpu_state(vcpu: Vcpu, state: dict[str, Any]) -> None:
             log.warning(
                 "vcpu%d: cannot set TSC to %d kHz (%s); guest time may drift", vcpu.index, khz, e
             )
+    restore_vcpu_registers(vcpu, state)
+
+
+def set_msrs_each(vcpu: Vcpu, msrs: dict[int, int]) -> list[int]:
+    """Write ``msrs``; KVM stops at the first it refuses, so the rest are retried one by one
+    (one refused MSR must not drop the ones after it). Returns the refused indices."""
+    n = vcpu.set_msrs(msrs, strict=False)
+    return [
+        index
+        for index, value in list(msrs.items())[n:]
+        if vcpu.set_msrs({index: value}, strict=False) != 1
+    ]
+
+
+def restore_vcpu_registers(vcpu: Vcpu, state: dict[str, Any], during: str = "restore") -> None:
+    """The part of :func:`restore_vcpu_state` after CPUID and TSC frequency, in KVM's order;
+    alone it reloads a vCPU that already ran (KVM refuses CPUID changes after KVM_RUN).
+    ``during`` names the operation in the log line for a refused MSR."""
     vcpu.set_mp_state(int(state["mp_state"]))
     vcpu.set_regs(Regs.from_dict(state["regs"]))
     vcpu.set_sregs(Sregs.from_dict(state["sregs"]))
@@ -979,12 +997,8 @@ def restore_vcpu_state(vcpu: Vcpu, state: dict[str, Any]) -> None:
     if state["lapic"] is not None:
         vcpu.set_lapic(state["lapic"])
     msrs = {int(k): int(v) for k, v in state["msrs"].items()}
-    n = vcpu.set_msrs(msrs, strict=False)
-    if n < len(msrs):
-        # retry one by one so that one refused MSR does not drop the ones after it
-        for index, value in list(msrs.items())[n:]:
-            if vcpu.set_msrs({index: value}, strict=False) != 1:
-                log.warning("vcpu%d: KVM refused MSR %#x on restore", vcpu.index, index)
+    for index in set_msrs_each(vcpu, msrs):
+        log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
     vcpu.set_vcpu_events(state["vcpu_events"])
 
 

@@ -155,21 +155,7 @@ def _reload_vcpu(vcpu: kvm.Vcpu, state: dict[str, Any]) -> None:
     """Load saved state into a vCPU that already ran: like :func:`kvm.restore_vcpu_state`
     without CPUID and TSC frequency (KVM refuses CPUID changes after KVM_RUN, and both are
     this vCPU's own already)."""
-    vcpu.set_mp_state(int(state["mp_state"]))
-    vcpu.set_regs(kvm.Regs.from_dict(state["regs"]))
-    vcpu.set_sregs(kvm.Sregs.from_dict(state["sregs"]))
-    vcpu.set_xsave(state["xsave"])
-    vcpu.set_xcrs(state["xcrs"])
-    vcpu.set_debugregs(state["debugregs"])
-    if state["lapic"] is not None:
-        vcpu.set_lapic(state["lapic"])
-    msrs = {int(k): int(v) for k, v in state["msrs"].items()}
-    n = vcpu.set_msrs(msrs, strict=False)
-    if n < len(msrs):
-        for index, value in list(msrs.items())[n:]:
-            if vcpu.set_msrs({index: value}, strict=False) != 1:
-                log.warning("vcpu%d: KVM refused MSR %#x on rollback", vcpu.index, index)
-    vcpu.set_vcpu_events(state["vcpu_events"])
+    kvm.restore_vcpu_registers(vcpu, state, during="rollback")
 
 
 class _Irqfd:
@@ -421,12 +407,8 @@ class Machine:
 
     def _set_msrs(self, vcpu: kvm.Vcpu) -> None:
         wanted = dict(msrs.boot_msrs())
-        n = vcpu.set_msrs(wanted, strict=False)
-        if n < len(wanted):
-            # KVM stops at the first MSR it refuses: set the rest one at a time, say which.
-            for index, value in list(wanted.items())[n:]:
-                if vcpu.set_msrs({index: value}, strict=False) != 1:
-                    log.warning("vcpu%d: KVM refused MSR %#x = %#x", vcpu.index, index, value)
+        for index in kvm.set_msrs_each(vcpu, wanted):
+            log.warning("vcpu%d: KVM refused MSR %#x = %#x", vcpu.index, index, wanted[index])
 
     def _set_boot_registers(self, vcpu: kvm.Vcpu) -> None:
         setup = self.boot_setup

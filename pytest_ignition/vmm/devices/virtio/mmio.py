@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain, Queue
 from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemory, GuestMemoryError
 
@@ -140,14 +140,10 @@ class VirtioDevice:
         assert mem is not None
         done = 0
         while True:
-            try:
-                chain = q.pop(mem)
-            except QueueError as e:
-                log.warning("%s: queue %d: %s", type(self).__name__, index, e)
-                if e.head is not None:
-                    q.add_used(mem, e.head, 0, publish=False)
-                    done += 1
-                continue
+            chain, bad = q.pop_valid(
+                mem, log, f"{type(self).__name__}: queue {index}", publish=False
+            )
+            done += bad
             if chain is None:
                 break
             try:

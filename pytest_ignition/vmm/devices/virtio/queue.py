@@ -158,6 +158,22 @@ class Queue:
         except GuestMemoryError as e:
             raise QueueError(str(e), head) from e
 
+    def pop_valid(
+        self, mem: GuestMemory, glog: GuestLog, what: str, *, publish: bool = True
+    ) -> tuple[DescriptorChain | None, int]:
+        """Like :meth:`pop`, but a bad chain is logged on ``glog`` (prefixed ``what``) and
+        completed with length 0, and popping goes on. Returns the next good chain (or None)
+        and how many bad ones were completed on the way (they count as used)."""
+        bad = 0
+        while True:
+            try:
+                return self.pop(mem), bad
+            except QueueError as e:
+                glog.warning("%s: %s", what, e)
+                if e.head is not None:
+                    self.add_used(mem, e.head, 0, publish=publish)
+                    bad += 1
+
     def undo_pop(self) -> None:
         """Give back the last popped chain (a device that found nothing to put in it)."""
         self.state.next_avail = (self.state.next_avail - 1) & 0xFFFF

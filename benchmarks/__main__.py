@@ -183,7 +183,7 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             ["--runs", "1"],
             [
                 Expect(m, e, "nested")
-                for m in ("guest_boot_time", "launch_to_ready")
+                for m in ("guest_boot_time", "launch_to_ready", "restore_to_ready")
                 for e in ("ignition", "qemu")
             ],
             nested_timeout,

@@ -183,9 +183,16 @@ def test_plan_expects_every_metric() -> None:
         e.params.get("memory_mib")
         for u in units
         for e in u.expects
-        if e.metric == "restore_to_ready"
+        if e.metric == "restore_to_ready" and e.where == "tcg"
     }
     assert sizes == {128, 512, 2048}
+    nested = {
+        e.engine
+        for u in units
+        for e in u.expects
+        if e.metric == "restore_to_ready" and e.where == "nested"
+    }
+    assert nested == {"ignition", "qemu"}
 
 
 SCRIPT_OK = """

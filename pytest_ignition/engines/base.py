@@ -175,6 +175,42 @@ class Engine(ABC):
     name: str
     accelerator: str
     supports_rollback: bool = False
+    #: version of this engine's ``meta.json`` layout; a snapshot of another version is refused
+    snapshot_format: int = 1
+
+    def read_meta(self, config: VMConfig, directory: Path) -> dict[str, Any]:
+        """A snapshot's ``meta.json``, checked against ``config`` and this engine.
+
+        Raises :class:`SnapshotMismatch` naming the file and every difference found;
+        engines add their own checks in :meth:`meta_problems`.
+        """
+        meta_path = Path(directory) / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise SnapshotMismatch(f"{meta_path}: no such snapshot metadata") from None
+        except (OSError, ValueError) as exc:
+            raise SnapshotMismatch(f"{meta_path}: unreadable snapshot metadata: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise SnapshotMismatch(f"{meta_path}: not a snapshot metadata object")
+        problems = []
+        if meta.get("format") != self.snapshot_format:
+            problems.append(f"format {meta.get('format')!r}, expected {self.snapshot_format}")
+        if meta.get("engine") != self.name:
+            problems.append(f"taken by engine {meta.get('engine')!r}, not {self.name!r}")
+        if meta.get("config_key") != config.key():
+            problems.append(
+                "taken with another configuration (kernel, initrd, rootfs, kernel_args, "
+                "memory or cpus differ, or a file changed since)"
+            )
+        problems += self.meta_problems(config, meta)
+        if problems:
+            raise SnapshotMismatch(f"{meta_path}: snapshot does not match: " + "; ".join(problems))
+        return meta
+
+    def meta_problems(self, config: VMConfig, meta: dict[str, Any]) -> list[str]:
+        """Engine-specific reasons a snapshot's metadata does not fit ``config``."""
+        return []
 
     @abstractmethod
     def boot(self, config: VMConfig, workdir: Path) -> Machine:

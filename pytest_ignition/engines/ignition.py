@@ -52,7 +52,6 @@ from pytest_ignition.engines.base import (
     EngineError,
     EngineUnavailable,
     Machine,
-    SnapshotMismatch,
     VMConfig,
 )
 
@@ -356,6 +355,7 @@ class IgnitionEngine(Engine):
     name = "ignition"
     accelerator = "kvm"
     supports_rollback = True
+    snapshot_format = SNAPSHOT_FORMAT
 
     def __init__(self, python: str | None = None, check: bool = False) -> None:
         self.python = python or sys.executable
@@ -513,27 +513,6 @@ class IgnitionEngine(Engine):
         finally:
             if reply.get("state") == "paused" and machine.is_alive():
                 machine.control("resume")
-
-    def read_meta(self, config: VMConfig, directory: Path) -> dict[str, Any]:
-        meta_path = Path(directory) / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise SnapshotMismatch(f"{meta_path}: no such snapshot metadata") from None
-        except (OSError, ValueError) as exc:
-            raise SnapshotMismatch(f"{meta_path}: unreadable snapshot metadata: {exc}") from exc
-        if not isinstance(meta, dict):
-            raise SnapshotMismatch(f"{meta_path}: not a snapshot metadata object")
-        problems = []
-        if meta.get("format") != SNAPSHOT_FORMAT:
-            problems.append(f"format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT}")
-        if meta.get("engine") != self.name:
-            problems.append(f"taken by engine {meta.get('engine')!r}, not {self.name!r}")
-        if meta.get("config_key") != config.key():
-            problems.append("taken with another configuration (or a file changed since)")
-        if problems:
-            raise SnapshotMismatch(f"{meta_path}: snapshot does not match: " + "; ".join(problems))
-        return meta
 
     def restore(self, config: VMConfig, directory: Path, workdir: Path) -> IgnitionMachine:
         directory = Path(directory).resolve()

@@ -229,6 +229,7 @@ class QemuEngine(Engine):
 
     name = "qemu"
     supports_rollback = False
+    snapshot_format = SNAPSHOT_FORMAT
 
     def __init__(
         self,
@@ -555,34 +556,13 @@ class QemuEngine(Engine):
         if res.returncode != 0:
             raise EngineError(f"saving the disk of {machine!r} failed: {res.stderr.strip()}")
 
-    def read_meta(self, config: VMConfig, directory: Path) -> dict[str, Any]:
-        """The snapshot's metadata, checked against ``config`` and this engine."""
-        meta_path = Path(directory) / "meta.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise SnapshotMismatch(f"{meta_path}: no such snapshot metadata") from None
-        except (OSError, ValueError) as exc:
-            raise SnapshotMismatch(f"{meta_path}: unreadable snapshot metadata: {exc}") from exc
-        if not isinstance(meta, dict):
-            raise SnapshotMismatch(f"{meta_path}: not a snapshot metadata object")
+    def meta_problems(self, config: VMConfig, meta: dict[str, Any]) -> list[str]:
         problems = []
-        if meta.get("format") != SNAPSHOT_FORMAT:
-            problems.append(f"format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT}")
-        if meta.get("engine") != self.name:
-            problems.append(f"taken by engine {meta.get('engine')!r}, not {self.name!r}")
-        if meta.get("config_key") != config.key():
-            problems.append(
-                "taken with another configuration (kernel, initrd, rootfs, kernel_args, "
-                "memory or cpus differ, or a file changed since)"
-            )
         if meta.get("args") != self.device_args(config):
             problems.append("QEMU device arguments differ (other accelerator or version)")
         if meta.get("qemu_version") != self.version:
             problems.append(f"taken with QEMU {meta.get('qemu_version')}, this is {self.version}")
-        if problems:
-            raise SnapshotMismatch(f"{meta_path}: snapshot does not match: " + "; ".join(problems))
-        return meta
+        return problems
 
     def restore(self, config: VMConfig, directory: Path, workdir: Path) -> QemuMachine:
         directory = Path(directory)

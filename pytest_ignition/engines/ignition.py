@@ -27,9 +27,7 @@ not PVM, whose emulated CPL0 makes a kernel boot take minutes).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -41,11 +39,11 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
 from pytest_ignition.console import SerialConsole, read_tail
+from pytest_ignition.engines import _process
 from pytest_ignition.engines.base import (
     BootError,
     Engine,
@@ -60,10 +58,6 @@ __all__ = ["IgnitionEngine", "IgnitionMachine", "SNAPSHOT_FORMAT", "available"]
 SNAPSHOT_FORMAT = 1
 AGENT_VSOCK_PORT = 52
 _MAX_SOCK_PATH = 100  # sun_path is 108 bytes; the vsock convention appends "_<port>"
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
-with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def available() -> tuple[bool, str]:
@@ -80,62 +74,6 @@ def available() -> tuple[bool, str]:
             "so a Linux guest would take minutes to boot (use the nested harness or QEMU)"
         )
     return True, "KVM runs guest kernels natively"
-
-
-def _default_cmdline() -> str:
-    try:
-        from pytest_ignition.guest import DEFAULT_CMDLINE
-    except ImportError:
-        return "console=ttyS0 reboot=k panic=-1 quiet"
-    return DEFAULT_CMDLINE
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-class _Spawner:
-    """Starts every VMM from one long-lived thread: PDEATHSIG fires when the *thread* that
-    forked the child exits, so a VMM started from a short-lived thread would die with it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._jobs: list[tuple[Any, threading.Event, list[Any]]] = []
-        self._cond = threading.Condition(self._lock)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._jobs:
-                    self._cond.wait()
-                fn, done, out = self._jobs.pop(0)
-            try:
-                out.append((True, fn()))
-            except BaseException as exc:  # handed back to the caller
-                out.append((False, exc))
-            done.set()
-
-    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        done = threading.Event()
-        out: list[Any] = []
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="ignition-vmm-spawner", daemon=True
-                )
-                self._thread.start()
-            self._jobs.append((lambda: subprocess.Popen(argv, **kw), done, out))
-            self._cond.notify()
-        done.wait()
-        ok, value = out[0]
-        if not ok:
-            raise value
-        return value
-
-
-_spawner = _Spawner()
 
 
 class _ConsoleRelay:
@@ -223,16 +161,6 @@ class _ConsoleRelay:
             self.vmm.close()
 
 
-_live: weakref.WeakSet[IgnitionMachine] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for m in list(_live):
-        with contextlib.suppress(Exception):
-            m.close()
-
-
 class IgnitionMachine(Machine):
     """One VMM process and what it owns (a private directory under ``workdir``)."""
 
@@ -261,7 +189,7 @@ class IgnitionMachine(Machine):
         self._console = SerialConsole(self.console_sock, self.console_log)
         self._closed = False
         self._lock = threading.Lock()
-        _live.add(self)
+        _process.track(self)
 
     # -- Machine API ------------------------------------------------------------------------
     @property
@@ -331,7 +259,7 @@ class IgnitionMachine(Machine):
             shutil.rmtree(self.dir, ignore_errors=True)
             if self._sockdir_owned:
                 shutil.rmtree(self.sockdir, ignore_errors=True)
-            _live.discard(self)
+            _process.untrack(self)
 
     def _kill(self) -> None:
         proc = self.proc
@@ -368,7 +296,7 @@ class IgnitionEngine(Engine):
         return "ignition (bundled VMM, kvm)"
 
     def cmdline(self, config: VMConfig) -> str:
-        parts = [_default_cmdline()]
+        parts = [_process.default_cmdline()]
         if config.rootfs is not None:
             parts.append("ignition.rootfs=/dev/vda")
         if config.kernel_args.strip():
@@ -402,14 +330,12 @@ class IgnitionEngine(Engine):
         try:
             m._relay = _ConsoleRelay(ours, m.console_sock, m.console_log)
             started = time.monotonic()
-            m.proc = _spawner.popen(
+            m.proc = _process.spawn(
                 argv,
                 stdin=theirs.fileno(),
                 stdout=theirs.fileno(),
                 stderr=log,
                 close_fds=True,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()

@@ -97,6 +97,27 @@ def qemu_where() -> str:
     return WHERE_ALIASES.get(accel, accel)
 
 
+NESTED_PER_TEST = [
+    "--where", "nested", "--results", "benchmarks/results/pytest_per_test_nested.json",
+    "--prefetch", "on",
+    "--setting", "ignition:restore", "--setting", "ignition:rollback", "--setting", "qemu:restore",
+]  # fmt: skip
+
+
+def _harness(timeout_s: float) -> list[str]:
+    """The wrapper that runs a script inside the nested harness; the harness's own timeout
+    fires before the runner's, so that it can shut its guest down."""
+    return [
+        sys.executable,
+        "-m",
+        "pytest_ignition.nested",
+        "run",
+        "--timeout",
+        str(timeout_s - 30),
+        "--",
+    ]
+
+
 def plan(quick: bool, qwhere: str) -> list[Unit]:
     """The units of a run, in order (cheap and host-side first, the nested harness last)."""
     sizes = (128, 2048)
@@ -188,16 +209,27 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             ],
             nested_timeout,
             pass_quick_flag=True,
-            # It measures inside the nested harness; the harness's own timeout fires first.
-            via=[
-                sys.executable,
-                "-m",
-                "pytest_ignition.nested",
-                "run",
-                "--timeout",
-                str(nested_timeout - 30),
-                "--",
-            ],  # fmt: skip
+            via=_harness(nested_timeout),
+        )
+    )
+    # The bundled VMM runs Linux guests only in the harness here (PVM), so its pytest wall time
+    # is measured there, interleaved with QEMU+KVM in the same harness.
+    per_test_timeout = 900
+    units.append(
+        Unit(
+            "pytest_per_test_nested",
+            "pytest_per_test",
+            "pytest_per_test",
+            "pytest_per_test_nested.json",
+            [*NESTED_PER_TEST, "-n", "6", "--rounds", "2"],
+            [*NESTED_PER_TEST, "-n", "2", "--rounds", "1"],
+            [
+                Expect("pytest_per_test", "ignition", "nested", {"reset": "restore"}),
+                Expect("pytest_per_test", "ignition", "nested", {"reset": "rollback"}),
+                Expect("pytest_per_test", "qemu", "nested", {"reset": "restore"}),
+            ],
+            per_test_timeout,
+            via=_harness(per_test_timeout),
         )
     )
     return units

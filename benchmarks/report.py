@@ -304,8 +304,9 @@ def not_applicable(meta: dict[str, Any]) -> list[str]:
         "- `restore_time_host` qemu: QEMU exposes no clock from restore entry to vCPU handover; "
         "its restore is timed end to end (`restore_to_ready`).",
         "- `tcg` for ignition: the bundled VMM needs KVM; it has no software emulation.",
-        "- `pytest_per_test` measures the engine that `--ignition-engine auto` picks on this "
-        "machine (see its `engine` column).",
+        "- `pytest_per_test` on this machine measures the engine that `--ignition-engine auto` "
+        "picks (see its `engine` column); `nested` measures both engines in the harness, the "
+        "bundled VMM in both reset modes (`reset` in params; QEMU has only `restore`).",
     ]
     if (meta.get("machine") or {}).get("kvm_is_pvm"):
         out.insert(

@@ -193,6 +193,21 @@ def test_plan_expects_every_metric() -> None:
         if e.metric == "restore_to_ready" and e.where == "nested"
     }
     assert nested == {"ignition", "qemu"}
+    per_test = {
+        (e.engine, e.where, e.params.get("reset"))
+        for u in units
+        for e in u.expects
+        if e.metric == "pytest_per_test"
+    }
+    assert per_test == {
+        ("qemu", "tcg", None),
+        ("ignition", "nested", "restore"),
+        ("ignition", "nested", "rollback"),
+        ("qemu", "nested", "restore"),
+    }
+    for u in units:
+        if any(e.where == "nested" for e in u.expects):
+            assert u.via[:3] == [sys.executable, "-m", "pytest_ignition.nested"], u.name
 
 
 SCRIPT_OK = """
@@ -507,3 +522,41 @@ def test_runner_list_prints_the_plan(capsys) -> None:
     assert runner.main(["--list", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "qemu_engine_512M" in out and "--restores 3" in out
+
+
+def test_per_test_settings_parse_and_become_pytest_args() -> None:
+    from benchmarks.pytest_per_test import Setting
+
+    assert Setting.parse("auto").pytest_args() == []
+    assert Setting.parse("ignition:rollback").pytest_args() == [
+        "--ignition-engine=ignition",
+        "--ignition-reset=rollback",
+    ]
+    assert Setting.parse("qemu").pytest_args() == ["--ignition-engine=qemu"]
+    assert Setting.parse("ignition:").reset is None
+    for bad in ("firecracker", "qemu:snapshot"):
+        with pytest.raises(Exception, match="ENGINE"):
+            Setting.parse(bad)
+
+
+def test_per_test_record_leaves_out_each_runs_setup_test() -> None:
+    from benchmarks.pytest_per_test import Suite, to_record
+
+    def suite(times: list[float], modes: list[str]) -> Suite:
+        return Suite(times, "ignition", "kvm", "ignition (bundled VMM, kvm)", modes, 9.0, 0.5)
+
+    # The 30 s and 40 s first tests carry the session setup: never in the statistics.
+    runs = [suite([30.0, 0.1, 0.3], ["rollback"]), suite([40.0, 0.2, 0.4], ["rollback"])]
+    r = to_record(runs, 2, ["--ignition-engine=ignition"], True, "nested")
+    assert (r["engine"], r["where"], r["n"]) == ("ignition", "nested", 4)
+    assert r["median_ms"] == 250.0 and r["max_ms"] == 400.0
+    assert r["params"]["reset"] == "rollback" and r["params"]["accel"] == "kvm"
+    assert r["session_setup_s"] == [30.0, 40.0] and r["runs"] == 2
+    assert common.validate(r) == []
+
+    # Without a where override the accelerator stays for the runner to map; mixed modes
+    # (a fallback from rollback to restore) give no single reset param.
+    r = to_record(
+        [suite([1.0, 0.1], ["restore"]), suite([1.0, 0.1], ["rollback"])], 1, [], False, None
+    )
+    assert r["where"] == "kvm" and "reset" not in r["params"] and "accel" not in r["params"]

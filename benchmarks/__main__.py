@@ -176,7 +176,7 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             ["--boots", "1", "--snapshots", "2", "--restores", "3", "--memory", "512"],
             [
                 Expect(m, "qemu", qwhere, {"memory_mib": 512})
-                for m in ("launch_to_ready", "snapshot_time", "restore_to_ready")
+                for m in ("guest_boot_time", "launch_to_ready", "snapshot_time", "restore_to_ready")
             ],
             300,
         )

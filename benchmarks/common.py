@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -271,3 +272,36 @@ def time_calls(
         fn()
         out.append((clock() - t0) * 1000.0)
     return out
+
+
+# The default guest's rcS prints this on the serial console when init is done.
+BOOT_MARKER = b"ignition: init done"
+
+
+class ConsoleMarkerWatch(threading.Thread):
+    """Poll a console log (a path, or a glob pattern for a file an engine creates) until
+    ``marker`` appears in it; ``seen`` is then the seconds since ``t0`` (a ``time.monotonic``
+    reading taken just before the launch). Polls every 2 ms: the clock's resolution."""
+
+    def __init__(self, path: Path | str, t0: float, marker: bytes = BOOT_MARKER) -> None:
+        super().__init__(daemon=True)
+        self.pattern, self.t0, self.marker = str(path), t0, marker
+        self.seen: float | None = None
+        self.stop = threading.Event()
+
+    def _files(self) -> list[Path]:
+        p = Path(self.pattern)
+        if not any(c in self.pattern for c in "*?["):
+            return [p]
+        return sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for f in self._files():
+                try:
+                    if self.marker in f.read_bytes():
+                        self.seen = time.monotonic() - self.t0
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.002)

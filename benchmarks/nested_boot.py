@@ -41,74 +41,34 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 RESULTS = Path(__file__).resolve().parent / "results" / "nested.json"
-MARKER = b"ignition: init done"
 BOOT_TIMEOUT = 300.0
 
 
-def _pct(sorted_ms: list[float], q: float) -> float:
-    pos = (len(sorted_ms) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
-
-
 def host_description() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
         f"nested host (QEMU TCG, emulated AMD SVM) {platform.machine()} {os.cpu_count()}cpu "
-        f"{platform.release()} [{cpu}]"
+        f"{platform.release()} [{common.cpu_model()}]"
     )
 
 
 def record(metric: str, engine: str, params: dict, seconds: list[float]) -> dict:
-    ms = sorted(s * 1000 for s in seconds)
     return {
         "metric": metric,
         "engine": engine,
         "where": "nested",
         "params": params,
-        "median_ms": round(statistics.median(ms), 2),
-        "p10_ms": round(_pct(ms, 0.1), 2),
-        "p90_ms": round(_pct(ms, 0.9), 2),
-        "n": len(ms),
+        **common.summarize_ms([s * 1000 for s in seconds]),
         "host": host_description(),
     }
-
-
-class _MarkerWatch(threading.Thread):
-    """Poll a console file until MARKER appears; remember when."""
-
-    def __init__(self, path: Path, t0: float) -> None:
-        super().__init__(daemon=True)
-        self.path, self.t0 = path, t0
-        self.seen: float | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                if MARKER in self.path.read_bytes():
-                    self.seen = time.monotonic() - self.t0
-                    return
-            except OSError:
-                pass
-            time.sleep(0.002)
 
 
 def _finish(proc: subprocess.Popen[bytes]) -> None:
@@ -131,7 +91,7 @@ def run_ignition(guest, mem_mib: int, d: Path) -> dict[str, float]:
     with open(log, "wb") as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-    watch = _MarkerWatch(console, t0)
+    watch = common.ConsoleMarkerWatch(console, t0)
     watch.start()
     try:
         client = AgentClient.connect_vsock_uds(vsock, 52, timeout=BOOT_TIMEOUT)
@@ -162,7 +122,7 @@ def run_qemu(guest, mem_mib: int, d: Path) -> dict[str, float]:
     argv += ["-device", "virtserialport,chardev=agent,name=org.ignition.agent"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watch = _MarkerWatch(console, t0)
+    watch = common.ConsoleMarkerWatch(console, t0)
     watch.start()
     try:
         client = AgentClient.connect_unix(sock, timeout=60)

@@ -560,3 +560,26 @@ def test_per_test_record_leaves_out_each_runs_setup_test() -> None:
         [suite([1.0, 0.1], ["restore"]), suite([1.0, 0.1], ["rollback"])], 1, [], False, None
     )
     assert r["where"] == "kvm" and "reset" not in r["params"] and "accel" not in r["params"]
+
+
+def test_console_marker_watch_finds_a_file_made_after_it_started(tmp_path: Path) -> None:
+    watch = common.ConsoleMarkerWatch(tmp_path / "qemu-*" / "console.log", time.monotonic())
+    watch.start()
+    time.sleep(0.05)
+    d = tmp_path / "qemu-abc"
+    d.mkdir()
+    (d / "console.log").write_bytes(b"Linux version ...\n")
+    time.sleep(0.05)
+    assert watch.seen is None and watch.is_alive()
+    with open(d / "console.log", "ab") as f:
+        f.write(common.BOOT_MARKER + b"\n")
+    watch.join(5)
+    assert watch.seen is not None and watch.seen >= 0.1
+
+
+def test_console_marker_watch_stops_when_told(tmp_path: Path) -> None:
+    watch = common.ConsoleMarkerWatch(tmp_path / "console.log", time.monotonic())
+    watch.start()
+    watch.stop.set()
+    watch.join(5)
+    assert not watch.is_alive() and watch.seen is None

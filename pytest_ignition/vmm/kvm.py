@@ -7,7 +7,8 @@ snapshot can serialise (``bytes``, ints, dicts, or the dataclasses below, which 
 :func:`save_vcpu_state` / :func:`restore_vcpu_state` and :func:`save_vm_state` /
 :func:`restore_vm_state` bundle them in the order KVM needs.
 
-Struct layouts live in :mod:`._kvm_cdef`. Every failed ioctl raises :class:`KvmError`,
+Struct layouts live in :mod:`._kvm_cdef`, pre-parsed into :mod:`._kvm_ffi` (cffi's out-of-line
+ABI mode, see :mod:`._kvm_ffi_build`). Every failed ioctl raises :class:`KvmError`,
 whose message names the ioctl and the errno (``KVM_RUN failed: EINTR (4)``).
 
 Calls go through libc's ``ioctl`` via cffi, which releases the GIL for the duration of the
@@ -25,8 +26,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import cffi
-
 from ._kvm_cdef import CDEF
 
 # one definition each of ``struct kvm_segment`` and ``struct kvm_cpuid_entry2`` for both layers
@@ -35,8 +34,34 @@ from .x86_64.gdt import Segment
 
 log = logging.getLogger(__name__)
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
+
+def _load_ffi() -> Any:
+    """The pre-parsed declarations of :mod:`._kvm_ffi` when they match :data:`CDEF`.
+
+    Otherwise (module missing, built for another cffi, or generated from an older cdef) the
+    cdef is parsed here, which needs pycparser and costs ~2 s per start in the nested harness.
+    """
+    import zlib
+
+    try:
+        from . import _kvm_ffi
+
+        if _kvm_ffi.CDEF_CRC32 == zlib.crc32(CDEF.encode()):
+            return _kvm_ffi.ffi
+        log.warning(
+            "pytest_ignition/vmm/_kvm_ffi.py is out of date with _kvm_cdef.py; parsing the "
+            "cdef at run time (regenerate: python -m pytest_ignition.vmm._kvm_ffi_build)"
+        )
+    except (ImportError, AttributeError) as e:
+        log.debug("pre-parsed KVM declarations unavailable (%s); parsing the cdef", e)
+    import cffi
+
+    parsed = cffi.FFI()
+    parsed.cdef(CDEF)
+    return parsed
+
+
+ffi = _load_ffi()
 _libc = ffi.dlopen(None)
 
 KVM_API_VERSION = 12

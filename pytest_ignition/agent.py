@@ -44,6 +44,9 @@ DEFAULT_VSOCK_PORT = 52
 REQUEST_TIMEOUT = 120.0  # file transfers, sync: a guest that is alive answers well within this
 HOST_TIMEOUT_GRACE = 5.0  # past an exec's own timeout, before the host kills it itself
 KILL_GRACE = 5.0  # after the host's SIGKILL, for the EXIT to arrive
+# After a SIGKILL for too much output, the agent still flushes what it had queued (up to ~1 MiB
+# plus the pipes): wait KILL_GRACE past the last frame, but never longer than this in all.
+DRAIN_LIMIT = 60.0
 
 
 class FrameType(enum.IntEnum):
@@ -225,6 +228,28 @@ class AgentTimeout(AgentError):
 
 class AgentDisconnected(AgentError):
     """The byte stream to the agent closed."""
+
+
+class AgentOutputLimit(AgentError):
+    """An exec wrote more than its ``max_output`` bytes (stdout and stderr together).
+
+    The host kept the first ``limit`` bytes in arrival order, killed the process group (SIGNAL 9)
+    and drained the channel up to the EXIT. ``.result`` holds the kept output and how the process
+    ended (``exit_code``/``signal`` both None if no EXIT came within the drain limit).
+    """
+
+    def __init__(self, message: str, limit: int, result: ExecResult) -> None:
+        super().__init__(message, errno.EFBIG)
+        self.limit = limit
+        self.result = result
+
+    @property
+    def stdout(self) -> bytes:
+        return self.result.stdout
+
+    @property
+    def stderr(self) -> bytes:
+        return self.result.stderr
 
 
 _DISCONNECTED = object()
@@ -435,11 +460,16 @@ class AgentClient:
         cwd: str | None = None,
         input: bytes | None = None,
         timeout: float | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         """Run a command: a str through ``/bin/sh -c``, a sequence as an argv (never interpreted).
 
         Raises AgentTimeout (with the partial output in ``.result``) when ``timeout`` passes; the
         command's whole process group has been killed by then.
+
+        ``max_output`` caps the bytes kept of stdout and stderr together (None or 0: no cap).
+        Past it nothing more is kept, the process group gets SIGKILL, the channel is drained to
+        its EXIT and AgentOutputLimit is raised with the first ``max_output`` bytes.
         """
         if isinstance(cmd, str | bytes):
             argv = [_fsencode(cmd, "command")]
@@ -462,6 +492,9 @@ class AgentClient:
             if timeout <= 0:
                 raise ValueError("timeout must be positive")
             timeout_ms = min(max(1, math.ceil(timeout * 1000)), 0xFFFFFFFF)
+        if max_output is not None and (isinstance(max_output, bool) or max_output < 0):
+            raise ValueError(f"max_output must be a number of bytes >= 0, not {max_output!r}")
+        limit = max_output or None
         if input is not None:
             flags |= EXEC_STDIN
         payload = b"".join(
@@ -491,29 +524,51 @@ class AgentClient:
                         target=self._send_stdin, args=(chan, data, stop), daemon=True
                     )
                     writer.start()
-            killed = False
+            killed = False  # the host sent SIGKILL because the command ran past its timeout
+            overflow_at: float | None = None  # when the output passed the cap (and SIGKILL went)
             while True:
                 try:
                     frame = self._recv(q, host_deadline, "exec")
                 except AgentTimeout:
+                    if overflow_at is not None:
+                        result = ExecResult(
+                            None, None, bytes(out), bytes(err), time.monotonic() - start, False
+                        )
+                        raise AgentOutputLimit(
+                            f"exec {cmd!r}: output exceeded {limit} bytes; no exit after SIGKILL",
+                            limit or 0,
+                            result,
+                        ) from None
                     if killed:
                         result = ExecResult(
                             None, None, bytes(out), bytes(err), time.monotonic() - start, True
                         )
                         raise AgentTimeout(f"exec {cmd!r}: no exit after SIGKILL", result) from None
                     killed = True
-                    try:
-                        self._send(FrameType.SIGNAL, chan, struct.pack("<I", 9))
-                    except AgentDisconnected:
-                        pass
+                    self._kill(chan)
                     host_deadline = time.monotonic() + KILL_GRACE
                     continue
-                if frame.type == FrameType.STDOUT and not out_eof:
-                    out += frame.payload
-                    out_eof = not frame.payload
-                elif frame.type == FrameType.STDERR and not err_eof:
-                    err += frame.payload
-                    err_eof = not frame.payload
+                if overflow_at is not None:  # draining: every frame is progress towards EXIT
+                    host_deadline = min(time.monotonic() + KILL_GRACE, overflow_at + DRAIN_LIMIT)
+                if frame.type in (FrameType.STDOUT, FrameType.STDERR):
+                    is_out = frame.type == FrameType.STDOUT
+                    if (out_eof if is_out else err_eof) or not frame.payload:
+                        if is_out:
+                            out_eof = True
+                        else:
+                            err_eof = True
+                        continue
+                    if overflow_at is not None:
+                        continue  # past the cap: dropped
+                    data = frame.payload
+                    if limit is not None and len(out) + len(err) + len(data) > limit:
+                        data = data[: limit - len(out) - len(err)]
+                        overflow_at = time.monotonic()
+                        stop.set()  # no more stdin for a process that is being killed
+                        if not killed:
+                            self._kill(chan)
+                        host_deadline = overflow_at + KILL_GRACE
+                    (out if is_out else err).extend(data)
                 elif frame.type == FrameType.EXIT:
                     if len(frame.payload) != _EXIT.size:
                         raise AgentError(f"exec {cmd!r}: malformed EXIT frame")
@@ -527,19 +582,32 @@ class AgentClient:
                         duration=time.monotonic() - start,
                         timed_out=timed_out,
                     )
+                    if overflow_at is not None:
+                        raise AgentOutputLimit(
+                            f"exec {cmd!r}: output exceeded {limit} bytes; killed",
+                            limit or 0,
+                            result,
+                        )
                     if timed_out:
                         raise AgentTimeout(f"exec {cmd!r}: timed out after {timeout} s", result)
                     return result
                 elif frame.type == FrameType.ERROR:
                     e = _error_from(frame, f"exec {cmd!r}")
                     if e.code == ErrorCode.UNKNOWN_CHAN:
-                        continue  # stdin sent after the process had gone: harmless
+                        continue  # stdin or a signal sent after the process had gone: harmless
                     raise e
                 else:
                     log.warning("exec: unexpected frame type 0x%02x from the agent", frame.type)
         finally:
             stop.set()
             self._close_chan(chan)
+
+    def _kill(self, chan: int) -> None:
+        """SIGKILL the process group of the exec on ``chan`` (a lost connection is seen anyway)."""
+        try:
+            self._send(FrameType.SIGNAL, chan, struct.pack("<I", 9))
+        except AgentDisconnected:
+            pass  # the reader reports the disconnect to the waiting exec
 
     def _send_stdin(self, chan: int, data: memoryview, stop: threading.Event) -> None:
         try:

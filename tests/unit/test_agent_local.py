@@ -27,6 +27,7 @@ from pytest_ignition._testing import require
 from pytest_ignition.agent import (
     AgentClient,
     AgentError,
+    AgentOutputLimit,
     AgentTimeout,
     ErrorCode,
     Frame,
@@ -236,6 +237,49 @@ def test_timeout_kills_the_process_group(client: AgentClient) -> None:
     bg = int(res.stdout.split()[0])
     assert _wait_gone(bg), f"background child {bg} survived the timeout"
     assert client.exec(["true"]).exit_code == 0  # the agent is fine afterwards
+
+
+def test_output_cap_kills_the_group_and_keeps_exactly_the_cap(client: AgentClient) -> None:
+    cap = 1 << 20
+    with pytest.raises(AgentOutputLimit) as ei:
+        client.exec("sleep 300 & echo $!; exec yes", max_output=cap, timeout=120)
+    res = ei.value.result
+    assert ei.value.limit == cap
+    assert len(res.stdout) + len(res.stderr) == cap
+    first, rest = res.stdout.split(b"\n", 1)
+    assert rest == (b"y\n" * cap)[: cap - len(first) - 1]
+    assert res.signal == 9 and res.exit_code is None and not res.timed_out
+    assert _wait_gone(int(first)), "a background child survived the SIGKILL for too much output"
+    assert client.exec(["echo", "next"], max_output=cap).stdout == b"next\n"
+
+
+def test_output_cap_counts_stdout_and_stderr_together(client: AgentClient) -> None:
+    # head's 300000 bytes on stderr are all read (the pipe holds 64 KiB) before yes starts.
+    with pytest.raises(AgentOutputLimit) as ei:
+        client.exec("head -c 300000 /dev/zero >&2; exec yes", max_output=200000)
+    assert ei.value.stderr == b"\0" * 200000 and ei.value.stdout == b""
+
+
+def test_output_cap_boundary_and_unlimited(client: AgentClient) -> None:
+    r = client.exec(["head", "-c", "100000", "/dev/zero"], max_output=100000)
+    assert r.exit_code == 0 and len(r.stdout) == 100000  # exactly the cap is allowed
+    with pytest.raises(AgentOutputLimit) as ei:
+        client.exec(["head", "-c", "100001", "/dev/zero"], max_output=100000)
+    # the process may have finished by itself before the SIGKILL arrived: either ending is fine
+    assert ei.value.stdout == b"\0" * 100000
+    assert len(client.exec(["head", "-c", str(3 << 20), "/dev/zero"], max_output=0).stdout) == (
+        3 << 20
+    )
+    with pytest.raises(ValueError, match="max_output"):
+        client.exec(["true"], max_output=-1)
+
+
+def test_output_cap_with_stdin_flowing(client: AgentClient) -> None:
+    # A big stdin is written from its own thread; it stops once the output cap is hit.
+    with pytest.raises(AgentOutputLimit) as ei:
+        client.exec(["cat"], input=os.urandom(8 << 20), max_output=1 << 20)
+    assert len(ei.value.stdout) == 1 << 20
+    assert client.exec(["cat"], input=b"still fine").stdout == b"still fine"
 
 
 def test_background_process_does_not_hold_exit(client: AgentClient) -> None:

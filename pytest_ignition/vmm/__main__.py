@@ -50,6 +50,18 @@ class SetupError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every add_argument; left to itself the formatter
+        # imports shutil (+ bz2, lzma) just to read the terminal width. Same width rule here.
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        return self.formatter_class(prog=self.prog, width=max(columns, 1) - 2)
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(EXIT_SETUP)
@@ -71,7 +83,8 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="The bundled pytest-ignition microVM monitor (KVM).")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # prog given: otherwise argparse builds a help formatter (importing shutil) to compute it
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, prog=PROG)
     b = sub.add_parser("boot", help="boot a kernel in a new microVM and serve it until it stops")
     b.add_argument("--kernel", required=True, help="bzImage or uncompressed vmlinux (PVH)")
     b.add_argument("--initrd", help="initramfs to load")
@@ -290,7 +303,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from .kvm import KvmError, KvmUnavailable
     from .machine import Machine, MachineError, MachineSpec
     from .memory import GuestMemoryError
-    from .snapshot import SnapshotError
     from .vcpu import install_kick_handler
     from .x86_64.loader import KernelLoadError, check_kernel_file
 
@@ -391,7 +403,13 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except SetupError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return EXIT_SETUP
-    except (KernelLoadError, MachineError, KvmUnavailable, GuestMemoryError, SnapshotError) as e:
+    except (
+        KernelLoadError,
+        MachineError,
+        KvmUnavailable,
+        GuestMemoryError,
+        _snapshot_error(),
+    ) as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return EXIT_SETUP
     except KvmError as e:
@@ -415,6 +433,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 pass
         if console is not None:
             console.close()
+
+
+def _snapshot_error() -> type[Exception]:
+    """SnapshotError, imported only when an error is being matched: a boot does not load
+    the snapshot module (and its hashlib/json imports) otherwise."""
+    from .snapshot import SnapshotError
+
+    return SnapshotError
 
 
 def _start_restored(machine: Any) -> None:
@@ -481,7 +507,6 @@ def _attach_tty(machine: Any, fd: int, escape: _EscapeFilter) -> None:
 
 def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespace):
     from .machine import MachineError
-    from .snapshot import SnapshotError
 
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
@@ -512,7 +537,7 @@ def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespa
             if cmd == "rollback":
                 info = machine.rollback()
                 return {"ok": True, **info, "state": machine.state}
-        except (MachineError, SnapshotError) as e:
+        except (MachineError, _snapshot_error()) as e:
             return {"ok": False, "error": str(e), "state": machine.state}
         except OSError as e:
             return {"ok": False, "error": f"{cmd}: {e}", "state": machine.state}

@@ -41,21 +41,28 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import kvm
-from . import snapshot as snap
 from .devices.bus import Bus
 from .eventloop import EventLoop
 from .memory import PAGE_SIZE, GuestMemory
 from .vcpu import StopReason, VcpuRunner
 from .x86_64 import boot, cpuid, layout, mptable, msrs
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from . import snapshot as snap
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-FALLBACK_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+# The project's guest command line (pytest_ignition.guest.DEFAULT_CMDLINE; a unit test keeps the
+# two equal). Kept here so that a boot does not import the guest-build package (~1.5 s under
+# the nested TCG harness) and the VMM stays usable on its own.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+FALLBACK_CMDLINE = DEFAULT_CMDLINE
 UART_PORT = 0x3F8
 UART_IRQ = 4
 I8042_PORT = 0x60
@@ -71,10 +78,6 @@ class MachineError(Exception):
 
 
 def default_cmdline() -> str:
-    try:
-        from pytest_ignition.guest import DEFAULT_CMDLINE
-    except ImportError:
-        return FALLBACK_CMDLINE
     return DEFAULT_CMDLINE
 
 
@@ -444,6 +447,8 @@ class Machine:
 
     def fingerprint(self) -> dict[str, Any]:
         """This machine's configuration fingerprint (a restored one keeps its snapshot's)."""
+        from . import snapshot as snap
+
         if self._fingerprint is None:
             spec = self.spec
             try:
@@ -493,6 +498,8 @@ class Machine:
     def capture_state(self) -> dict[str, Any]:
         """Everything but RAM, as plain data (the VM must be paused or not yet started).
         virtio-blk overlays are included in memory (``bytes`` blocks)."""
+        from . import snapshot as snap
+
         msr_list = self.system.msr_index_list()
         state: dict[str, Any] = {
             "format": snap.FORMAT_VERSION,
@@ -527,6 +534,8 @@ class Machine:
     def snapshot(self, store: str | os.PathLike[str] | snap.SnapshotStore, name: str) -> Path:
         """Write snapshot ``name`` into ``store`` (a running VM is paused meanwhile) and make
         it this machine's rollback target. Returns the snapshot's directory."""
+        from . import snapshot as snap
+
         if not isinstance(store, snap.SnapshotStore):
             store = snap.SnapshotStore(store)
         snap.check_name(name)
@@ -607,6 +616,8 @@ class Machine:
 
         ``expected`` is a :func:`snapshot.fingerprint` (or part of one) the snapshot must
         match; ``vsock`` overrides the vsock socket path the snapshot recorded."""
+        from . import snapshot as snap
+
         t0 = time.perf_counter_ns()
         if not isinstance(snapshot, snap.Snapshot):
             snapshot = snap.Snapshot.load(snapshot)
@@ -661,6 +672,8 @@ class Machine:
 
     def _load_snapshot_state(self, snapshot: snap.Snapshot) -> None:
         """Second half of :meth:`_build` for a restore: vCPUs, VM and device state."""
+        from . import snapshot as snap
+
         st = snapshot.state
         where = snapshot.state_path
         devs = st["devices"]
@@ -766,6 +779,8 @@ class Machine:
         KVM's dirty log (vCPU and in-kernel writes) plus the VMM's own bitmap. Both are
         cleared by reading, so what was read is kept (``_dirty_acc``) until a new base is set
         or the pages are reverted: a failed snapshot must not make rollback miss a page."""
+        from . import snapshot as snap
+
         mem = self.mem
         vmm_pages = mem.take_vmm_dirty()
         acc = self._dirty_acc or [b""] * len(mem.regions)

@@ -31,11 +31,8 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,6 +429,10 @@ class SnapshotStore:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SnapshotError(f"{self.root}: cannot create snapshot store: {e}") from None
+        import shutil  # the write path only: restore does without these imports
+        import tempfile
+        import uuid
+
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
         try:
             fill(tmp)
@@ -454,6 +455,8 @@ class SnapshotStore:
         return final
 
     def delete(self, name: str) -> None:
+        import shutil
+
         shutil.rmtree(self.path(name), ignore_errors=True)
 
 
@@ -471,6 +474,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def new_id() -> str:
+    import uuid
+
     return f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
 
 

@@ -10,10 +10,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["VM", "CommandFailed", "CommandResult", "CommandTimeout"]
+__all__ = [
+    "VM",
+    "CommandError",
+    "CommandFailed",
+    "CommandOutputTooLarge",
+    "CommandResult",
+    "CommandTimeout",
+]
 
 if TYPE_CHECKING:
-    from pytest_ignition.vm import VM, CommandFailed, CommandResult, CommandTimeout
+    from pytest_ignition.vm import (
+        VM,
+        CommandError,
+        CommandFailed,
+        CommandOutputTooLarge,
+        CommandResult,
+        CommandTimeout,
+    )
 
 
 def __getattr__(name: str) -> Any:

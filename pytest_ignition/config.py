@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pytest_ignition.engines.select import ENGINE_NAMES as ENGINES
 RESET_MODES = ("restore", "rollback")
 MIN_MEMORY_MIB = 32
 MAX_CPUS = 64
+DEFAULT_MAX_OUTPUT = 64 << 20  # bytes; the same as the "max_output" option's default "64M"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ OPTIONS: tuple[Option, ...] = (
         "120",
         "SECONDS",
     ),
+    Option(
+        "max_output",
+        "most output (stdout + stderr, in bytes) vm.run keeps per command before it kills the "
+        "command and raises CommandOutputTooLarge: 64M, 1G, a plain number of bytes, 0 = no limit",
+        "64M",
+        "SIZE",
+    ),
 )
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -116,6 +125,7 @@ class Settings:
     engine: str = "auto"
     reset: str = "restore"
     timeout: float = 120.0
+    max_output: int = DEFAULT_MAX_OUTPUT  # bytes per command, stdout and stderr together; 0 = none
     require: bool = False
     # Where each value came from ("--ignition-memory", "IGNITION_MEMORY", "ini ignition_memory",
     # "default"): used in error messages and the report header.
@@ -140,6 +150,26 @@ def parse_memory(text: str) -> int:
     if mib < MIN_MEMORY_MIB:
         raise ValueError(f"{text!r} is less than the minimum of {MIN_MEMORY_MIB} MiB")
     return mib
+
+
+def parse_size(text: str | int) -> int:
+    """Parse an output size into bytes: ``64M``, ``1G``, ``1.5M``, ``512K``, ``4096`` (bytes).
+
+    ``0`` means no limit. Units are powers of 1024 (``M``, ``MiB`` and ``MB`` alike). Raises
+    ValueError with a human explanation on anything else.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a size")
+    s = str(text).strip()
+    m = re.fullmatch(r"(?i)(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?", s)
+    if not m:
+        raise ValueError(f"{text!r} is not a size")
+    unit = (m.group(2) or "").lower()
+    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    size = Fraction(m.group(1)) * factor  # exact: no float rounding, no overflow
+    if size.denominator != 1:
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(size)
 
 
 def parse_cpus(text: str | int) -> int:
@@ -192,6 +222,7 @@ _FIX = {
     "reset": "write restore or rollback",
     "timeout": "write a positive number of seconds, e.g. 120",
     "kernel_args": "write the arguments as one string",
+    "max_output": "write e.g. 64M, 1G, a plain number of bytes, or 0 for no limit",
 }
 
 
@@ -211,6 +242,8 @@ def _parse(name: str, raw: str) -> Any:
         return parse_cpus(raw)
     if name == "timeout":
         return parse_timeout(raw)
+    if name == "max_output":
+        return parse_size(raw)
     if name in ("engine", "reset"):
         return parse_choice(raw, OPTIONS_BY_NAME[name].choices or ())
     return str(raw).strip()
@@ -284,6 +317,7 @@ def resolve(
         engine=values["engine"],
         reset=values["reset"],
         timeout=values["timeout"],
+        max_output=values["max_output"],
         require=_truthy(env.get("IGNITION_REQUIRE")),
         sources=sources,
     )

@@ -280,6 +280,13 @@ class IgnitionSession:
             kernel, initrd = g.kernel, g.initrd
         return cfgmod.vm_config(s, kernel, initrd), s.reset
 
+    def vm_limits(self) -> dict[str, Any]:
+        """The session's per-command limits as :class:`~pytest_ignition.vm.VM` keywords."""
+        return {
+            "max_output": self.settings.max_output,
+            "max_output_source": self.settings.sources.get("max_output", "default"),
+        }
+
     # ------------------------------------------------------------------ directories
 
     def set_root(self, basetemp: Path) -> None:
@@ -363,7 +370,7 @@ class IgnitionSession:
                 f"pytest-ignition: {engine.name} could not start the guest "
                 f"({self._describe(vmcfg)}): {e}"
             ) from None
-        vm = VM(engine, machine, vmcfg)
+        vm = VM(engine, machine, vmcfg, **self.vm_limits())
         try:
             boot_seconds = time.monotonic() - t0
             try:
@@ -422,7 +429,14 @@ class IgnitionSession:
         if not isinstance(seconds, (int, float)):
             seconds = time.monotonic() - t0
         mode = reset if (reset != "rollback" or snap.engine.supports_rollback) else "restore"
-        vm = VM(snap.engine, machine, snap.config, snapshot_dir=snap.directory, reset_mode=mode)
+        vm = VM(
+            snap.engine,
+            machine,
+            snap.config,
+            snapshot_dir=snap.directory,
+            reset_mode=mode,
+            **self.vm_limits(),
+        )
         vm._ignition_workdir = workdir  # type: ignore[attr-defined]
         with self.lock:
             if self.closed:

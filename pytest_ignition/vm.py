@@ -1,8 +1,9 @@
 """The public VM API: what a test holds (``ignition_vm``) and what it gets back from commands.
 
 Owns :class:`VM` (run commands, move files, the console, reset to the snapshot),
-:class:`CommandResult`, :class:`CommandFailed` and :class:`CommandTimeout`. Users and the
-docs rely on these names; everything engine-specific stays behind
+:class:`CommandResult` and the command errors (:class:`CommandError` and its subclasses
+:class:`CommandFailed`, :class:`CommandTimeout`, :class:`CommandOutputTooLarge`). Users and
+the docs rely on these names; everything engine-specific stays behind
 :mod:`pytest_ignition.engines.base`.
 """
 
@@ -17,10 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pytest_ignition.agent import AgentTimeout
+from pytest_ignition.agent import AgentOutputLimit, AgentTimeout
 from pytest_ignition.engines.base import Engine, Machine, VMConfig
 
-__all__ = ["VM", "CommandFailed", "CommandResult", "CommandTimeout", "HistoryEntry"]
+__all__ = [
+    "VM",
+    "CommandError",
+    "CommandFailed",
+    "CommandOutputTooLarge",
+    "CommandResult",
+    "CommandTimeout",
+    "HistoryEntry",
+]
+
+# Bytes of stdout + stderr a command may write before it is killed (the session setting
+# ``--ignition-max-output`` replaces it; config.DEFAULT_MAX_OUTPUT is the same number).
+DEFAULT_MAX_OUTPUT = 64 << 20
 
 Command = str | Sequence[str]
 
@@ -34,6 +47,21 @@ def _show(cmd: Command) -> str:
 
 def _tail(text: str, lines: int = 20, chars: int = 2000) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])[-chars:]
+
+
+def _head(data: bytes, lines: int = 5, chars: int = 300) -> str:
+    """The start of some output, printable: control characters (a stream of NULs) escaped."""
+    text = data[: chars * 4].decode("utf-8", errors="replace")
+    text = "\n".join(text.splitlines()[:lines])
+    shown = "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+    return shown[:chars] + ("..." if len(shown) > chars or len(data) > len(text) else "")
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
 
 
 @dataclass(frozen=True)
@@ -93,7 +121,11 @@ class CommandResult:
         )
 
 
-class CommandFailed(Exception):
+class CommandError(Exception):
+    """Base of the errors about a command run in the guest: ``except CommandError`` takes all."""
+
+
+class CommandFailed(CommandError):
     """A command exited non-zero where success was required (``check``/``check_output``)."""
 
     def __init__(self, result: CommandResult) -> None:
@@ -110,7 +142,7 @@ class CommandFailed(Exception):
         super().__init__(msg)
 
 
-class CommandTimeout(Exception):
+class CommandTimeout(CommandError):
     """A command ran past its timeout and was killed; the VM stays usable."""
 
     def __init__(
@@ -123,12 +155,57 @@ class CommandTimeout(Exception):
         super().__init__(f"command {command!r} timed out after {timeout:g}s and was killed")
 
 
+class CommandOutputTooLarge(CommandError):
+    """A command wrote more than ``max_output`` bytes (stdout and stderr together) and was killed.
+
+    Raised by :meth:`VM.run` whatever the command's exit status; the VM stays usable.
+    ``stdout_bytes`` / ``stderr_bytes`` hold the first ``max_output`` bytes in the order they
+    arrived; ``setting`` says where the limit came from (this call, or the session setting and
+    its source).
+    """
+
+    def __init__(
+        self,
+        command: str,
+        max_output: int,
+        setting: str,
+        stdout_bytes: bytes = b"",
+        stderr_bytes: bytes = b"",
+        signal: int | None = None,
+    ) -> None:
+        self.command = command
+        self.max_output = max_output
+        self.setting = setting
+        self.stdout_bytes = stdout_bytes
+        self.stderr_bytes = stderr_bytes
+        self.signal = signal
+        msg = (
+            f"command {command!r} wrote more than {_size(max_output)} of output (stdout and "
+            f"stderr together) and was killed; the first {max_output} bytes are in "
+            f".stdout_bytes/.stderr_bytes. The limit is {setting}; 0 means no limit"
+        )
+        for name, data in (("stdout", stdout_bytes), ("stderr", stderr_bytes)):
+            if data:
+                msg += f"\n--- {name} (head) ---\n" + _head(data)
+        super().__init__(msg)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", errors="replace")
+
+
 class VM:
     """A running guest: commands, files, the serial console, reset to the snapshot.
 
     ``snapshot_dir`` is the snapshot this VM was restored from (needed by :meth:`reset`);
     ``reset_mode`` is ``"restore"`` (close, then restore afresh) or ``"rollback"`` (in place,
-    where the engine supports it; otherwise the same as ``"restore"``).
+    where the engine supports it; otherwise the same as ``"restore"``). ``max_output`` is the
+    default cap on a command's output in bytes (0: none) and ``max_output_source`` where it came
+    from, for the error message (the fixtures pass the session setting and its source).
     """
 
     def __init__(
@@ -138,9 +215,14 @@ class VM:
         config: VMConfig,
         snapshot_dir: Path | None = None,
         reset_mode: str = "restore",
+        *,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        max_output_source: str = "default",
     ) -> None:
         if reset_mode not in ("restore", "rollback"):
             raise ValueError(f"reset_mode must be 'restore' or 'rollback', not {reset_mode!r}")
+        self._max_output = _check_size(max_output)
+        self.max_output_source = max_output_source
         self.engine = engine
         self.machine = machine
         self.config = config
@@ -148,6 +230,16 @@ class VM:
         self.reset_mode = reset_mode
         self.history: list[HistoryEntry] = []
         self._closed = False
+
+    @property
+    def max_output(self) -> int:
+        """The cap on a command's stdout + stderr in bytes when ``run`` is given none (0: none)."""
+        return self._max_output
+
+    @max_output.setter
+    def max_output(self, value: int | str) -> None:
+        self._max_output = _check_size(value)
+        self.max_output_source = "vm.max_output"
 
     # -- commands -------------------------------------------------------------------------
 
@@ -159,10 +251,22 @@ class VM:
         input: str | bytes | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        max_output: int | str | None = None,
     ) -> CommandResult:
         """Run ``cmd`` in the guest: a ``str`` is a shell command, a list is an argv that is
-        never shell-interpreted. Raises :class:`CommandTimeout` when ``timeout`` elapses."""
+        never shell-interpreted. Raises :class:`CommandTimeout` when ``timeout`` elapses.
+
+        ``max_output``: bytes of stdout and stderr together to keep (an int, or a size such as
+        ``"1M"``; 0 = no limit; None = this VM's ``max_output``, the session setting). A command
+        that writes more is killed and :class:`CommandOutputTooLarge` is raised.
+        """
         self._check_open()
+        if max_output is None:
+            cap = self.max_output
+            setting = _session_setting(cap, self.max_output_source)
+        else:
+            cap = _check_size(max_output)
+            setting = f"max_output={max_output!r} of this call; raise it there"
         if isinstance(cmd, str):
             payload: str | list[str] = cmd
         else:
@@ -179,7 +283,13 @@ class VM:
                 cwd=cwd,
                 input=data,
                 timeout=timeout,
+                max_output=cap,
             )
+        except AgentOutputLimit as exc:
+            self.history.append((shown, None, time.monotonic() - started))
+            raise CommandOutputTooLarge(
+                shown, cap, setting, exc.stdout, exc.stderr, exc.result.signal
+            ) from None
         except AgentTimeout as exc:
             partial = exc.result
             self.history.append((shown, None, time.monotonic() - started))
@@ -210,6 +320,7 @@ class VM:
         return self.run(cmd, **kw).check().stdout
 
     # -- files ----------------------------------------------------------------------------
+    # Not capped by max_output: a guest file is bounded by the guest's memory or disk image.
 
     def read_file(self, path: str) -> bytes:
         """The bytes of a guest file."""
@@ -291,3 +402,28 @@ class VM:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running"
         return f"<VM {self.engine.name}/{self.engine.accelerator} {state}>"
+
+
+def _check_size(value: int | str) -> int:
+    """A byte count from an int or a size string (``"64M"``); 0 = no limit."""
+    if isinstance(value, str):
+        from pytest_ignition.config import parse_size
+
+        return parse_size(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"max_output must be a number of bytes >= 0 or a size like '64M', not {value!r}"
+        )
+    return value
+
+
+def _session_setting(cap: int, source: str) -> str:
+    """Where a VM's default cap came from, and how to raise it (for the error message)."""
+    how = (
+        "raise it with --ignition-max-output, IGNITION_MAX_OUTPUT or the ini key "
+        "ignition_max_output, or per call with vm.run(..., max_output=...)"
+    )
+    if source == "vm.max_output":
+        return "this VM's max_output, set with vm.max_output = ...; raise it there or per call"
+    where = f"its default, {_size(cap)}" if source == "default" else source
+    return f"the session setting max_output (from {where}): {how}"

@@ -48,6 +48,48 @@ def test_parse_memory_rejects(text: str) -> None:
         cfg.parse_memory(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64M", 64 << 20),
+        ("64m", 64 << 20),
+        ("64MiB", 64 << 20),
+        ("64MB", 64 << 20),
+        ("1G", 1 << 30),
+        ("1.5M", 3 << 19),
+        ("512K", 512 << 10),
+        ("4096", 4096),  # a plain number is bytes
+        ("100b", 100),
+        ("0", 0),  # no limit
+        (" 2T ", 2 << 40),
+        (7, 7),
+    ],
+)
+def test_parse_size_accepts(text: str, size: int) -> None:
+    assert cfg.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", "-1M", "1.3", "0.5", "12X", "1 G B", "lots", True])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        cfg.parse_size(text)
+
+
+def test_max_output_default_env_ini_cli() -> None:
+    from pytest_ignition import vm
+
+    s = _resolve()
+    assert s.max_output == 64 << 20 == cfg.DEFAULT_MAX_OUTPUT == vm.DEFAULT_MAX_OUTPUT
+    assert s.sources["max_output"] == "default"
+    s = _resolve(ini={"ignition_max_output": "1G"})
+    assert (s.max_output, s.sources["max_output"]) == (1 << 30, "ini key ignition_max_output")
+    s = _resolve(ini={"ignition_max_output": "1G"}, env={"IGNITION_MAX_OUTPUT": "0"})
+    assert s.max_output == 0
+    assert s.sources["max_output"] == "environment variable IGNITION_MAX_OUTPUT"
+    s = _resolve(cli={"ignition_max_output": "2M"}, env={"IGNITION_MAX_OUTPUT": "0"})
+    assert (s.max_output, s.sources["max_output"]) == (2 << 20, "--ignition-max-output")
+
+
 def test_defaults() -> None:
     s = _resolve()
     assert (s.kernel, s.initrd, s.rootfs) == (None, None, None)
@@ -108,6 +150,8 @@ def test_initrd_without_kernel_is_an_error(tmp_path: Path) -> None:
         ("ignition_reset", "reboot", "not one of restore, rollback"),
         ("ignition_timeout", "-5", "positive"),
         ("ignition_timeout", "soon", "not a number"),
+        ("ignition_max_output", "-1", "not a size"),
+        ("ignition_max_output", "1.3", "not a whole number of bytes"),
     ],
 )
 def test_bad_values_name_source_problem_and_fix(key: str, value: str, expect: str) -> None:
@@ -195,6 +239,39 @@ def test_ini_env_cli_precedence_in_pytest(
     result = pytester.runpytest_subprocess("-s", "--ignition-timeout=50")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*SETTINGS 256 3 50.0*"])
+
+
+def test_max_output_through_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini("[pytest]\nignition_max_output = 1G\n")
+    pytester.makepyfile(
+        """
+        from pytest_ignition.fixtures import get_session
+
+        def test_settings(request):
+            session = get_session(request.config)
+            s = session.settings
+            print("MAXOUT", s.max_output, s.sources["max_output"], session.vm_limits())
+        """
+    )
+    result = pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*MAXOUT 1073741824 ini key ignition_max_output*"])
+    monkeypatch.setenv("IGNITION_MAX_OUTPUT", "0")
+    result = pytester.runpytest_subprocess("-s")
+    result.stdout.fnmatch_lines(["*MAXOUT 0 environment variable IGNITION_MAX_OUTPUT*"])
+    result = pytester.runpytest_subprocess("-s", "--ignition-max-output=3K")
+    result.stdout.fnmatch_lines(
+        [
+            "*MAXOUT 3072 --ignition-max-output {'max_output': 3072, 'max_output_source': '--ignition-max-output'}*"
+        ]
+    )
+    result = pytester.runpytest_subprocess("--ignition-max-output=lots")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "--ignition-max-output = 'lots'" in err and "0 for no limit" in err
+    assert "Traceback" not in err
 
 
 def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:

@@ -1,4 +1,9 @@
-"""Command line: ``python -m pytest_ignition.guest build [--kernel-source DIR] [--host] [--quiet]``."""
+"""Command line for the guest pipeline.
+
+``python -m pytest_ignition.guest build [--kernel-source DIR] [--host] [--quiet]`` builds (or
+finds) the guest; ``python -m pytest_ignition.guest clean [--all | --everything] [--dry-run]``
+removes cached artefacts the current checkout would not use.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import GuestBuildError, build_guest, build_host_kernel
-from .build import main_progress
+from . import GUEST_FRAGMENT, HOST_FRAGMENT, GuestBuildError, build_guest, build_host_kernel
+from .build import cache_dir, clean_cache, human_size, main_progress
+
+FRAGMENTS = {"guest": GUEST_FRAGMENT, "host": HOST_FRAGMENT}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pytest_ignition.guest")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build (or find in the cache) the guest kernel + initramfs")
-    b.add_argument("--kernel-source", type=Path, help="kernel tree or tarball (default: Debian's)")
-    b.add_argument("--host", action="store_true", help="build the nested harness's host kernel")
-    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    args = parser.parse_args(argv)
+def _build(args: argparse.Namespace) -> int:
     shown = main_progress(args.quiet)
     said: list[str] = []
 
@@ -28,25 +28,88 @@ def main(argv: list[str] | None = None) -> int:
             shown(msg)
 
     t0 = time.monotonic()
+    if args.host:
+        host = build_host_kernel(args.kernel_source, progress=progress)
+        print(f"kernel:    {host.kernel}")
+        print(f"config:    {host.config}")
+    else:
+        img = build_guest(args.kernel_source, progress=progress)
+        print(f"kernel:    {img.kernel}")
+        print(f"vmlinux:   {img.vmlinux}")
+        print(f"initramfs: {img.initrd}")
+        print(f"config:    {img.config}")
+    print("cache hit" if not said else f"built in {time.monotonic() - t0:.0f}s")
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    root = cache_dir()
+    if not root.exists():
+        print(f"nothing to clean: {root} does not exist")
+        return 0
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 1
+    level = "everything" if args.everything else "all" if args.all else "stale"
+    print(f"cache {root}" + (" (dry run: nothing is removed)" if args.dry_run else ""))
     try:
-        if args.host:
-            host = build_host_kernel(args.kernel_source, progress=progress)
-            print(f"kernel:    {host.kernel}")
-            print(f"config:    {host.config}")
-        else:
-            img = build_guest(args.kernel_source, progress=progress)
-            print(f"kernel:    {img.kernel}")
-            print(f"vmlinux:   {img.vmlinux}")
-            print(f"initramfs: {img.initrd}")
-            print(f"config:    {img.config}")
+        r = clean_cache(
+            FRAGMENTS, level, kernel_source=args.kernel_source, dry_run=args.dry_run, say=print
+        )
+    except OSError as e:  # e.g. an unreadable cache dir
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    entries = f"{r.removed} entr{'y' if r.removed == 1 else 'ies'}"
+    if args.dry_run:
+        print(
+            f"dry run: {r.files} files in {entries} would go, {human_size(r.freed)} would be freed"
+        )
+    else:
+        print(f"{r.files} files in {entries} removed, {human_size(r.freed)} freed")
+    if r.skipped:
+        print(f"{r.skipped} entries skipped while a build holds their lock: run clean again later")
+    if r.failed:
+        print(f"error: {r.failed} entries could not be removed (see FAILED above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_ignition.guest")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or find in the cache) the guest kernel + initramfs")
+    b.add_argument("--kernel-source", type=Path, help="kernel tree or tarball (default: Debian's)")
+    b.add_argument("--host", action="store_true", help="build the nested harness's host kernel")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    c = sub.add_parser(
+        "clean",
+        help="remove cached artefacts the current checkout would not use",
+        description="Remove stale initramfs files and kernels, and leftovers of interrupted "
+        "builds, from the guest cache. Keeps the current guest and host kernel, the current "
+        "initramfs, and the kernel source and build trees (they make the next kernel build "
+        "fast). Entries whose build lock is held by a running build are skipped.",
+    )
+    what = c.add_mutually_exclusive_group()
+    what.add_argument(
+        "--all", action="store_true", help="also remove the kernel source and build trees"
+    )
+    what.add_argument("--everything", action="store_true", help="remove the whole cache dir")
+    c.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
+    c.add_argument(
+        "--kernel-source",
+        type=Path,
+        help="the kernel tree or tarball your builds use (default: Debian's); it is part of "
+        "the current kernel keys",
+    )
+    args = parser.parse_args(argv)
+    try:
+        return _clean(args) if args.cmd == "clean" else _build(args)
     except GuestBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print("cache hit" if not said else f"built in {time.monotonic() - t0:.0f}s")
-    return 0
 
 
 if __name__ == "__main__":

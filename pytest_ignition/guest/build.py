@@ -23,12 +23,14 @@ import io
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -102,12 +104,16 @@ def _sha(*parts: str | bytes) -> str:
     return h.hexdigest()[:20]
 
 
+def _lock_path(name: str) -> Path:
+    return cache_dir() / "locks" / f"{name}.lock"
+
+
 @contextmanager
 def _lock(name: str, progress: Progress) -> Iterator[None]:
     """Hold ``locks/<name>.lock``, saying so when another process holds it first."""
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(locks / f"{name}.lock"))
+    path = _lock_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -212,13 +218,18 @@ def _source_identity(kernel_source: Path | None) -> tuple[str, Path | None]:
     return ident, src
 
 
+def _srckey(ident: str) -> str:
+    """Names the extracted tree ``src/<srckey>`` and the object dirs ``build/<flavour>-<srckey>``."""
+    return _sha(ident)
+
+
 def _tarball_for(kernel_source: Path | None) -> Path:
     return DEFAULT_TARBALL if kernel_source is None else Path(kernel_source).resolve()
 
 
 def _extracted_tree(kernel_source: Path | None, ident: str, progress: Progress) -> Path:
     """Extract the tarball once into the cache (under a lock) and return the tree."""
-    root = cache_dir() / "src" / _sha(ident)
+    root = cache_dir() / "src" / _srckey(ident)
     done = root / ".complete"
     if not done.exists():
         with _lock("src", progress):
@@ -342,7 +353,7 @@ def build_kernel(
                 f"{tree} is not clean (has a .config): run 'make mrproper' there, "
                 "the pipeline builds out of tree"
             )
-        builddir = cache_dir() / "build" / f"{flavour}-{_sha(ident)}"
+        builddir = cache_dir() / "build" / f"{flavour}-{_srckey(ident)}"
         builddir.mkdir(parents=True, exist_ok=True)
         log = builddir / "build.log"
         log.write_text(f"# {flavour} kernel, key {key}, source {ident}\n")
@@ -382,16 +393,33 @@ def build_kernel(
     return out, key
 
 
+def current_kernel_key(flavour: str, fragment_path: Path, kernel_source: Path | None = None) -> str:
+    """The key ``build_kernel`` would use for these inputs; never builds nor extracts.
+
+    Raises GuestBuildError (saying why) when an input is missing.
+    """
+    try:
+        fragment = fragment_path.read_text()
+    except OSError as e:
+        raise GuestBuildError(f"kernel config fragment {fragment_path}: {e.strerror}") from None
+    ident, _ = _source_identity(kernel_source)
+    return kernel_key(flavour, fragment, ident)
+
+
+def current_source_key(kernel_source: Path | None = None) -> str:
+    """The ``<srckey>`` of ``src/<srckey>`` and ``build/<flavour>-<srckey>`` for this source."""
+    return _srckey(_source_identity(kernel_source)[0])
+
+
 def find_kernel(
     flavour: str, fragment_path: Path, kernel_source: Path | None = None
 ) -> Path | None:
     """The cached kernel output dir for these inputs, or None (never builds)."""
     try:
-        fragment = fragment_path.read_text()
-        ident, _ = _source_identity(kernel_source)
-    except (OSError, GuestBuildError):
+        key = current_kernel_key(flavour, fragment_path, kernel_source)
+    except GuestBuildError:
         return None
-    out = cache_dir() / flavour / kernel_key(flavour, fragment, ident)
+    out = cache_dir() / flavour / key
     return out if (out / "config").is_file() else None
 
 
@@ -583,15 +611,354 @@ def build_initrd(progress: Progress = None) -> tuple[Path, str]:
     return out, key
 
 
+def current_initrd_key() -> str:
+    """The key ``build_initrd`` would use now; never builds. GuestBuildError says why not."""
+    src = guest_src_dir()
+    try:
+        busybox = BUSYBOX.read_bytes()
+    except OSError as e:
+        raise GuestBuildError(
+            f"{BUSYBOX}: {e.strerror} (install with: apt-get install busybox-static)"
+        ) from None
+    return initrd_key(src, busybox)
+
+
 def find_initrd() -> tuple[Path, str] | None:
     try:
-        src = guest_src_dir()
-        busybox = BUSYBOX.read_bytes()
-    except (OSError, GuestBuildError):
+        key = current_initrd_key()
+    except GuestBuildError:
         return None
-    key = initrd_key(src, busybox)
     out = cache_dir() / f"initrd-{key}.cpio.gz"
     return (out, key) if out.is_file() else None
+
+
+# --------------------------------------------------------------------------- clean
+
+CLEAN_LEVELS = ("stale", "all", "everything")
+_INITRD_NAME = re.compile(r"initrd-([0-9a-f]{20})\.cpio\.gz")
+FAILED_INITRD_LOG = "initrd-failed.log"
+_CLEAN_PREFIX = ".clean-"  # a directory clean renamed before deleting it (an interrupted clean)
+
+
+@dataclass(frozen=True)
+class CleanItem:
+    """A cache entry (file or tree) to remove and the build locks that guard it."""
+
+    path: Path
+    why: str
+    locks: tuple[str, ...]
+
+
+@dataclass
+class CleanPlan:
+    """What ``clean`` would remove, what it keeps (and why), and what it could not decide."""
+
+    remove: list[CleanItem] = field(default_factory=list)
+    keep: list[tuple[Path, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_clean(
+    fragments: dict[str, str], level: str = "stale", kernel_source: Path | None = None
+) -> CleanPlan:
+    """Sort the entries of an existing ``cache_dir()`` into remove and keep; removes nothing.
+
+    ``fragments`` maps each kernel flavour to its fragment under ``guest_src_dir()``. The
+    current keys come from the same functions the builders use, without building or
+    extracting anything. Whatever a key cannot be computed for is kept, with a note saying why.
+    """
+    if level not in CLEAN_LEVELS:
+        raise ValueError(f"level must be one of {CLEAN_LEVELS}, not {level!r}")
+    root = cache_dir()
+    plan = CleanPlan()
+    kernel_locks = tuple(f"kernel-{f}" for f in fragments)
+    # The builders read the extracted tree while holding only their kernel lock.
+    src_locks = ("src", *kernel_locks)
+    entries = sorted(root.iterdir())
+
+    if level == "everything":
+        for e in entries:
+            if e.name == "locks":
+                continue
+            if e.name in fragments:
+                locks: tuple[str, ...] = (f"kernel-{e.name}",)
+            elif e.name == "src" or e.name.startswith(_CLEAN_PREFIX):
+                locks = src_locks
+            elif e.name == "build":
+                locks = kernel_locks
+            elif _INITRD_NAME.fullmatch(e.name) or e.name.startswith(".initrd-"):
+                locks = ("initrd",)
+            elif e.name == FAILED_INITRD_LOG:
+                locks = ("initrd",)
+            else:
+                locks = ()
+            plan.remove.append(CleanItem(e, "cache", locks))
+        if (root / "locks").exists():  # last, while every lock is held (see run_clean)
+            plan.remove.append(CleanItem(root / "locks", "build locks", ("initrd", *src_locks)))
+        return plan
+
+    full = level == "all"
+    try:
+        ident: str | None = _source_identity(kernel_source)[0]
+    except GuestBuildError as e:
+        ident = None
+        plan.notes.append(
+            f"kernel source: {e}; keeping every kernel, kernel source tree and build tree"
+        )
+    kkeys: dict[str, str | None] = {}
+    for flavour, rel in fragments.items():
+        kkeys[flavour] = None
+        if ident is None:
+            continue
+        try:
+            fragment = (guest_src_dir() / rel).read_text()
+        except (OSError, GuestBuildError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            plan.notes.append(
+                f"{flavour} kernel fragment {rel}: {why}; keeping every {flavour} kernel"
+            )
+            continue
+        kkeys[flavour] = kernel_key(flavour, fragment, ident)
+    srckey = None if ident is None else _srckey(ident)
+    try:
+        ikey: str | None = current_initrd_key()
+    except (OSError, GuestBuildError) as e:
+        ikey = None
+        plan.notes.append(f"initramfs key unknown ({e}); keeping every initramfs")
+
+    def rm(path: Path, why: str, locks: tuple[str, ...]) -> None:
+        plan.remove.append(CleanItem(path, why, locks))
+
+    def keep(path: Path, why: str) -> None:
+        plan.keep.append((path, why))
+
+    initrds = [e for e in entries if _INITRD_NAME.fullmatch(e.name)]
+    for e in entries:
+        name = e.name
+        if name == "locks":
+            continue
+        if name in fragments and e.is_dir():
+            _plan_kernels(plan, e, name, kkeys[name])
+        elif name == "src" and e.is_dir():
+            for t in sorted(e.iterdir()):
+                if t.name.startswith("."):
+                    rm(t, "leftover of an interrupted extraction", src_locks)
+                elif not (t / ".complete").exists():
+                    rm(t, "incomplete kernel source tree", src_locks)
+                elif full:
+                    rm(t, "kernel source tree (--all)", src_locks)
+                elif srckey is None:
+                    keep(t, "kernel source unknown")
+                elif t.name == srckey:
+                    keep(t, "current kernel source tree (--all removes it)")
+                else:
+                    rm(t, "tree of another kernel source", src_locks)
+        elif name == "build" and e.is_dir():
+            for t in sorted(e.iterdir()):
+                flavour, _, key = t.name.partition("-")
+                locks = (f"kernel-{flavour}",) if flavour in fragments else kernel_locks
+                if t.name.startswith("."):
+                    rm(t, "leftover of an interrupted clean", kernel_locks)
+                elif full:
+                    rm(t, "kernel build tree (--all)", locks)
+                elif srckey is None:
+                    keep(t, "kernel source unknown")
+                elif key == srckey and flavour in fragments:
+                    keep(t, f"current {flavour} kernel build tree (--all removes it)")
+                else:
+                    rm(t, "build tree of another kernel source", locks)
+        elif m := _INITRD_NAME.fullmatch(name):
+            if ikey is None:
+                keep(e, "initramfs key unknown")
+            elif m[1] == ikey:
+                keep(e, "current initramfs")
+            else:
+                rm(e, "stale initramfs", ("initrd",))
+        elif name == FAILED_INITRD_LOG:
+            # Only the log of the latest failure is worth keeping.
+            newest = max((i.stat().st_mtime for i in initrds), default=None)
+            if full or (newest is not None and e.stat().st_mtime < newest):
+                rm(e, "log of an initramfs build failure since fixed", ("initrd",))
+            else:
+                keep(e, "log of the last initramfs build failure")
+        elif name.startswith(".initrd-"):
+            rm(e, "leftover of an interrupted initramfs build", ("initrd",))
+        elif name.startswith(_CLEAN_PREFIX):
+            rm(e, "leftover of an interrupted clean", src_locks)
+        else:
+            keep(e, "not made by the guest pipeline (--everything removes it)")
+    if ikey is not None and not (root / f"initrd-{ikey}.cpio.gz").exists():
+        plan.notes.append(f"the current initramfs (key {ikey}) is not built yet")
+    for flavour, key in kkeys.items():
+        if key is not None and not (root / flavour / key / "config").is_file():
+            plan.notes.append(f"the current {flavour} kernel (key {key}) is not built yet")
+    return plan
+
+
+def _plan_kernels(plan: CleanPlan, d: Path, flavour: str, key: str | None) -> None:
+    locks = (f"kernel-{flavour}",)
+    for e in sorted(d.iterdir()):
+        if e.name.startswith("."):
+            plan.remove.append(CleanItem(e, f"leftover of an interrupted {flavour} build", locks))
+        elif key is None:
+            plan.keep.append((e, f"{flavour} kernel key unknown"))
+        elif e.name != key:
+            plan.remove.append(CleanItem(e, f"stale {flavour} kernel", locks))
+        elif (e / "config").is_file():
+            plan.keep.append((e, f"current {flavour} kernel"))
+        else:  # cannot happen through build_kernel (it renames a complete dir into place)
+            plan.remove.append(CleanItem(e, f"incomplete {flavour} kernel", locks))
+
+
+def _usage(path: Path) -> tuple[int, int]:
+    """(files, bytes on disk) of a file or a tree; symlinks are not followed."""
+
+    def du(st: os.stat_result) -> int:
+        return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0, 0
+    if not stat.S_ISDIR(st.st_mode):
+        return 1, du(st)
+    files, size = 0, du(st)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            try:
+                sub = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            size += du(sub)
+            files += not stat.S_ISDIR(sub.st_mode)
+    return files, size
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a tree after renaming it aside: a tree half-deleted by an interrupted
+    clean must never look like a complete entry (``.complete``/``config`` checks) to a build."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        path.unlink(missing_ok=True)
+        return
+    trash = path
+    if not path.name.startswith("."):
+        trash = path.with_name(f"{_CLEAN_PREFIX}{path.name}-{os.getpid()}")
+        os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+@contextmanager
+def _try_locks(names: tuple[str, ...], *, create: bool) -> Iterator[dict[str, str]]:
+    """Take each build lock without waiting; yields {name: why} for those it could not take.
+
+    Without ``create`` a missing lock file counts as free and is not created (dry runs).
+    """
+    busy: dict[str, str] = {}
+    held: list[FileLock] = []
+    try:
+        for name in names:
+            path = _lock_path(name)
+            if not create and not path.exists():
+                continue
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                lock = FileLock(str(path))
+                lock.acquire(timeout=0)
+            except Timeout:
+                busy[name] = "a build is running"
+                continue
+            except OSError as e:
+                busy[name] = f"cannot take {path}: {e.strerror}"
+                continue
+            held.append(lock)
+        yield busy
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+@dataclass
+class CleanResult:
+    removed: int = 0  # entries
+    files: int = 0
+    freed: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def clean_cache(
+    fragments: dict[str, str],
+    level: str = "stale",
+    *,
+    kernel_source: Path | None = None,
+    dry_run: bool = False,
+    say: Callable[[str], None] = print,
+) -> CleanResult:
+    """Remove (or with ``dry_run`` list) what ``plan_clean`` picks, under the build locks.
+
+    Each build lock is tried without waiting; the entries a held lock guards are skipped and
+    said so. Lines for the user go to ``say``; the caller prints the summary.
+    """
+    root = cache_dir()
+    result = CleanResult()
+    all_locks = ("initrd", "src", *(f"kernel-{f}" for f in fragments))
+    with _try_locks(all_locks, create=not dry_run) as busy:
+        plan = plan_clean(fragments, level, kernel_source)
+        for note in plan.notes:
+            say(f"note: {note}")
+        for path, why in plan.keep:
+            say(f"keep     {_rel(path, root)}  ({why})")
+        for name, why in busy.items():
+            say(f"note: lock {name} is held ({why}): skipping what it guards")
+        for item in plan.remove:
+            rel = _rel(item.path, root)
+            held = [n for n in item.locks if n in busy]
+            if item.path.name == "locks" and item.path.parent == root:
+                # the lock files go last, and only when everything else went
+                held = held or (["(entries left)"] if result.skipped or result.failed else [])
+            if held:
+                say(f"skip     {rel}  ({item.why}; held: {', '.join(held)})")
+                result.skipped += 1
+                continue
+            files, size = _usage(item.path)
+            if not dry_run:
+                try:
+                    _remove(item.path)
+                except OSError as e:
+                    say(f"FAILED   {rel}: {e}")
+                    result.failed += 1
+                    continue
+            verb = "would rm" if dry_run else "removed "
+            say(f"{verb} {rel}  {human_size(size)}  ({item.why})")
+            result.removed += 1
+            result.files += files
+            result.freed += size
+    if level == "everything" and not dry_run and not result.skipped and not result.failed:
+        try:
+            root.rmdir()
+        except OSError as e:
+            say(f"FAILED   {root}: {e}")
+            result.failed += 1
+    return result
+
+
+def _rel(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    return rel + "/" if path.is_dir() and not path.is_symlink() else rel
 
 
 def main_progress(quiet: bool) -> Progress:

@@ -692,7 +692,7 @@ def plan_clean(
                 locks = ("initrd",)
             else:
                 locks = ()
-            plan.remove.append(CleanItem(e, "cache", locks))
+            plan.remove.append(CleanItem(e, "--everything", locks))
         if (root / "locks").exists():  # last, while every lock is held (see run_clean)
             plan.remove.append(CleanItem(root / "locks", "build locks", ("initrd", *src_locks)))
         return plan
@@ -750,7 +750,7 @@ def plan_clean(
                 elif srckey is None:
                     keep(t, "kernel source unknown")
                 elif t.name == srckey:
-                    keep(t, "current kernel source tree (--all removes it)")
+                    keep(t, "current kernel source tree; --all removes it")
                 else:
                     rm(t, "tree of another kernel source", src_locks)
         elif name == "build" and e.is_dir():
@@ -764,7 +764,7 @@ def plan_clean(
                 elif srckey is None:
                     keep(t, "kernel source unknown")
                 elif key == srckey and flavour in fragments:
-                    keep(t, f"current {flavour} kernel build tree (--all removes it)")
+                    keep(t, f"current {flavour} kernel build tree; --all removes it")
                 else:
                     rm(t, "build tree of another kernel source", locks)
         elif m := _INITRD_NAME.fullmatch(name):
@@ -786,7 +786,7 @@ def plan_clean(
         elif name.startswith(_CLEAN_PREFIX):
             rm(e, "leftover of an interrupted clean", src_locks)
         else:
-            keep(e, "not made by the guest pipeline (--everything removes it)")
+            keep(e, "not made by the guest pipeline; --everything removes it")
     if ikey is not None and not (root / f"initrd-{ikey}.cpio.gz").exists():
         plan.notes.append(f"the current initramfs (key {ikey}) is not built yet")
     for flavour, key in kkeys.items():
@@ -918,20 +918,21 @@ def clean_cache(
     all_locks = ("initrd", "src", *(f"kernel-{f}" for f in fragments))
     with _try_locks(all_locks, create=not dry_run) as busy:
         plan = plan_clean(fragments, level, kernel_source)
+        for name, why in busy.items():
+            say(f"note: lock {name} is held ({why}): skipping what it guards")
         for note in plan.notes:
             say(f"note: {note}")
         for path, why in plan.keep:
             say(f"keep     {_rel(path, root)}  ({why})")
-        for name, why in busy.items():
-            say(f"note: lock {name} is held ({why}): skipping what it guards")
         for item in plan.remove:
             rel = _rel(item.path, root)
             held = [n for n in item.locks if n in busy]
-            if item.path.name == "locks" and item.path.parent == root:
-                # the lock files go last, and only when everything else went
-                held = held or (["(entries left)"] if result.skipped or result.failed else [])
+            if item.path == root / "locks" and (result.skipped or result.failed):
+                # The lock files go last (still held), and only when everything else went.
+                say(f"keep     {rel}  (other entries remain)")
+                continue
             if held:
-                say(f"skip     {rel}  ({item.why}; held: {', '.join(held)})")
+                say(f"skip     {rel}  ({item.why}; lock held: {', '.join(held)})")
                 result.skipped += 1
                 continue
             files, size = _usage(item.path)

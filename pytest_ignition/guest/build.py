@@ -691,9 +691,11 @@ def plan_clean(
             elif e.name == FAILED_INITRD_LOG:
                 locks = ("initrd",)
             else:
-                locks = ()
+                # IGNITION_CACHE_DIR may point at a shared directory: only our own entries go.
+                plan.keep.append((e, "not made by the guest pipeline: left alone"))
+                continue
             plan.remove.append(CleanItem(e, "--everything", locks))
-        if (root / "locks").exists():  # last, while every lock is held (see run_clean)
+        if (root / "locks").exists():  # last, while every lock is held (see clean_cache)
             plan.remove.append(CleanItem(root / "locks", "build locks", ("initrd", *src_locks)))
         return plan
 
@@ -786,7 +788,7 @@ def plan_clean(
         elif name.startswith(_CLEAN_PREFIX):
             rm(e, "leftover of an interrupted clean", src_locks)
         else:
-            keep(e, "not made by the guest pipeline; --everything removes it")
+            keep(e, "not made by the guest pipeline: left alone")
     if ikey is not None and not (root / f"initrd-{ikey}.cpio.gz").exists():
         plan.notes.append(f"the current initramfs (key {ikey}) is not built yet")
     for flavour, key in kkeys.items():
@@ -950,7 +952,8 @@ def clean_cache(
             result.freed += size
     if level == "everything" and not dry_run and not result.skipped and not result.failed:
         try:
-            root.rmdir()
+            if not any(root.iterdir()):
+                root.rmdir()
         except OSError as e:
             say(f"FAILED   {root}: {e}")
             result.failed += 1

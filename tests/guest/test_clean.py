@@ -231,6 +231,11 @@ def test_all_removes_source_and_build_trees(cache: FakeCache) -> None:
 def test_everything_removes_the_cache_dir(cache: FakeCache) -> None:
     r = cache.run("--everything")
     _assert_ok(r)
+    # IGNITION_CACHE_DIR might be a shared dir: what the pipeline did not make stays
+    assert [p.name for p in cache.root.iterdir()] == ["notes.txt"]
+    assert "keep     notes.txt" in r.stdout
+    (cache.root / "notes.txt").unlink()
+    _assert_ok(cache.run("--everything"))
     assert not cache.root.exists()
     r = cache.run()
     _assert_ok(r)
@@ -246,7 +251,8 @@ def test_everything_keeps_what_a_running_build_guards(cache: FakeCache) -> None:
     finally:
         held.release()
     _assert_ok(r)
-    assert sorted(p.name for p in cache.root.iterdir()) == ["build", "host", "locks", "src"]
+    left = ["build", "host", "locks", "notes.txt", "src"]
+    assert sorted(p.name for p in cache.root.iterdir()) == left
 
 
 def test_unknown_kernel_source_keeps_every_kernel(cache: FakeCache, tmp_path: Path) -> None:

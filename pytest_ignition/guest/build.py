@@ -13,6 +13,9 @@ Layout of the cache::
     host/<key>/{bzImage,config,build.log}
     initrd-<key>.cpio.gz
     locks/*.lock
+
+``clean_cache`` (``python -m pytest_ignition.guest clean``) removes what the current inputs
+would not use, under the same locks.
 """
 
 from __future__ import annotations
@@ -881,7 +884,7 @@ def _try_locks(names: tuple[str, ...], *, create: bool) -> Iterator[dict[str, st
                 lock = FileLock(str(path))
                 lock.acquire(timeout=0)
             except Timeout:
-                busy[name] = "a build is running"
+                busy[name] = "another process holds it: a build, or another clean"
                 continue
             except OSError as e:
                 busy[name] = f"cannot take {path}: {e.strerror}"
@@ -921,7 +924,7 @@ def clean_cache(
     with _try_locks(all_locks, create=not dry_run) as busy:
         plan = plan_clean(fragments, level, kernel_source)
         for name, why in busy.items():
-            say(f"note: lock {name} is held ({why}): skipping what it guards")
+            say(f"note: lock {name}: {why}; skipping what it guards")
         for note in plan.notes:
             say(f"note: {note}")
         for path, why in plan.keep:

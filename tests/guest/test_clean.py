@@ -193,7 +193,7 @@ def test_held_lock_protects_what_it_guards(cache: FakeCache) -> None:
     guarded = {rel for rel in cache.stale if rel.startswith(("guest/", "build/", "src/"))}
     assert guarded and guarded < cache.stale
     assert cache.top() == before - (cache.stale - guarded)
-    assert "lock kernel-guest is held" in r.stdout
+    assert "lock kernel-guest: another process holds it" in r.stdout
     for rel in guarded:
         assert f"skip     {rel}" in r.stdout, rel
     assert f"{len(guarded)} entries skipped" in r.stdout

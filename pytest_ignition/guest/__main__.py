@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument(
         "--all", action="store_true", help="also remove the kernel source and build trees"
     )
-    what.add_argument("--everything", action="store_true", help="remove the whole cache dir")
+    what.add_argument(
+        "--everything",
+        action="store_true",
+        help="remove all the pipeline made but its empty lock files",
+    )
     c.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
     c.add_argument(
         "--kernel-source",

@@ -698,8 +698,12 @@ def plan_clean(
                 plan.keep.append((e, "not made by the guest pipeline: left alone"))
                 continue
             plan.remove.append(CleanItem(e, "--everything", locks))
-        if (root / "locks").exists():  # last, while every lock is held (see clean_cache)
-            plan.remove.append(CleanItem(root / "locks", "build locks", ("initrd", *src_locks)))
+        if (root / "locks").exists():
+            # A builder blocked on a lock file we deleted would lock the orphaned inode while
+            # the next builder creates a new file: two builds at once. The files are empty.
+            plan.keep.append(
+                (root / "locks", "build lock files (empty; a waiting build needs them)")
+            )
         return plan
 
     full = level == "all"
@@ -932,10 +936,6 @@ def clean_cache(
         for item in plan.remove:
             rel = _rel(item.path, root)
             held = [n for n in item.locks if n in busy]
-            if item.path == root / "locks" and (result.skipped or result.failed):
-                # The lock files go last (still held), and only when everything else went.
-                say(f"keep     {rel}  (other entries remain)")
-                continue
             if held:
                 say(f"skip     {rel}  ({item.why}; lock held: {', '.join(held)})")
                 result.skipped += 1
@@ -953,13 +953,6 @@ def clean_cache(
             result.removed += 1
             result.files += files
             result.freed += size
-    if level == "everything" and not dry_run and not result.skipped and not result.failed:
-        try:
-            if not any(root.iterdir()):
-                root.rmdir()
-        except OSError as e:
-            say(f"FAILED   {root}: {e}")
-            result.failed += 1
     return result
 
 

@@ -228,19 +228,14 @@ def test_all_removes_source_and_build_trees(cache: FakeCache) -> None:
     assert (cache.root / "notes.txt").exists()
 
 
-def test_everything_removes_the_cache_dir(cache: FakeCache) -> None:
+def test_everything_leaves_only_the_lock_files(cache: FakeCache) -> None:
     r = cache.run("--everything")
     _assert_ok(r)
-    # IGNITION_CACHE_DIR might be a shared dir: what the pipeline did not make stays
-    assert [p.name for p in cache.root.iterdir()] == ["notes.txt"]
-    assert "keep     notes.txt" in r.stdout
-    (cache.root / "notes.txt").unlink()
-    _assert_ok(cache.run("--everything"))
-    assert not cache.root.exists()
-    r = cache.run()
-    _assert_ok(r)
-    assert "nothing to clean" in r.stdout
-    assert not cache.root.exists()  # and nothing recreated it
+    # IGNITION_CACHE_DIR might be a shared dir: what the pipeline did not make stays; the
+    # empty lock files stay so that a build waiting on one cannot race the next one.
+    assert sorted(p.name for p in cache.root.iterdir()) == ["locks", "notes.txt"]
+    assert all(p.stat().st_size == 0 for p in (cache.root / "locks").iterdir())
+    assert "keep     notes.txt" in r.stdout and "keep     locks" in r.stdout
 
 
 def test_everything_keeps_what_a_running_build_guards(cache: FakeCache) -> None:

@@ -1,4 +1,5 @@
-"""The real guest agent (guest/agent/*.c), compiled for the host, driven through AgentClient.
+"""The real guest agent (guest/agent/*.c), compiled for the host, driven through AgentClient
+(and VM.run, for its output cap, with the local agent standing in for a guest).
 
 The agent runs here with ``--listen-unix`` (and ``--sync-dry-run``, so the host's clock is never
 touched). It is built with AddressSanitizer/UBSan when the compiler supports it, so memory errors
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,6 +37,7 @@ from pytest_ignition.agent import (
     FrameType,
     encode_frame,
 )
+from pytest_ignition.vm import VM, CommandError, CommandFailed, CommandOutputTooLarge
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_SRC = REPO / "guest" / "agent"
@@ -606,3 +609,50 @@ def test_fuzz_agent_survives_hostile_frames(fuzz_agent: LocalAgent, frames: list
     finally:
         c.close()
     assert fuzz_agent.proc.poll() is None, fuzz_agent.log.read_text()[-2000:]
+
+
+# --------------------------------------------------------------------------- VM.run's output cap
+
+
+def _vm_on(client: AgentClient, **kw: object) -> VM:
+    """A VM whose machine is only the local agent: VM.run talks to nothing else."""
+    machine = SimpleNamespace(agent=client, close=lambda: None)
+    return VM(SimpleNamespace(name="local"), machine, None, **kw)  # type: ignore[arg-type]
+
+
+def test_vm_run_output_cap_per_call_names_the_call(client: AgentClient) -> None:
+    vm = _vm_on(client)
+    assert vm.max_output == 64 << 20
+    with pytest.raises(CommandOutputTooLarge) as ei:
+        vm.run("yes", max_output="1K")
+    e = ei.value
+    assert isinstance(e, CommandError) and not isinstance(e, CommandFailed)
+    assert e.stdout_bytes == (b"y\n" * 512) and e.stderr_bytes == b"" and e.max_output == 1024
+    assert e.signal == 9
+    msg = str(e)
+    assert "'yes'" in msg and "1 KiB" in msg and "max_output='1K' of this call" in msg
+    assert "--- stdout (head) ---\ny\ny\n" in msg
+    assert vm.history[-1][:2] == ("yes", None)
+    # a non-zero exit does not matter: the output rule raises first, and the VM goes on
+    with pytest.raises(CommandOutputTooLarge):
+        vm.run("head -c 5000 /dev/zero; exit 3", max_output=4999)
+    assert vm.run(["echo", "ok"]).stdout == "ok\n"
+    with pytest.raises(ValueError):
+        vm.run("true", max_output=-1)
+
+
+def test_vm_run_session_cap_names_its_source(client: AgentClient) -> None:
+    vm = _vm_on(
+        client, max_output=2000, max_output_source="environment variable IGNITION_MAX_OUTPUT"
+    )
+    with pytest.raises(CommandOutputTooLarge) as ei:
+        vm.check_output("head -c 3000 /dev/zero >&2")
+    e = ei.value
+    assert e.stderr_bytes == b"\0" * 2000 and e.stdout_bytes == b""
+    msg = str(e)
+    assert "from environment variable IGNITION_MAX_OUTPUT" in msg
+    assert "--ignition-max-output" in msg and "max_output=" in msg
+    assert "\\x00\\x00" in msg and "\0" not in msg  # NULs shown escaped, not raw
+    assert len(vm.run("head -c 3000 /dev/zero", max_output=0).stdout_bytes) == 3000
+    vm.max_output = "0"
+    assert len(vm.run("head -c 3000 /dev/zero").stdout_bytes) == 3000

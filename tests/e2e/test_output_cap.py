@@ -14,9 +14,12 @@ import pytest
 from pytest_ignition import CommandError, CommandOutputTooLarge
 from pytest_ignition._testing import require
 from pytest_ignition.fixtures import get_session
-from pytest_ignition.guest import cache_dir
+from pytest_ignition.guest import cache_dir, find_guest
 
 MIB = 1 << 20
+# Taken now: pytester points HOME at a temporary directory, and the inner run must find the real
+# guest cache (not build a guest of its own there).
+GUEST_CACHE = cache_dir()
 
 
 def test_fifty_mib_of_zeros_past_a_one_mib_cap(ignition_vm):
@@ -58,8 +61,8 @@ def test_fixture_vms_carry_the_session_setting(ignition_vm, request):
 
 def test_session_option_caps_every_command(pytester: pytest.Pytester, monkeypatch) -> None:
     require(shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 is not installed")
-    # pytester points HOME elsewhere; the inner run must find the real guest cache.
-    monkeypatch.setenv("IGNITION_CACHE_DIR", str(cache_dir()))
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(GUEST_CACHE))
+    require(find_guest() is not None, "no built guest (run: python -m pytest_ignition.guest build)")
     monkeypatch.setenv("IGNITION_MAX_OUTPUT", "0")  # the command line wins over it
     pytester.makepyfile(
         """

@@ -75,6 +75,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         state.close()
 
 
+def _size(n: int) -> str:
+    if n == 0:
+        return "unlimited"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash.get(fx.SESSION_KEY, None)
     if state is None:
@@ -88,6 +97,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"ignition: engine {engine.describe()}, accelerator {engine.accelerator}: {reason}",
         f"ignition: kernel {state.describe_kernel()}",
         f"ignition: {s.memory_mib} MiB, {s.cpus} CPU(s), reset {s.reset}, timeout {s.timeout:g} s"
+        + f", max output {_size(s.max_output)}"
         + (f", kernel args {s.kernel_args!r}" if s.kernel_args else "")
         + (f", rootfs {s.rootfs}" if s.rootfs else ""),
     ]

@@ -159,12 +159,13 @@ def test_report_header_names_engine_accelerator_kernel_and_reason(
 ) -> None:
     require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     pytester.makepyfile("def test_x():\n    pass\n")
-    result = pytester.runpytest_subprocess("--ignition-engine=qemu")
+    result = pytester.runpytest_subprocess("--ignition-engine=qemu", "--ignition-max-output=3M")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
             "ignition: engine qemu*accelerator *: requested with --ignition-engine=qemu*",
             "ignition: kernel *",
+            "ignition: * MiB, 1 CPU(s), reset *, max output 3 MiB",
         ]
     )
 

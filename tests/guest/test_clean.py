@@ -179,14 +179,16 @@ def test_dry_run_removes_nothing(cache: FakeCache) -> None:
         assert _state(cache.root) == state
 
 
+def _run_holding(cache: FakeCache, lock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run clean while this process holds the build lock ``lock``, as a running build would."""
+    held = FileLock(str(cache.root / "locks" / f"{lock}.lock"))
+    with held:
+        return cache.run(*args)
+
+
 def test_held_lock_protects_what_it_guards(cache: FakeCache) -> None:
     before = cache.top()
-    held = FileLock(str(cache.root / "locks" / "kernel-guest.lock"))
-    held.acquire()
-    try:
-        r = cache.run()
-    finally:
-        held.release()
+    r = _run_holding(cache, "kernel-guest")
     _assert_ok(r)
     # the guest kernel lock guards guest kernels, their object dirs, and the source trees
     # (a guest build reads them)
@@ -204,12 +206,7 @@ def test_held_lock_protects_what_it_guards(cache: FakeCache) -> None:
 
 def test_held_initrd_lock(cache: FakeCache) -> None:
     before = cache.top()
-    held = FileLock(str(cache.root / "locks" / "initrd.lock"))
-    held.acquire()
-    try:
-        r = cache.run()
-    finally:
-        held.release()
+    r = _run_holding(cache, "initrd")
     _assert_ok(r)
     guarded = {rel for rel in cache.stale if "initrd" in rel}
     assert len(guarded) == 4
@@ -239,12 +236,7 @@ def test_everything_leaves_only_the_lock_files(cache: FakeCache) -> None:
 
 
 def test_everything_keeps_what_a_running_build_guards(cache: FakeCache) -> None:
-    held = FileLock(str(cache.root / "locks" / "kernel-host.lock"))
-    held.acquire()
-    try:
-        r = cache.run("--everything")
-    finally:
-        held.release()
+    r = _run_holding(cache, "kernel-host", "--everything")
     _assert_ok(r)
     left = ["build", "host", "locks", "notes.txt", "src"]
     assert sorted(p.name for p in cache.root.iterdir()) == left

@@ -22,8 +22,8 @@ Metrics (a JSON list in ``benchmarks/results/nested.json``, which this script re
   what :mod:`pytest_ignition.engines.select` picks KVM on).
 
 Both clocks start at process launch, so the bundled VMM's numbers include its Python start-up,
-which in the nested host runs under TCG (imports alone took ~4 s there, measured with
-``python -X importtime``), while QEMU is a native binary.
+which in the nested host runs under TCG (interpreter ~0.7 s, boot-path imports ~2 s with .pyc
+files, ~3 s without), while QEMU is a native binary.
 
 Records: ``{"metric", "engine": "ignition"|"qemu", "where": "nested", "params", "median_ms",
 "p10_ms", "p90_ms", "n", "host"}``, plus one ``{"metric": "ratio", ...}`` line per metric.

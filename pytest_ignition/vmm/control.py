@@ -42,6 +42,8 @@ class ControlServer:
         self._closed = threading.Event()
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._busy = 0  # requests being answered
         if os.path.exists(self.path):
             # A stale socket from a dead VMM: refuse to steal a live one.
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -93,6 +95,10 @@ class ControlServer:
         except OSError:
             pass
         self.sock.close()
+        # A request being answered when the VM stopped (a "resume" whose guest exits at once,
+        # a "shutdown") still gets its reply; a stuck one cannot hold the process for long.
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout=2.0)
         with self._lock:
             clients = list(self._clients)
         for c in clients:
@@ -133,7 +139,14 @@ class ControlServer:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
-                        conn.sendall(self._reply(line))
+                        with self._idle:
+                            self._busy += 1
+                        try:
+                            conn.sendall(self._reply(line))
+                        finally:
+                            with self._idle:
+                                self._busy -= 1
+                                self._idle.notify_all()
                 if len(buf) > MAX_LINE:
                     conn.sendall(_encode({"ok": False, "error": "request line too long"}))
                     buf = b""

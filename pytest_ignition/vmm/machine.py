@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     from . import snapshot as snap
 
 log = logging.getLogger(__name__)
+# How often the interrupt watchdog looks at the virtio transports.
+IRQ_RECHECK_S = 1.0
 
 MiB = 1 << 20
 # The project's guest command line (pytest_ignition.guest.DEFAULT_CMDLINE; a unit test keeps the
@@ -216,6 +218,9 @@ class Machine:
         self._irqfds: list[_Irqfd] = []
         self._closers: list[Callable[[], object]] = []
         self.runners: list[VcpuRunner] = []
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+        self.interrupts_reraised = 0
         self.boot_timer = None
         self.uart = None
         self.i8042 = None
@@ -821,9 +826,33 @@ class Machine:
                 raise MachineError(f"cannot start a machine that is {self.state}")
             self.state = "running"
             self.started_at = time.monotonic()
+        if self.virtio_devices and self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch_interrupts, name="vmm-irq-watchdog", daemon=True
+            )
+            self._watchdog.start()
         self.loop.start()
         for r in self.runners:
             r.start()
+
+    def _watch_interrupts(self) -> None:
+        """Every second, raise again a virtio interrupt the driver left unacknowledged for a
+        whole period (see ``MmioTransport.recheck_interrupt``); log the first few."""
+        while not self._watchdog_stop.wait(IRQ_RECHECK_S):
+            if self.state != "running":
+                continue
+            for addr, irq, transport in list(self.virtio_devices):
+                try:
+                    if transport.recheck_interrupt():
+                        self.interrupts_reraised += 1
+                        if self.interrupts_reraised <= 5:
+                            log.warning(
+                                "virtio-mmio %#x (IRQ %d): interrupt unacknowledged for %.0f s; "
+                                "raised again (%d so far)",
+                                addr, irq, IRQ_RECHECK_S, self.interrupts_reraised,
+                            )  # fmt: skip
+                except Exception:  # the watchdog must never take the VM down
+                    log.exception("interrupt watchdog failed for %#x", addr)
 
     def pause(self) -> None:
         with self._lock:
@@ -910,6 +939,7 @@ class Machine:
                 {"addr": f"{a:#x}", "irq": q, "type": type(t.device).__name__}
                 for a, q, t in self.virtio_devices
             ],
+            "interrupts_reraised": self.interrupts_reraised,
         }
         bt = self.boot_timer
         if bt is not None and getattr(bt, "boot_time_us", None) is not None:
@@ -927,6 +957,9 @@ class Machine:
 
     def close(self) -> None:
         """Stop everything and release KVM, memory, fds. Idempotent."""
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(5.0)
         for r in self.runners:
             if r.running:
                 r.request_stop()

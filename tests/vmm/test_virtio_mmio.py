@@ -171,6 +171,29 @@ def test_interrupt_status_and_ack(rig, mem):
     assert q.take_used() == [(0, 64)]
 
 
+def test_recheck_raises_again_only_an_interrupt_left_unacknowledged(rig, mem):
+    t, d, irqs = rig
+    d.init()
+    assert not t.recheck_interrupt() and irqs == []  # nothing pending: nothing to do
+    q = d.queues[0]
+    q.post([(d.arena.alloc(64), 64, True)])
+    d.notify(0)
+    assert irqs == [1]
+    # First look only notes the pending status; an unacknowledged one at the next look is raised.
+    assert not t.recheck_interrupt()
+    assert t.recheck_interrupt() and irqs == [1, 1]
+    assert t.recheck_interrupt() and irqs == [1, 1, 1]  # and again, until the driver acks
+    d.write(mmio.INTERRUPT_ACK, mmio.INT_VRING)
+    assert not t.recheck_interrupt() and not t.recheck_interrupt()
+    # A driver that acked between two looks, with new work pending again, is not nagged.
+    q.post([(d.arena.alloc(64), 64, True)])
+    d.notify(0)
+    assert not t.recheck_interrupt()
+    d.write(mmio.INTERRUPT_ACK, 0)  # an ack, even of nothing, shows the driver is alive
+    assert not t.recheck_interrupt()
+    assert irqs == [1, 1, 1, 1]
+
+
 def test_config_generation_and_config_reads(rig):
     t, d, _ = rig
     assert d.read(mmio.CONFIG_GENERATION) == 0

@@ -195,6 +195,8 @@ class MmioTransport:
         self.queue_sel = 0
         self.interrupt_status = 0
         self.config_generation = 0
+        self._acks = 0  # INTERRUPT_ACK writes so far, for recheck_interrupt
+        self._watch: tuple[int, int] | None = None
         device.attach(mem, self._raise)
 
     # -- interrupts ---------------------------------------------------------------------
@@ -202,6 +204,22 @@ class MmioTransport:
         with self.device.lock:
             self.interrupt_status |= bits
         self.interrupt()
+
+    def recheck_interrupt(self) -> bool:
+        """Raise the interrupt again if the driver has acknowledged nothing since the previous
+        call while ``interrupt_status`` stayed set; True if it did.
+
+        Called periodically (see ``Machine``): in a nested guest an edge on the irqfd has been
+        seen to go missing, which leaves the driver waiting for an interrupt that never comes
+        (vsock replies stall until the host sends something else). A second edge is harmless:
+        the driver reads INTERRUPT_STATUS and finds either work or nothing."""
+        with self.device.lock:
+            seen = (self.interrupt_status, self._acks)
+            stale = self.interrupt_status != 0 and self._watch == seen
+            self._watch = seen if self.interrupt_status else None
+        if stale:
+            self.interrupt()
+        return stale
 
     # -- bus interface ------------------------------------------------------------------
     def read(self, offset: int, data: bytearray) -> None:
@@ -290,6 +308,7 @@ class MmioTransport:
             self.queue_sel = v
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~v
+            self._acks += 1
         elif offset == STATUS:
             self._write_status(v)
         elif offset == QUEUE_NOTIFY:

@@ -64,7 +64,6 @@ MiB = 1 << 20
 # two equal). Kept here so that a boot does not import the guest-build package (~1.5 s under
 # the nested TCG harness) and the VMM stays usable on its own.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
-FALLBACK_CMDLINE = DEFAULT_CMDLINE
 UART_PORT = 0x3F8
 UART_IRQ = 4
 I8042_PORT = 0x60

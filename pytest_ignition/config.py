@@ -24,6 +24,9 @@ import pytest
 from pytest_ignition.engines.select import ENGINE_NAMES as ENGINES
 
 RESET_MODES = ("restore", "rollback")
+INIT_MODES = ("agent", "systemd")
+NETWORK_MODES = ("none", "user")
+ARCHES = ("x86_64", "aarch64")
 MIN_MEMORY_MIB = 32
 MAX_CPUS = 64
 DEFAULT_MAX_OUTPUT = 64 << 20  # bytes; the same as the "max_output" option's default "64M"
@@ -105,6 +108,93 @@ OPTIONS: tuple[Option, ...] = (
         "64M",
         "SIZE",
     ),
+    Option(
+        "image",
+        "the guest's root filesystem: debian:SUITE (built with mmdebstrap), oci-archive:PATH "
+        "(a docker save / OCI archive), or the path of an ext4 image (never written); "
+        "default: none (the busybox initramfs is the root)",
+        None,
+        "SPEC",
+    ),
+    Option(
+        "packages",
+        "extra Debian packages for a debian: image, comma or space separated",
+        "",
+        "PKGS",
+    ),
+    Option(
+        "init",
+        "PID 1 with an image: agent (the bundled init; no services) or systemd (the image's own init)",
+        "agent",
+        "MODE",
+        INIT_MODES,
+    ),
+    Option(
+        "network",
+        "guest network: none (loopback only) or user (virtio-net with outbound NAT, DHCP and DNS "
+        "from passt; the host's loopback is host.ignition.internal)",
+        "none",
+        "MODE",
+        NETWORK_MODES,
+    ),
+    Option(
+        "command_timeout",
+        "seconds a vm.run command may take when it passes no timeout=, then CommandTimeout; 0 = none",
+        "600",
+        "SECONDS",
+    ),
+    Option(
+        "prepare_timeout",
+        "seconds the pytest_ignition_prepare hooks may take before the snapshot is an error; 0 = none",
+        "900",
+        "SECONDS",
+    ),
+    Option(
+        "max_transfer",
+        "largest file read_file/copy_from bring to the host (per file, and per copy_from tree), "
+        "e.g. 256M, 1G, a plain number of bytes, 0 = no limit",
+        "256M",
+        "SIZE",
+    ),
+    Option(
+        "keep_failed",
+        "keep the VM of a failed test running to attach to it (python -m pytest_ignition attach ID); "
+        "off when CI is set unless given explicitly",
+        "0",
+        "BOOL",
+    ),
+    Option(
+        "keep_failed_for",
+        "seconds a kept VM lives before it ends on its own",
+        "3600",
+        "SECONDS",
+    ),
+    Option(
+        "reuse",
+        "keep prepared snapshots in the cache between runs, keyed by everything that made them",
+        "0",
+        "BOOL",
+    ),
+    Option(
+        "arch",
+        "guest architecture: x86_64 or aarch64; default: the host's",
+        None,
+        "ARCH",
+        ARCHES,
+    ),
+    Option(
+        "memory_budget",
+        "guest memory all VMs on this host may use at once (all xdist workers together); a worker "
+        "waits for room past it: 16G, or a percentage of the host's memory such as 75%",
+        "75%",
+        "SIZE",
+    ),
+    Option(
+        "browser_memory",
+        "guest memory of the ignition_browser guest (Chromium wants ~2 GiB)",
+        "2G",
+        "SIZE",
+    ),
 )
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -126,6 +216,19 @@ class Settings:
     reset: str = "restore"
     timeout: float = 120.0
     max_output: int = DEFAULT_MAX_OUTPUT  # bytes per command, stdout and stderr together; 0 = none
+    image: str | None = None  # an image spec, see parse_image
+    packages: tuple[str, ...] = ()
+    init: str = "agent"
+    network: str = "none"
+    command_timeout: float | None = 600.0  # None = no default timeout
+    prepare_timeout: float | None = 900.0
+    max_transfer: int = 256 << 20  # bytes; 0 = no limit
+    keep_failed: bool = False
+    keep_failed_for: float = 3600.0
+    reuse: bool = False
+    arch: str = field(default_factory=lambda: host_arch())
+    memory_budget: str = "75%"  # bytes as text ("16G") or a percentage of host memory
+    browser_memory_mib: int = 2048
     require: bool = False
     # Where each value came from ("--ignition-memory", "IGNITION_MEMORY", "ini ignition_memory",
     # "default"): used in error messages and the report header.
@@ -205,6 +308,95 @@ def parse_path(text: str, *, what: str) -> Path:
     return p.resolve()
 
 
+def host_arch() -> str:
+    """The host's architecture in the names the ``arch`` setting uses."""
+    machine = os.uname().machine
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
+
+
+def parse_bool(text: str | bool | int) -> bool:
+    if isinstance(text, bool):
+        return text
+    v = str(text).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a yes/no value")
+
+
+def parse_optional_timeout(text: str | float) -> float | None:
+    """Seconds, where ``0`` means no timeout (None)."""
+    try:
+        t = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if t == 0:
+        return None
+    if not t > 0 or t != t or t == float("inf"):
+        raise ValueError(f"{text!r} must be a positive number of seconds, or 0 for none")
+    return t
+
+
+def parse_packages(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"python3, curl"`` or ``["python3", "curl"]`` -> sorted unique Debian package names."""
+    items = text if isinstance(text, (list, tuple)) else re.split(r"[,\s]+", str(text))
+    out = set()
+    for item in items:
+        name = str(item).strip()
+        if not name:
+            continue
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?", name):
+            raise ValueError(f"{name!r} is not a Debian package name")
+        out.add(name)
+    return tuple(sorted(out))
+
+
+def parse_image(text: str) -> str:
+    """Check an image spec's shape: ``debian:SUITE``, ``oci-archive:PATH`` or an ext4 path.
+
+    Returns the spec with a path made absolute. Whether the suite exists or the archive is
+    sound is found out by the image builder (a build error naming the input).
+    """
+    s = str(text).strip()
+    if not s:
+        raise ValueError("is empty")
+    if s.startswith("debian:"):
+        suite = s[len("debian:") :]
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", suite):
+            raise ValueError(f"{suite!r} is not a Debian suite name (e.g. bookworm)")
+        return s
+    if s.startswith("oci-archive:"):
+        path = Path(os.path.expanduser(s[len("oci-archive:") :]))
+        if not path.is_file():
+            raise ValueError(f"OCI archive {str(path)!r} does not exist or is not a file")
+        return "oci-archive:" + str(path.resolve())
+    if ":" in s.split("/")[0] and not Path(s).exists():
+        raise ValueError(
+            f"{s!r}: unknown image kind (use debian:SUITE, oci-archive:PATH or a path)"
+        )
+    p = Path(os.path.expanduser(s))
+    if not p.is_file():
+        raise ValueError(f"image {str(p)!r} does not exist or is not a file")
+    with open(p, "rb") as f:
+        f.seek(0x438)
+        if f.read(2) != b"\x53\xef":
+            raise ValueError(f"image {str(p)!r} is not an ext2/3/4 filesystem (no ext superblock)")
+    return str(p.resolve())
+
+
+def parse_budget(text: str) -> str:
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", s)
+    if m:
+        if not 0 < float(m.group(1)) <= 100:
+            raise ValueError(f"{text!r} must be a percentage in (0, 100]")
+        return s
+    if parse_size(s) <= 0:
+        raise ValueError(f"{text!r} must be a positive size")
+    return s
+
+
 def parse_choice(text: str, choices: tuple[str, ...]) -> str:
     v = str(text).strip().lower()
     if v not in choices:
@@ -223,6 +415,19 @@ _FIX = {
     "timeout": "write a positive number of seconds, e.g. 120",
     "kernel_args": "write the arguments as one string",
     "max_output": "write e.g. 64M, 1G, a plain number of bytes, or 0 for no limit",
+    "image": "write debian:SUITE (e.g. debian:bookworm), oci-archive:PATH, or the path of an ext4 image",
+    "packages": "write Debian package names separated by commas or spaces, e.g. python3,curl",
+    "init": "write agent or systemd",
+    "network": "write none or user",
+    "command_timeout": "write a positive number of seconds, e.g. 600, or 0 for no timeout",
+    "prepare_timeout": "write a positive number of seconds, e.g. 900, or 0 for no timeout",
+    "max_transfer": "write e.g. 256M, 1G, a plain number of bytes, or 0 for no limit",
+    "keep_failed": "write 1 or 0",
+    "keep_failed_for": "write a positive number of seconds, e.g. 3600",
+    "reuse": "write 1 or 0",
+    "arch": "write x86_64 or aarch64",
+    "memory_budget": "write a size such as 16G or a percentage of host memory such as 75%",
+    "browser_memory": "write e.g. 2G, or a plain number of MiB",
 }
 
 
@@ -236,15 +441,29 @@ def usage_error(name: str, source: str, problem: str) -> pytest.UsageError:
 def _parse(name: str, raw: str) -> Any:
     if name in ("kernel", "initrd", "rootfs"):
         return parse_path(raw, what=name if name != "rootfs" else "rootfs image")
-    if name == "memory":
+    if name in ("memory", "browser_memory"):
         return parse_memory(raw)
+    if name == "image":
+        return parse_image(raw)
+    if name == "packages":
+        return parse_packages(raw)
+    if name in ("command_timeout", "prepare_timeout"):
+        return parse_optional_timeout(raw)
+    if name == "keep_failed_for":
+        return parse_timeout(raw)
+    if name == "max_transfer":
+        return parse_size(raw)
+    if name in ("keep_failed", "reuse"):
+        return parse_bool(raw)
+    if name == "memory_budget":
+        return parse_budget(raw)
     if name == "cpus":
         return parse_cpus(raw)
     if name == "timeout":
         return parse_timeout(raw)
     if name == "max_output":
         return parse_size(raw)
-    if name in ("engine", "reset"):
+    if name in ("engine", "reset", "init", "network", "arch"):
         return parse_choice(raw, OPTIONS_BY_NAME[name].choices or ())
     return str(raw).strip()
 
@@ -318,6 +537,21 @@ def resolve(
         reset=values["reset"],
         timeout=values["timeout"],
         max_output=values["max_output"],
+        image=values["image"],
+        packages=values["packages"],
+        init=values["init"],
+        network=values["network"],
+        command_timeout=values["command_timeout"],
+        prepare_timeout=values["prepare_timeout"],
+        max_transfer=values["max_transfer"],
+        # Keeping failed VMs is off under CI unless asked for explicitly (not by default).
+        keep_failed=values["keep_failed"]
+        and not (sources["keep_failed"] == "default" and _truthy(env.get("CI"))),
+        keep_failed_for=values["keep_failed_for"],
+        reuse=values["reuse"],
+        arch=values["arch"] or host_arch(),
+        memory_budget=values["memory_budget"],
+        browser_memory_mib=values["browser_memory"],
         require=_truthy(env.get("IGNITION_REQUIRE")),
         sources=sources,
     )
@@ -339,7 +573,22 @@ def from_pytest_config(config: pytest.Config) -> Settings:
 
 
 # Keys accepted by the marker and the factory, and how each is parsed.
-OVERRIDE_KEYS = ("kernel", "initrd", "rootfs", "kernel_args", "memory", "cpus", "reset", "timeout")
+OVERRIDE_KEYS = (
+    "kernel",
+    "initrd",
+    "rootfs",
+    "kernel_args",
+    "memory",
+    "cpus",
+    "reset",
+    "timeout",
+    "image",
+    "packages",
+    "init",
+    "network",
+    "command_timeout",
+    "arch",
+)
 
 
 @dataclass(frozen=True)
@@ -372,6 +621,18 @@ def parse_overrides(kwargs: Mapping[str, Any], *, where: str) -> Overrides:
                 parsed[key] = parse_timeout(value)
             elif key == "reset":
                 parsed[key] = parse_choice(value, RESET_MODES)
+            elif key == "image":
+                parsed[key] = None if value is None else parse_image(str(value))
+            elif key == "packages":
+                parsed[key] = parse_packages(value)
+            elif key == "init":
+                parsed[key] = parse_choice(value, INIT_MODES)
+            elif key == "network":
+                parsed[key] = parse_choice(value, NETWORK_MODES)
+            elif key == "arch":
+                parsed[key] = parse_choice(value, ARCHES)
+            elif key == "command_timeout":
+                parsed[key] = None if value is None else parse_optional_timeout(value)
             else:
                 if isinstance(value, (list, tuple)):
                     value = " ".join(str(v) for v in value)
@@ -393,7 +654,20 @@ def apply_overrides(settings: Settings, overrides: Overrides) -> Settings:
     """Settings with per-test overrides applied. ``kernel_args`` is appended to the session's."""
     o = overrides.as_dict()
     changes: dict[str, Any] = {}
-    for key in ("kernel", "initrd", "rootfs", "cpus", "reset", "timeout"):
+    for key in (
+        "kernel",
+        "initrd",
+        "rootfs",
+        "cpus",
+        "reset",
+        "timeout",
+        "image",
+        "packages",
+        "init",
+        "network",
+        "command_timeout",
+        "arch",
+    ):
         if key in o:
             changes[key] = o[key]
     if "memory" in o:

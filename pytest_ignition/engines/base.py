@@ -48,7 +48,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class VMConfig:
-    """What to boot. ``kernel_args`` are appended to the guest's default command line."""
+    """What to boot. ``kernel_args`` are appended to the guest's default command line.
+
+    ``image`` is an ext4 file attached read-only as the guest's root (the lower layer of an
+    overlay whose upper layer lives in guest RAM); ``init`` says who is PID 1 then (``agent``:
+    the initramfs's init, commands run chrooted in the image; ``systemd``: the image's own
+    init after a switch_root). ``rootfs`` stays an extra copy-on-write disk at ``/rootfs``.
+    ``network`` is ``none`` (loopback) or ``user`` (virtio-net to a passt backend).
+    """
 
     kernel: Path
     initrd: Path | None
@@ -57,10 +64,14 @@ class VMConfig:
     memory_mib: int = 512
     cpus: int = 1
     boot_timeout: float = 120.0
+    image: Path | None = None
+    init: str = "agent"
+    network: str = "none"
+    arch: str = "x86_64"
 
     def __post_init__(self) -> None:
         # Normalise paths so that equal configs compare (and hash) equal.
-        for name in ("kernel", "initrd", "rootfs"):
+        for name in ("kernel", "initrd", "rootfs", "image"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -78,6 +89,8 @@ class VMConfig:
             out["initrd"] = self.initrd
         if self.rootfs is not None:
             out["rootfs"] = self.rootfs
+        if self.image is not None:
+            out["image"] = self.image
         return out
 
     def key(self) -> str:

@@ -918,7 +918,6 @@ static void handle_frame(struct conn *c, int type, uint32_t chan, const uint8_t 
 static void conn_parse(struct conn *c) {
     while (!c->dead) {
         size_t avail = buf_used(&c->in);
-        const uint8_t *p = c->in.p + c->in.off;
         if (c->skip) {
             size_t k = avail < c->skip ? avail : (size_t)c->skip;
             buf_consume(&c->in, k);
@@ -927,6 +926,7 @@ static void conn_parse(struct conn *c) {
             continue;
         }
         if (avail < 2) return;
+        const uint8_t *p = c->in.p + c->in.off; /* not before: p is NULL while the buffer is empty */
         if (p[0] != IG_MAGIC0 || p[1] != IG_MAGIC1) {
             if (!c->resyncing) send_error(c, 0, E_BAD_MAGIC, "bad magic: skipping to the next frame");
             c->resyncing = 1;

@@ -98,7 +98,7 @@ static void check_output(const struct buf *b) {
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
-    snprintf(fz_root, sizeof fz_root, "/tmp/ign-agent-fuzz-%d", (int)getpid());
+    snprintf(fz_root, sizeof fz_root, "/tmp/agent-fuzz-scratch-%d", (int)getpid());
     if (mkdir(fz_root, 0700) < 0 && errno != EEXIST) abort();
     sync_dry_run = 1;
     signal(SIGPIPE, SIG_IGN);
@@ -111,6 +111,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t split = size > 1 ? 1 + (size_t)(data[0] >> 1) * (size - 1) / 128 : 1;
     struct conn *c = conn_new(-1, kind);
     if (!c) return 0;
+    c->logged = MAX_LOGGED_ERRORS; /* the protocol-error log line would drown libFuzzer's output */
     const uint8_t *parts[2] = {data + 1, data + split};
     size_t lens[2] = {split - 1, size - split};
     for (int i = 0; i < 2 && !c->dead; i++) {

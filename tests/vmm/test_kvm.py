@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from pytest_ignition._testing import require
 from pytest_ignition.vmm import kvm
 from pytest_ignition.vmm._kvm_cdef import EXPECTED_IOCTLS, EXPECTED_RUN_OFFSETS, EXPECTED_SIZES
 
@@ -36,8 +37,10 @@ def test_ioctl_numbers(name, number):
 def test_layout_against_installed_headers(tmp_path):
     """Recompute the expected numbers with the C compiler and this machine's linux/kvm.h."""
     cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not os.path.exists("/usr/include/linux/kvm.h"):
-        pytest.skip("needs a C compiler and linux-libc-dev's <linux/kvm.h>")
+    require(
+        cc is not None and os.path.exists("/usr/include/linux/kvm.h"),
+        "needs a C compiler and linux-libc-dev's <linux/kvm.h>",
+    )
     lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(){"]
     for ctype in EXPECTED_SIZES:
         lines.append(f'printf("{ctype} %zu\\n", sizeof({ctype}));')

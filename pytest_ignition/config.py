@@ -496,6 +496,16 @@ def resolve_raw(
     return out
 
 
+def _sourced(err: pytest.UsageError, source: str) -> pytest.UsageError:
+    err.setting_source = source  # type: ignore[attr-defined]
+    return err
+
+
+def error_from_cli(err: pytest.UsageError) -> bool:
+    """Whether a :func:`resolve` error is about a ``--ignition-*`` flag (typed for this run)."""
+    return str(getattr(err, "setting_source", "")).startswith("--")
+
+
 def _truthy(v: str | None) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -519,13 +529,14 @@ def resolve(
             values[name] = _parse(name, text)
         except ValueError as e:
             label = source if source != "default" else f"default {name}"
-            raise usage_error(name, f"{label} = {text!r}", str(e)) from None
+            raise _sourced(usage_error(name, f"{label} = {text!r}", str(e)), source) from None
     if values["initrd"] is not None and values["kernel"] is None:
-        raise usage_error(
+        err = usage_error(
             "kernel",
             f"{sources['initrd']} given without a kernel",
             "an initrd only makes sense with the kernel it was built for",
         )
+        raise _sourced(err, sources["initrd"])
     return Settings(
         kernel=values["kernel"],
         initrd=values["initrd"],
@@ -681,8 +692,39 @@ def apply_overrides(settings: Settings, overrides: Overrides) -> Settings:
     return replace(settings, **changes)
 
 
-def vm_config(settings: Settings, kernel: Path, initrd: Path | None) -> Any:
-    """The engine's VMConfig for ``settings``, with the kernel/initrd actually used."""
+def image_problem(settings: Settings) -> str | None:
+    """Why the image-related settings do not fit together, or None."""
+    src = settings.sources
+    if settings.image is None:
+        if settings.init != "agent":
+            return (
+                f"init={settings.init} ({src.get('init', 'marker')}) needs an image: "
+                "set image (e.g. --ignition-image=debian:bookworm)"
+            )
+        if settings.packages:
+            return (
+                f"packages ({src.get('packages', 'marker')}) need a debian: image: "
+                "set image=debian:SUITE"
+            )
+    elif settings.packages and not settings.image.startswith("debian:"):
+        return (
+            f"packages ({src.get('packages', 'marker')}) only apply to a debian: image, "
+            f"not {settings.image!r}"
+        )
+    return None
+
+
+def image_packages(settings: Settings) -> tuple[str, ...]:
+    """The packages a ``debian:`` image is built with: the setting's, plus what init needs."""
+    extra = ("systemd-sysv",) if settings.init == "systemd" else ()
+    return tuple(sorted(set(settings.packages) | set(extra)))
+
+
+def vm_config(
+    settings: Settings, kernel: Path, initrd: Path | None, image: Any | None = None
+) -> Any:
+    """The engine's VMConfig for ``settings``, with the kernel/initrd (and the built
+    :class:`~pytest_ignition.guest.image.Image`) actually used."""
     from pytest_ignition.engines.base import VMConfig
 
     return VMConfig(
@@ -693,4 +735,10 @@ def vm_config(settings: Settings, kernel: Path, initrd: Path | None) -> Any:
         memory_mib=settings.memory_mib,
         cpus=settings.cpus,
         boot_timeout=settings.timeout,
+        image=image.path if image is not None else None,
+        init=settings.init,
+        network=settings.network,
+        arch=settings.arch,
+        guest_env=tuple(image.env) if image is not None else (),
+        guest_cwd=image.workdir if image is not None else None,
     )

@@ -81,7 +81,9 @@ class Pool:
         self.closed = False
 
     def _restore(self) -> tuple[VM, float]:
-        vm, seconds = self.session.restore_vm(self.snapshot, self.reset)
+        # A prefetch never waits for host memory: without room, acquire() restores in the
+        # foreground, and waits there.
+        vm, seconds = self.session.restore_vm(self.snapshot, self.reset, wait=False)
         # Warm up off the critical path: a just-restored guest's first command is slow (under
         # TCG every code path is translated afresh; ~300 ms here against ~30 ms after).
         try:
@@ -154,15 +156,26 @@ class Pool:
 class IgnitionSession:
     """Per-process plugin state; created in ``pytest_configure``, closed in ``pytest_sessionfinish``."""
 
-    def __init__(self, config: pytest.Config, settings: cfgmod.Settings) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        settings: cfgmod.Settings | None,
+        settings_error: str | None = None,
+    ) -> None:
         self.config = config
-        self.settings = settings
+        self._settings = settings
+        # Why the IGNITION_* / ini settings are invalid: raised at the first VM use, not before.
+        self.settings_error = settings_error
+        self.vm_items = 0  # collected tests that use a VM fixture or the marker
         self.lock = threading.RLock()
         self._engine: Engine | None = None
         self._engine_reason = ""
         self._engine_error: str | None = None
         self._guest: Any = None
+        self._images: dict[Any, Any] = {}
+        self._image_failures: dict[Any, str] = {}
         self.root: Path | None = None  # snapshots, shared by xdist workers
+        self._budget: Any = None  # budget.HostBudget, made on first use
         self._tmp: Path | None = None  # short per-process directory for VM workdirs (sockets)
         self.snapshots: dict[str, Snapshot] = {}
         self.failures: dict[str, str] = {}
@@ -184,6 +197,13 @@ class IgnitionSession:
         self.closer = ThreadPoolExecutor(1, thread_name_prefix="ignition-close")
         self.closed = False
         atexit.register(self.close)
+
+    @property
+    def settings(self) -> cfgmod.Settings:
+        """The resolved settings; a UsageError when they are invalid."""
+        if self._settings is None:
+            raise pytest.UsageError(self.settings_error or "pytest-ignition: no settings")
+        return self._settings
 
     # ------------------------------------------------------------------ engine and guest
 
@@ -273,12 +293,40 @@ class IgnitionSession:
         """The VMConfig and reset mode for the session settings plus ``overrides``."""
         s = cfgmod.apply_overrides(self.settings, overrides)
         self.engine()  # no engine: skip (or fail) before building a guest for nothing
+        problem = cfgmod.image_problem(s)
+        if problem is not None:
+            raise pytest.UsageError(f"pytest-ignition: {problem}")
         if s.kernel is not None:
             kernel, initrd = s.kernel, s.initrd
         else:
             g = self.default_guest()
             kernel, initrd = g.kernel, g.initrd
-        return cfgmod.vm_config(s, kernel, initrd), s.reset
+        image = self.image(s) if s.image is not None else None
+        return cfgmod.vm_config(s, kernel, initrd, image), s.reset
+
+    def image(self, s: cfgmod.Settings) -> Any:
+        """The built (or cached) image for ``s.image``; a build failure skips or fails."""
+        key = (s.image, cfgmod.image_packages(s), s.arch)
+        with self.lock:
+            if key in self._images:
+                return self._images[key]
+            from pytest_ignition.guest import GuestBuildError
+            from pytest_ignition.guest.image import ensure_image
+
+            failure = self._image_failures.get(key)
+            if failure is None:
+                try:
+                    img = ensure_image(
+                        s.image, packages=key[1], arch=s.arch, progress=self._progress
+                    )
+                except GuestBuildError as e:
+                    failure = f"pytest-ignition: image {s.image!r}: {e}"
+                    self._image_failures[key] = failure
+            if failure is not None:
+                # The user's image spec is at fault (or a tool is missing): an error, not a skip.
+                pytest.fail(failure, pytrace=False)
+            self._images[key] = img
+            return img
 
     def vm_limits(self) -> dict[str, Any]:
         """The session's per-command limits as :class:`~pytest_ignition.vm.VM` keywords."""
@@ -347,12 +395,50 @@ class IgnitionSession:
 
     def _describe(self, vmcfg: VMConfig) -> str:
         args = f", kernel args {vmcfg.kernel_args!r}" if vmcfg.kernel_args else ""
+        image = f", image {vmcfg.image}, init={vmcfg.init}" if vmcfg.image is not None else ""
         return (
             f"{vmcfg.kernel.name} ({vmcfg.kernel}), {vmcfg.memory_mib} MiB, "
-            f"{vmcfg.cpus} CPU(s){args}"
+            f"{vmcfg.cpus} CPU(s){image}{args}"
         )
 
+    def _wait_system_up(self, vm: Any, vmcfg: VMConfig, t0: float) -> None:
+        """init=systemd: the snapshot is taken once the system is up (running or degraded)."""
+        left = max(5.0, vmcfg.boot_timeout - (time.monotonic() - t0))
+        self._progress("waiting for systemd to finish starting the system")
+        try:
+            res = vm.run(["systemctl", "is-system-running", "--wait"], timeout=left)
+        except Exception as e:
+            raise _SnapshotFailed(
+                f"pytest-ignition: init=systemd: the system did not come up within "
+                f"{vmcfg.boot_timeout:g} s (the boot timeout, --ignition-timeout): {e}\n"
+                f"--- console tail ---\n{_tail(vm)}"
+            ) from None
+        state = res.stdout.strip()
+        if state not in ("running", "degraded"):
+            failed = vm.run(["systemctl", "--failed", "--no-legend"], timeout=30).stdout
+            raise _SnapshotFailed(
+                f"pytest-ignition: init=systemd: the system is {state or 'unknown'!r} after boot; "
+                f"failed units:\n{failed}\n--- console tail ---\n{_tail(vm)}"
+            )
+        if state == "degraded":
+            failed = vm.run(["systemctl", "--failed", "--no-legend", "--plain"], timeout=30).stdout
+            names = " ".join(line.split()[0] for line in failed.splitlines() if line.split())
+            self._progress(f"systemd is up (degraded: failed units {names or '?'})")
+
     def _make_snapshot(self, engine: Engine, vmcfg: VMConfig, directory: Path) -> float:
+        from pytest_ignition.budget import BudgetError
+
+        # The booting guest's memory counts against the host budget until it is closed.
+        try:
+            reservation = self.reserve(engine, vmcfg, "boot")
+        except BudgetError as e:
+            raise _SnapshotFailed(f"pytest-ignition: {e}") from None
+        try:
+            return self._boot_and_snapshot(engine, vmcfg, directory)
+        finally:
+            reservation.release()
+
+    def _boot_and_snapshot(self, engine: Engine, vmcfg: VMConfig, directory: Path) -> float:
         from pytest_ignition.engines.base import BootError, EngineError
         from pytest_ignition.vm import VM
 
@@ -372,6 +458,8 @@ class IgnitionSession:
             ) from None
         vm = VM(engine, machine, vmcfg, **self.vm_limits())
         try:
+            if vmcfg.init == "systemd":
+                self._wait_system_up(vm, vmcfg, t0)
             boot_seconds = time.monotonic() - t0
             try:
                 self.config.hook.pytest_ignition_prepare(vm=vm)
@@ -405,25 +493,72 @@ class IgnitionSession:
 
     # ------------------------------------------------------------------ VMs
 
-    def restore_vm(self, snap: Snapshot, reset: str) -> tuple[VM, float]:
-        """A new VM restored from ``snap`` and its time to agent-ready."""
+    def budget(self) -> Any:
+        """This host's VM memory budget (:class:`pytest_ignition.budget.HostBudget`)."""
+        with self.lock:
+            if self._budget is None:
+                from pytest_ignition.budget import HostBudget
+
+                self._budget = HostBudget.for_settings(
+                    self.settings.memory_budget,
+                    self.settings.sources.get("memory_budget", "default"),
+                    progress=self._progress,
+                )
+            return self._budget
+
+    def reserve(self, engine: Engine, vmcfg: VMConfig, kind: str, *, wait: bool = True) -> Any:
+        """Reserve host memory for one VM of ``vmcfg`` (waits for room unless ``wait=False``)."""
+        from pytest_ignition.budget import vm_mib
+
+        what = f"{kind} of a {vmcfg.memory_mib} MiB guest ({_worker_id(self.config)})"
+        return self.budget().reserve(
+            vm_mib(vmcfg.memory_mib, engine.name), what, wait=wait, on_wait=self.drop_spares
+        )
+
+    def drop_spares(self) -> None:
+        """Close prefetched VMs no test holds yet, to give their memory to a waiting VM."""
+        with self.lock:
+            pools = list(self.pools.values())
+        for p in pools:
+            with p.lock:
+                fut = p.pending
+                if fut is None or not (fut.done() or fut.cancel()):
+                    continue  # one being restored right now is left alone (never waited on)
+                p.pending = None
+            if fut.cancelled() or fut.exception() is not None:
+                continue
+            self.close_vm(fut.result()[0], background=False)
+
+    def restore_vm(self, snap: Snapshot, reset: str, wait: bool = True) -> tuple[VM, float]:
+        """A new VM restored from ``snap`` and its time to agent-ready.
+
+        Host memory for it is reserved first (:meth:`reserve`); ``wait=False`` fails at once
+        when there is no room.
+        """
+        from pytest_ignition.budget import BudgetError
         from pytest_ignition.engines.base import BootError, EngineError
         from pytest_ignition.vm import VM
 
         if self.closed:
             raise RuntimeError("pytest-ignition session is closed")
+        try:
+            reservation = self.reserve(snap.engine, snap.config, "restore", wait=wait)
+        except BudgetError as e:
+            raise RestoreFailed(f"pytest-ignition: {e}") from None
         workdir = self.workdir("vm-")
         t0 = time.monotonic()
         try:
             machine = snap.engine.restore(snap.config, snap.directory, workdir)
         except (BootError, EngineError) as e:
             shutil.rmtree(workdir, ignore_errors=True)
+            reservation.release()
             raise RestoreFailed(
                 f"pytest-ignition: restoring the snapshot failed ({snap.engine.describe()}; "
                 f"{self._describe(snap.config)}): {e}"
             ) from None
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
+            reservation.release()
             raise
         seconds = getattr(machine, "ready_seconds", None)
         if not isinstance(seconds, (int, float)):
@@ -438,9 +573,11 @@ class IgnitionSession:
             **self.vm_limits(),
         )
         vm._ignition_workdir = workdir  # type: ignore[attr-defined]
+        vm._ignition_reservation = reservation  # type: ignore[attr-defined]
         with self.lock:
             if self.closed:
                 vm.close()
+                reservation.release()
                 raise RuntimeError("pytest-ignition session is closed")
             self.live.add(vm)
         return vm, float(seconds)
@@ -453,12 +590,18 @@ class IgnitionSession:
             return self.pools[k]
 
     def close_vm(self, vm: Any, background: bool = True) -> None:
+        reservation = getattr(vm, "_ignition_reservation", None)
+        if reservation is not None:
+            reservation.retire()  # no longer this process's to wait on: it is going
+
         def close() -> None:
             try:
                 vm.close()
             except Exception as e:  # closing must never fail a test
                 print(f"pytest-ignition: closing a VM failed: {e!r}", file=sys.__stderr__)
             finally:
+                if reservation is not None:
+                    reservation.release()
                 wd = getattr(vm, "_ignition_workdir", None)
                 if wd is not None:
                     shutil.rmtree(wd, ignore_errors=True)
@@ -532,6 +675,17 @@ def get_session(config: pytest.Config) -> IgnitionSession:
     return config.stash[SESSION_KEY]
 
 
+VM_FIXTURES = frozenset(
+    {"ignition_vm", "ignition_vm_factory", "ignition_snapshot", "_ignition_session"}
+)
+
+
+def uses_vm(item: pytest.Item, fixturenames: Any = None) -> bool:
+    """Whether ``item`` needs a VM: a VM fixture in its closure, or the ``ignition`` marker."""
+    names = getattr(item, "fixturenames", ()) if fixturenames is None else fixturenames
+    return not VM_FIXTURES.isdisjoint(names) or item.get_closest_marker(MARKER) is not None
+
+
 def marker_overrides(item: pytest.Item) -> cfgmod.Overrides:
     """The validated ``@pytest.mark.ignition(...)`` settings of ``item`` (closest wins per key)."""
     merged: dict[str, Any] = {}
@@ -577,6 +731,8 @@ def _ignition_session(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> IgnitionSession:
     session = get_session(request.config)
+    if session.settings_error is not None:  # requested without being collected (getfixturevalue)
+        pytest.fail(session.settings_error, pytrace=False)
     session.set_root(tmp_path_factory.getbasetemp())
     return session
 

@@ -2,9 +2,14 @@
 
 Owns :class:`VM` (run commands, move files, the console, reset to the snapshot),
 :class:`CommandResult` and the command errors (:class:`CommandError` and its subclasses
-:class:`CommandFailed`, :class:`CommandTimeout`, :class:`CommandOutputTooLarge`). Users and
-the docs rely on these names; everything engine-specific stays behind
-:mod:`pytest_ignition.engines.base`.
+:class:`CommandFailed`, :class:`CommandTimeout`, :class:`CommandOutputTooLarge`,
+:class:`TransferTooLarge`, :class:`GuestFailure`). Users and the docs rely on these names;
+everything engine-specific stays behind :mod:`pytest_ignition.engines.base`.
+
+A request that finds the VM broken (the agent's stream closed, or no answer past a deadline) is
+diagnosed (:func:`diagnose`: is the VM process alive, its exit code, a kernel panic or OOM line
+in the console tail) and raised as :class:`GuestFailure`; the VM is then ``broken`` and the
+fixtures discard it instead of handing it to the next test.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pytest_ignition.agent import AgentOutputLimit, AgentTimeout
+from pytest_ignition.agent import (
+    AgentDisconnected,
+    AgentOutputLimit,
+    AgentTimeout,
+    AgentTransferLimit,
+    ExecResult,
+)
 from pytest_ignition.engines.base import Engine, Machine, VMConfig
 
 __all__ = [
@@ -28,12 +39,17 @@ __all__ = [
     "CommandOutputTooLarge",
     "CommandResult",
     "CommandTimeout",
+    "GuestFailure",
     "HistoryEntry",
+    "TransferTooLarge",
+    "diagnose",
 ]
 
 # Bytes of stdout + stderr a command may write before it is killed (the session setting
 # ``--ignition-max-output`` replaces it; config.DEFAULT_MAX_OUTPUT is the same number).
 DEFAULT_MAX_OUTPUT = 64 << 20
+# Bytes read_file returns / copy_from writes per tree at most (``--ignition-max-transfer``).
+DEFAULT_MAX_TRANSFER = 256 << 20
 
 Command = str | Sequence[str]
 
@@ -143,16 +159,29 @@ class CommandFailed(CommandError):
 
 
 class CommandTimeout(CommandError):
-    """A command ran past its timeout and was killed; the VM stays usable."""
+    """A command ran past its timeout and was killed; the VM stays usable.
+
+    ``setting`` says where the timeout came from (this call's ``timeout=``, or the session's
+    ``command_timeout`` and its source) and how to raise it.
+    """
 
     def __init__(
-        self, command: str, timeout: float, stdout_bytes: bytes = b"", stderr_bytes: bytes = b""
+        self,
+        command: str,
+        timeout: float,
+        stdout_bytes: bytes = b"",
+        stderr_bytes: bytes = b"",
+        setting: str = "",
     ) -> None:
         self.command = command
         self.timeout = timeout
         self.stdout_bytes = stdout_bytes
         self.stderr_bytes = stderr_bytes
-        super().__init__(f"command {command!r} timed out after {timeout:g}s and was killed")
+        self.setting = setting
+        msg = f"command {command!r} timed out after {timeout:g}s and was killed"
+        if setting:
+            msg += f"; the timeout is {setting}"
+        super().__init__(msg)
 
 
 class CommandOutputTooLarge(CommandError):
@@ -198,6 +227,100 @@ class CommandOutputTooLarge(CommandError):
         return self.stderr_bytes.decode("utf-8", errors="replace")
 
 
+class TransferTooLarge(CommandError):
+    """A guest file (``read_file``) or tree (``copy_from``) is larger than ``max_transfer`` bytes.
+
+    Nothing past the cap was read into host memory; ``copy_from`` leaves the files it wrote
+    before the cap was reached. ``setting`` says where the cap came from and how to raise it.
+    """
+
+    def __init__(self, path: str, max_transfer: int, setting: str, what: str = "file") -> None:
+        self.path = path
+        self.max_transfer = max_transfer
+        self.setting = setting
+        super().__init__(
+            f"guest {what} {path!r} is larger than {_size(max_transfer)}; nothing past that was "
+            f"transferred. The limit is {setting}; 0 means no limit"
+        )
+
+
+class GuestFailure(CommandError):
+    """The VM broke during a request: the guest panicked or powered off, its agent died, the VM
+    process exited, or the guest stopped answering. ``diagnosis`` says which (with the panic
+    line), ``console_tail`` is the end of the serial console. The VM is discarded afterwards
+    (``vm.broken``): the next test gets a fresh one.
+    """
+
+    def __init__(self, what: str, diagnosis: str, console_tail: str = "") -> None:
+        self.what = what
+        self.diagnosis = diagnosis
+        self.console_tail = console_tail
+        msg = f"{what}: {diagnosis}"
+        if console_tail.strip():
+            msg += "\n--- console tail ---\n" + _tail(console_tail, lines=30, chars=3000)
+        super().__init__(msg)
+
+
+_PANIC_MARKERS = ("Kernel panic - not syncing", "BUG: ", "Oops: ", "general protection fault")
+
+
+def diagnose(machine: Any, cause: str = "", wait: float = 2.0) -> str:
+    """What happened to a VM whose agent stopped answering, in one line.
+
+    Waits up to ``wait`` seconds for a dying VM process to exit (a panicking guest exits its
+    VMM: ``panic=-1`` reboots, and the VMMs exit on reboot), then looks at its exit code and
+    the console tail (kernel panic line, OOM kills, power-off).
+    """
+    proc = getattr(machine, "proc", None)
+    alive_fn = getattr(machine, "is_alive", None)
+
+    def alive() -> bool:
+        try:
+            return bool(alive_fn()) if alive_fn is not None else True
+        except Exception:
+            return False
+
+    end = time.monotonic() + wait
+    while alive() and time.monotonic() < end:
+        time.sleep(0.05)
+    try:
+        tail = str(machine.console_tail(16000))
+    except Exception:
+        tail = ""
+    lines = tail.splitlines()
+    panic = next((ln.strip() for ln in lines if _PANIC_MARKERS[0] in ln), None)
+    if panic is None:
+        panic = next((ln.strip() for ln in lines if any(m in ln for m in _PANIC_MARKERS)), None)
+    oom = [ln.strip() for ln in lines if "Out of memory: Killed process" in ln or "oom-kill" in ln]
+    parts: list[str] = []
+    if not alive():
+        code = getattr(proc, "returncode", None)
+        if panic is not None:
+            parts.append(f"the guest kernel panicked: {panic}")
+        elif "reboot: Power down" in tail or "reboot: System halted" in tail:
+            parts.append("the guest powered off")
+        elif "reboot: Restarting system" in tail:
+            parts.append("the guest rebooted (the VM exits on a guest reboot)")
+        if code is None:
+            parts.append("the VM process has exited")
+        elif code < 0:
+            parts.append(f"the VM process was killed by signal {-code}")
+        else:
+            parts.append(f"the VM process exited with code {code}")
+    else:
+        if panic is not None:
+            parts.append(f"the guest kernel reported: {panic}")
+        if cause.startswith("disconnected"):
+            parts.append(
+                "the guest agent died (its connection closed; the VM process is still running)"
+            )
+        else:
+            parts.append(f"the guest is unresponsive ({cause or 'no answer'}; VM process running)")
+    if oom:
+        parts.append(f"OOM killer: {oom[-1]}")
+    return "; ".join(parts)
+
+
 class VM:
     """A running guest: commands, files, the serial console, reset to the snapshot.
 
@@ -206,6 +329,9 @@ class VM:
     where the engine supports it; otherwise the same as ``"restore"``). ``max_output`` is the
     default cap on a command's output in bytes (0: none) and ``max_output_source`` where it came
     from, for the error message (the fixtures pass the session setting and its source).
+    ``command_timeout`` (seconds, None: none) is ``run``'s timeout when it is given none;
+    ``max_transfer`` (bytes, 0: none) caps ``read_file`` per file and ``copy_from`` per tree.
+    ``broken`` is None, or why the VM is unusable (set when a request found it dead).
     """
 
     def __init__(
@@ -218,11 +344,22 @@ class VM:
         *,
         max_output: int = DEFAULT_MAX_OUTPUT,
         max_output_source: str = "default",
+        command_timeout: float | None = None,
+        command_timeout_source: str = "default",
+        max_transfer: int = DEFAULT_MAX_TRANSFER,
+        max_transfer_source: str = "default",
     ) -> None:
         if reset_mode not in ("restore", "rollback"):
             raise ValueError(f"reset_mode must be 'restore' or 'rollback', not {reset_mode!r}")
         self._max_output = _check_size(max_output)
         self.max_output_source = max_output_source
+        if command_timeout is not None and not command_timeout > 0:
+            raise ValueError(f"command_timeout must be positive or None, not {command_timeout!r}")
+        self.command_timeout = command_timeout
+        self.command_timeout_source = command_timeout_source
+        self.max_transfer = _check_size(max_transfer)
+        self.max_transfer_source = max_transfer_source
+        self.broken: str | None = None
         self.engine = engine
         self.machine = machine
         self.config = config
@@ -254,7 +391,9 @@ class VM:
         max_output: int | str | None = None,
     ) -> CommandResult:
         """Run ``cmd`` in the guest: a ``str`` is a shell command, a list is an argv that is
-        never shell-interpreted. Raises :class:`CommandTimeout` when ``timeout`` elapses.
+        never shell-interpreted. Raises :class:`CommandTimeout` when ``timeout`` elapses
+        (None: this VM's ``command_timeout``, the session setting; 0: no timeout at all), and
+        :class:`GuestFailure` when the VM dies meanwhile.
 
         ``max_output``: bytes of stdout and stderr together to keep (an int, or a size such as
         ``"1M"``; 0 = no limit; None = this VM's ``max_output``, the session setting). A command
@@ -273,16 +412,24 @@ class VM:
             payload = [os.fspath(a) for a in cmd]
             if not payload:
                 raise ValueError("empty argv")
+        if timeout is None:
+            limit = self.command_timeout
+            limit_setting = _timeout_setting(limit, self.command_timeout_source)
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+        else:
+            limit = float(timeout) if timeout > 0 else None
+            limit_setting = f"timeout={timeout!r} of this call; raise it there"
         shown = _show(cmd)
         data = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
         try:
             res = self.machine.agent.exec(
                 payload,
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
+                env=self._env(env),
+                cwd=cwd if cwd is not None else getattr(self.config, "guest_cwd", None),
                 input=data,
-                timeout=timeout,
+                timeout=limit,
                 max_output=cap,
             )
         except AgentOutputLimit as exc:
@@ -293,14 +440,17 @@ class VM:
         except AgentTimeout as exc:
             partial = exc.result
             self.history.append((shown, None, time.monotonic() - started))
-            if timeout is None:
-                raise  # no command timeout was asked for: the agent itself stopped answering
+            no_exit = partial is None or (partial.exit_code is None and partial.signal is None)
+            if limit is None or (no_exit and not self._agent_answers()):
+                # No EXIT even after the kill, and no answer to a ping: the guest is gone.
+                raise self._failure(f"command {shown!r}", exc) from None
+            partial = partial or ExecResult(None, None, b"", b"", 0.0, True)
             raise CommandTimeout(
-                shown,
-                timeout,
-                partial.stdout if partial else b"",
-                partial.stderr if partial else b"",
+                shown, limit, partial.stdout, partial.stderr, limit_setting
             ) from None
+        except AgentDisconnected as exc:
+            self.history.append((shown, None, time.monotonic() - started))
+            raise self._failure(f"command {shown!r}", exc) from None
         except BaseException:
             self.history.append((shown, None, time.monotonic() - started))
             raise
@@ -315,24 +465,42 @@ class VM:
         self.history.append((shown, code, duration))
         return CommandResult(shown, code, res.stdout, res.stderr, duration, res.signal)
 
+    def _env(self, env: Mapping[str, str] | None) -> dict[str, str] | None:
+        """The image's environment (an OCI image's ``Env``) under the call's ``env``."""
+        base = dict(getattr(self.config, "guest_env", ()) or ())
+        if not base:
+            return dict(env) if env is not None else None
+        return {**base, **(env or {})}
+
     def check_output(self, cmd: Command, **kw: Any) -> str:
         """``run(cmd, **kw).check().stdout``."""
         return self.run(cmd, **kw).check().stdout
 
     # -- files ----------------------------------------------------------------------------
-    # Not capped by max_output: a guest file is bounded by the guest's memory or disk image.
+    # Capped by max_transfer (not max_output): read_file per file, copy_from per tree.
 
-    def read_file(self, path: str) -> bytes:
-        """The bytes of a guest file."""
+    def read_file(self, path: str, *, max_size: int | str | None = None) -> bytes:
+        """The bytes of a guest file; :class:`TransferTooLarge` past ``max_size`` bytes (None:
+        this VM's ``max_transfer``, the session setting; 0: no limit). The host stops reading at
+        the cap, so a huge guest file never fills host memory."""
         self._check_open()
-        return self.machine.agent.get_file(str(path))
+        cap, setting = self._transfer_cap(max_size)
+        try:
+            return self._agent_call(
+                f"read_file {path!r}", lambda: self.machine.agent.get_file(str(path), limit=cap)
+            )
+        except AgentTransferLimit:
+            raise TransferTooLarge(str(path), cap, setting) from None
 
     def write_file(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
         """Create or replace a guest file with ``data`` and permission bits ``mode``."""
         self._check_open()
         if isinstance(data, str):
             data = data.encode()
-        self.machine.agent.put_file(str(path), data, mode=mode)
+        self._agent_call(
+            f"write_file {path!r}",
+            lambda: self.machine.agent.put_file(str(path), data, mode=mode),
+        )
 
     def copy_into(self, host_path: str | os.PathLike[str], guest_path: str) -> None:
         """Copy a host file or directory tree into the guest, keeping permission bits."""
@@ -340,19 +508,74 @@ class VM:
         src = Path(host_path)
         if not src.exists():
             raise FileNotFoundError(f"no such host file or directory: {src}")
-        self.machine.agent.put_tree(src, str(guest_path))
+        self._agent_call(
+            f"copy_into {guest_path!r}", lambda: self.machine.agent.put_tree(src, str(guest_path))
+        )
 
-    def copy_from(self, guest_path: str, host_path: str | os.PathLike[str]) -> None:
-        """Copy a guest file or directory tree to the host, keeping permission bits.
+    def copy_from(
+        self,
+        guest_path: str,
+        host_path: str | os.PathLike[str],
+        *,
+        max_size: int | str | None = None,
+    ) -> list[str]:
+        """Copy a guest file or directory tree to the host, keeping permission bits; returns
+        the entries skipped (with the reason), also logged as warnings.
 
-        A guest file copied onto an existing host directory lands inside it.
+        A guest file copied onto an existing host directory lands inside it. The host is
+        protected from the guest (see ``AgentClient.get_tree``): setuid/setgid/sticky bits are
+        dropped, symlinks, devices, FIFOs and sockets are skipped with a warning, nothing is
+        written through a symlink, and the tree's total size is capped by ``max_size`` (None:
+        this VM's ``max_transfer``; 0: none) with :class:`TransferTooLarge`.
         """
         self._check_open()
+        cap, setting = self._transfer_cap(max_size)
         dst = Path(host_path)
-        mode, _size = self.machine.agent.stat(str(guest_path))
-        if not stat.S_ISDIR(mode) and dst.is_dir():
-            dst = dst / PurePosixPath(guest_path).name
-        self.machine.agent.get_tree(str(guest_path), dst, mode)
+        agent = self.machine.agent
+
+        def copy() -> list[str]:
+            mode, _size = agent.stat(str(guest_path))
+            target = dst
+            if not stat.S_ISDIR(mode) and dst.is_dir() and not dst.is_symlink():
+                target = dst / PurePosixPath(guest_path).name
+            return agent.get_tree(str(guest_path), target, mode, limit=cap)
+
+        try:
+            return self._agent_call(f"copy_from {guest_path!r}", copy)
+        except AgentTransferLimit:
+            raise TransferTooLarge(str(guest_path), cap, setting, what="tree") from None
+
+    def _transfer_cap(self, max_size: int | str | None) -> tuple[int, str]:
+        if max_size is None:
+            return self.max_transfer, _transfer_setting(self.max_transfer, self.max_transfer_source)
+        return _check_size(max_size), f"max_size={max_size!r} of this call; raise it there"
+
+    # -- failures -------------------------------------------------------------------------
+
+    def _agent_call(self, what: str, fn: Any) -> Any:
+        """``fn()``, with a lost agent connection or a request past its deadline diagnosed."""
+        try:
+            return fn()
+        except (AgentDisconnected, AgentTimeout) as exc:
+            raise self._failure(what, exc) from None
+
+    def _agent_answers(self, timeout: float = 5.0) -> bool:
+        try:
+            self.machine.agent.ping(timeout=timeout)
+            return True
+        except Exception:
+            return False
+
+    def _failure(self, what: str, exc: BaseException) -> GuestFailure:
+        """Diagnose the VM after ``exc`` and mark it broken (it is never reused)."""
+        cause = "disconnected" if isinstance(exc, AgentDisconnected) else f"timeout: {exc}"
+        diagnosis = diagnose(self.machine, cause)
+        self.broken = diagnosis
+        try:
+            tail = self.machine.console_tail(4000)
+        except Exception:
+            tail = ""
+        return GuestFailure(what, diagnosis, tail)
 
     # -- console, reset, lifecycle ----------------------------------------------------------
 
@@ -415,6 +638,29 @@ def _check_size(value: int | str) -> int:
             f"max_output must be a number of bytes >= 0 or a size like '64M', not {value!r}"
         )
     return value
+
+
+def _timeout_setting(limit: float | None, source: str) -> str:
+    """Where a VM's default command timeout came from, and how to raise it."""
+    how = (
+        "raise it with --ignition-command-timeout, IGNITION_COMMAND_TIMEOUT, the ini key "
+        "ignition_command_timeout or the marker key command_timeout (0 = none), or per call "
+        "with vm.run(..., timeout=...)"
+    )
+    if source == "vm.command_timeout":
+        return "this VM's command_timeout; raise it there or per call with timeout="
+    where = f"its default, {limit:g} s" if source == "default" and limit else source
+    return f"the setting command_timeout (from {where}): {how}"
+
+
+def _transfer_setting(cap: int, source: str) -> str:
+    """Where a VM's transfer cap came from, and how to raise it."""
+    how = (
+        "raise it with --ignition-max-transfer, IGNITION_MAX_TRANSFER or the ini key "
+        "ignition_max_transfer, or per call with max_size=..."
+    )
+    where = f"its default, {_size(cap)}" if source == "default" else source
+    return f"the session setting max_transfer (from {where}): {how}"
 
 
 def _session_setting(cap: int, source: str) -> str:

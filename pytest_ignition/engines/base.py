@@ -68,6 +68,9 @@ class VMConfig:
     init: str = "agent"
     network: str = "none"
     arch: str = "x86_64"
+    # Defaults for commands (an OCI image's Env and WorkingDir); a call's env/cwd win.
+    guest_env: tuple[tuple[str, str], ...] = ()
+    guest_cwd: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise paths so that equal configs compare (and hash) equal.

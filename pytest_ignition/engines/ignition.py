@@ -297,8 +297,11 @@ class IgnitionEngine(Engine):
 
     def cmdline(self, config: VMConfig) -> str:
         parts = [_process.default_cmdline()]
+        if config.image is not None:
+            parts += ["ignition.image=1", f"ignition.init={config.init}"]
         if config.rootfs is not None:
-            parts.append("ignition.rootfs=/dev/vda")
+            # disks appear in --disk order: the image (when there is one) is vda
+            parts.append(f"ignition.rootfs=/dev/vd{'b' if config.image is not None else 'a'}")
         if config.kernel_args.strip():
             parts.append(config.kernel_args.strip())
         return " ".join(parts)
@@ -320,6 +323,9 @@ class IgnitionEngine(Engine):
             argv += ["--initrd", str(Path(config.initrd).resolve())]
         argv += ["--mem", f"{config.memory_mib}M", "--cpus", str(config.cpus)]
         argv += ["--cmdline", self.cmdline(config), "--boot-timer"]
+        if config.image is not None:
+            # copy-on-write like every VMM disk, and mounted read-only by the guest: never written
+            argv += ["--disk", str(Path(config.image).resolve())]
         if config.rootfs is not None:
             argv += ["--disk", str(Path(config.rootfs).resolve())]
         return argv + self._common(m)

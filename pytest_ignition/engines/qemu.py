@@ -268,8 +268,10 @@ class QemuEngine(Engine):
         # the firmware, which boots the kernel again instead of resetting: a panicking
         # guest would loop instead of exiting. A triple fault resets, and -no-reboot exits.
         parts = [default_cmdline(), "reboot=t"]
+        if config.image is not None:
+            parts += ["ignition.image=1", f"ignition.init={config.init}"]
         if config.rootfs is not None:
-            parts.append("ignition.rootfs=/dev/vda")
+            parts.append("ignition.rootfs=serial:ignition-rootfs")
         if config.kernel_args.strip():
             parts.append(config.kernel_args.strip())
         return " ".join(parts)
@@ -306,8 +308,11 @@ class QemuEngine(Engine):
             "-device",
             "virtio-rng-device,rng=rng0",
         ]
+        # Disks are found by serial in the guest: microvm's virtio-mmio slot order is not ours.
+        if config.image is not None:
+            args += ["-device", "virtio-blk-device,drive=image,serial=ignition-image"]
         if config.rootfs is not None:
-            args += ["-device", "virtio-blk-device,drive=root"]
+            args += ["-device", "virtio-blk-device,drive=root,serial=ignition-rootfs"]
         return args
 
     def _instance_args(self, m: QemuMachine, config: VMConfig) -> list[str]:
@@ -322,6 +327,10 @@ class QemuEngine(Engine):
             "-qmp",
             f"unix:{m.qmp_sock},server=on,wait=off",
         ]
+        if config.image is not None:
+            # Read-only: the guest's writes go to an overlay in its own RAM (see guest/init).
+            image = str(Path(config.image).resolve()).replace(",", ",,")
+            args += ["-drive", f"if=none,id=image,file={image},format=raw,readonly=on"]
         if m.overlay is not None:
             args += ["-drive", f"if=none,id=root,file={m.overlay},format=qcow2,cache=unsafe"]
         return args

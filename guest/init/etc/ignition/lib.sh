@@ -1,0 +1,46 @@
+# pytest-ignition guest: shell functions shared by /init (init=systemd) and rcS (init=agent).
+# The image (VMConfig.image) is a read-only ext4 disk; the guest's root is an overlay whose
+# upper layer is a tmpfs, so every write lives in guest RAM: in the snapshot, gone with the VM.
+
+# ig_arg NAME: the value of ignition.NAME=... on the kernel command line (status 1 if absent).
+ig_arg() {
+    for a in $(cat /proc/cmdline); do
+        case "$a" in "ignition.$1="*) echo "${a#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+
+# ig_disk SERIAL FALLBACK: the /dev node of the virtio disk with that serial, else FALLBACK.
+ig_disk() {
+    for s in /sys/block/vd*/serial; do
+        [ -r "$s" ] || continue
+        if [ "$(cat "$s")" = "$1" ]; then
+            d=${s%/serial}
+            echo "/dev/${d##*/}"
+            return 0
+        fi
+    done
+    echo "$2"
+}
+
+# ig_mount_image: the image as an overlay at /newroot (read-only lower, tmpfs upper).
+ig_mount_image() {
+    dev=$(ig_disk ignition-image /dev/vda)
+    mkdir -p /image/lower /image/rw /newroot
+    # noload: a read-only device must not get its journal replayed
+    mount -t ext4 -o ro,noload "$dev" /image/lower || return 1
+    mount -t tmpfs -o mode=755 tmpfs /image/rw || return 1
+    mkdir -p /image/rw/upper /image/rw/work
+    mount -t overlay overlay \
+        -o lowerdir=/image/lower,upperdir=/image/rw/upper,workdir=/image/rw/work /newroot || return 1
+    mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/run /newroot/tmp
+    chmod 1777 /newroot/tmp
+    mount -t tmpfs -o mode=755 tmpfs /newroot/run || return 1
+    mkdir -p /newroot/run/ignition
+    cp /sbin/ignition-agent /newroot/run/ignition/ignition-agent 2>/dev/null
+    grep -q 'host.ignition.internal' /newroot/etc/hosts 2>/dev/null ||
+        grep 'host.ignition.internal' /etc/hosts >>/newroot/etc/hosts 2>/dev/null
+    grep -q ignition /newroot/etc/hosts 2>/dev/null || echo "127.0.1.1 ignition" >>/newroot/etc/hosts
+    echo ignition >/newroot/etc/hostname
+    return 0
+}

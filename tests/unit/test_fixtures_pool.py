@@ -29,14 +29,18 @@ class StubSession:
     """What Pool and IgnitionSession.release use of the session."""
 
     release = IgnitionSession.release
+    drop_spares = IgnitionSession.drop_spares
 
     def __init__(self) -> None:
         self.restorer = ThreadPoolExecutor(1)
         self.lock = threading.RLock()
         self.restores = 0
         self.closed_vms: list[StubVM] = []
+        self.pools: dict[Any, Pool] = {}
+        self.waits: list[bool] = []
 
-    def restore_vm(self, snap: Any, reset: str) -> tuple[StubVM, float]:
+    def restore_vm(self, snap: Any, reset: str, wait: bool = True) -> tuple[StubVM, float]:
+        self.waits.append(wait)
         self.restores += 1
         return StubVM(self.restores), 0.1
 
@@ -89,5 +93,22 @@ def test_a_failed_rollback_is_replaced_by_a_restore(supports_rollback: bool) -> 
     session.release(vm, pool)  # type: ignore[arg-type]
     nxt, _ = pool.acquire(prefetch=False)
     assert nxt is not vm and vm in session.closed_vms
+    pool.close()
+    session.restorer.shutdown(wait=True)
+
+
+def test_prefetch_never_waits_for_host_memory_and_spares_can_be_dropped() -> None:
+    session = StubSession()
+    snap = SimpleNamespace(engine=SimpleNamespace(supports_rollback=False))
+    pool = Pool(session, snap, "restore")  # type: ignore[arg-type]
+    session.pools[("k", "restore")] = pool
+    vm, _ = pool.acquire(prefetch=True)
+    assert pool.pending is not None
+    spare, _ = pool.pending.result()
+    assert session.waits == [True, False]  # the foreground waits, the prefetch does not
+    session.drop_spares()  # a VM elsewhere waits for memory: the idle prefetched VM goes
+    assert pool.pending is None and session.closed_vms == [spare]
+    nxt, _ = pool.acquire(prefetch=False)
+    assert nxt is not spare and session.waits[-1] is True
     pool.close()
     session.restorer.shutdown(wait=True)

@@ -13,6 +13,7 @@ the host's filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -26,7 +27,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class FrameType(enum.IntEnum):
     GET = 0x07
     SYNC = 0x08
     RESET = 0x09
+    WINSIZE = 0x0A
     PONG = 0x81
     STDOUT = 0x83
     STDERR = 0x84
@@ -84,6 +86,7 @@ class ErrorCode(enum.IntEnum):
 
 EXEC_SHELL = 0x1
 EXEC_STDIN = 0x2
+EXEC_PTY = 0x4
 EXIT_TIMED_OUT = 0x1
 PUT_FILE = 0
 PUT_DIR = 1
@@ -93,6 +96,7 @@ _EXEC_HEAD = struct.Struct("<IIII")  # timeout_ms, flags, argc, envc
 _EXIT = struct.Struct("<iiI")  # exit code or -1, signal or 0, flags
 _STAT = struct.Struct("<IQ")  # st_mode, size
 _ERROR_HEAD = struct.Struct("<I")
+_WINSIZE = struct.Struct("<HHHH")  # rows, cols, xpixel, ypixel
 
 
 # ---------------------------------------------------------------------------------- framing
@@ -461,6 +465,7 @@ class AgentClient:
         input: bytes | None = None,
         timeout: float | None = None,
         max_output: int | None = None,
+        on_output: Callable[[bool, bytes], None] | None = None,
     ) -> ExecResult:
         """Run a command: a str through ``/bin/sh -c``, a sequence as an argv (never interpreted).
 
@@ -470,6 +475,9 @@ class AgentClient:
         ``max_output`` caps the bytes kept of stdout and stderr together (None or 0: no cap).
         Past it nothing more is kept, the process group gets SIGKILL, the channel is drained to
         its EXIT and AgentOutputLimit is raised with the first ``max_output`` bytes.
+
+        ``on_output(is_stdout, data)``, when given, gets the output as it arrives instead of it
+        being kept (the result's stdout and stderr are then empty; ``max_output`` still counts).
         """
         if isinstance(cmd, str | bytes):
             argv = [_fsencode(cmd, "command")]
@@ -510,6 +518,7 @@ class AgentClient:
         stop = threading.Event()
         writer: threading.Thread | None = None
         out, err = bytearray(), bytearray()
+        streamed = 0  # bytes handed to on_output
         out_eof = err_eof = False
         start = time.monotonic()
         host_deadline = None if timeout is None else start + timeout + HOST_TIMEOUT_GRACE
@@ -561,14 +570,18 @@ class AgentClient:
                     if overflow_at is not None:
                         continue  # past the cap: dropped
                     data = frame.payload
-                    if limit is not None and len(out) + len(err) + len(data) > limit:
-                        data = data[: limit - len(out) - len(err)]
+                    if limit is not None and streamed + len(out) + len(err) + len(data) > limit:
+                        data = data[: limit - streamed - len(out) - len(err)]
                         overflow_at = time.monotonic()
                         stop.set()  # no more stdin for a process that is being killed
                         if not killed:
                             self._kill(chan)
                         host_deadline = overflow_at + KILL_GRACE
-                    (out if is_out else err).extend(data)
+                    if on_output is not None:
+                        streamed += len(data)
+                        on_output(is_out, data)
+                    else:
+                        (out if is_out else err).extend(data)
                 elif frame.type == FrameType.EXIT:
                     if len(frame.payload) != _EXIT.size:
                         raise AgentError(f"exec {cmd!r}: malformed EXIT frame")
@@ -601,6 +614,46 @@ class AgentClient:
         finally:
             stop.set()
             self._close_chan(chan)
+
+    def exec_pty(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> PtyProcess:
+        """Start ``argv`` under a new pty in the guest (session leader, controlling tty).
+
+        Returns at once; the :class:`PtyProcess` carries the terminal's bytes both ways.
+        """
+        args = [_fsencode(a, "argument") for a in argv]
+        if not args or not args[0]:
+            raise ValueError("empty argv")
+        envs = []
+        for key, value in (env or {}).items():
+            k = _fsencode(key, "environment name")
+            if not k or b"=" in k:
+                raise ValueError(f"bad environment variable name {key!r}")
+            envs.append(k + b"=" + _fsencode(value, "environment value"))
+        payload = b"".join(
+            [_EXEC_HEAD.pack(0, EXEC_PTY, len(args), len(envs))]
+            + [a + b"\0" for a in args]
+            + [e + b"\0" for e in envs]
+            + [_fsencode(cwd or "", "cwd") + b"\0"]
+        )
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError("command, environment and cwd exceed the 1 MiB frame limit")
+        chan, q = self._open_chan()
+        try:
+            self._send(FrameType.EXEC, chan, payload)
+            proc = PtyProcess(self, chan, q)
+            proc.resize(rows, cols)  # right behind the EXEC: the agent applies it before sh runs
+        except BaseException:
+            self._close_chan(chan)
+            raise
+        return proc
 
     def _kill(self, chan: int) -> None:
         """SIGKILL the process group of the exec on ``chan`` (a lost connection is seen anyway)."""
@@ -839,6 +892,103 @@ class AgentClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PtyProcess:
+    """A process under a guest pty (:meth:`AgentClient.exec_pty`): write keystrokes, read the
+    terminal's output, resize it; ``exit_code`` once it has ended (128 + n for signal n)."""
+
+    def __init__(self, client: AgentClient, chan: int, q: queue.SimpleQueue[object]) -> None:
+        self._client = client
+        self.chan = chan
+        self._q = q
+        self.exit_code: int | None = None
+        self.error: AgentError | None = None  # why it ended without an EXIT (agent gone, ERROR)
+        self._ended = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def write(self, data: bytes) -> None:
+        """Bytes typed on the terminal (Ctrl-C is ``b"\\x03"``: the guest's tty makes it SIGINT)."""
+        for off in range(0, len(data), CHUNK):
+            self._client._send(FrameType.STDIN, self.chan, bytes(data[off : off + CHUNK]))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the guest terminal's size (the foreground job gets SIGWINCH)."""
+        clamp = lambda v: max(0, min(int(v), 0xFFFF))  # noqa: E731
+        self._client._send(
+            FrameType.WINSIZE, self.chan, _WINSIZE.pack(clamp(rows), clamp(cols), 0, 0)
+        )
+
+    def signal(self, signo: int) -> None:
+        """Send ``signo`` to the process group of the session leader."""
+        self._client._send(FrameType.SIGNAL, self.chan, struct.pack("<I", signo))
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        """The next output bytes; b"" when ``timeout`` passed with none; None once it has ended."""
+        while not self._ended:
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                return b""
+            if item is _DISCONNECTED:
+                self._end(AgentDisconnected(self._client._disconnected or "disconnected"))
+                return None
+            assert isinstance(item, Frame)
+            if item.type == FrameType.STDOUT:
+                if item.payload:
+                    return item.payload
+                continue  # EOF of the terminal: the EXIT follows
+            if item.type == FrameType.EXIT:
+                if len(item.payload) != _EXIT.size:
+                    self._end(AgentError("pty exec: malformed EXIT frame"))
+                    return None
+                code, sig, _ = _EXIT.unpack(item.payload)
+                self.exit_code = code if code >= 0 else 128 + max(sig, 0)
+                self._end(None)
+                return None
+            if item.type == FrameType.ERROR:
+                e = _error_from(item, "pty exec")
+                if e.code == ErrorCode.UNKNOWN_CHAN:
+                    continue  # a keystroke or resize after the process had gone
+                self._end(e)
+                return None
+            log.warning("pty exec: unexpected frame type 0x%02x from the agent", item.type)
+        return None
+
+    def _end(self, error: AgentError | None) -> None:
+        self._ended = True
+        self.error = error
+        self._client._close_chan(self.chan)
+
+    def close(self) -> None:
+        """Kill the process group if it still runs, and free the channel."""
+        if not self._ended:
+            with contextlib.suppress(AgentError):
+                self.signal(9)
+            self._end(AgentError("closed by the host"))
+
+
+class ChannelSink:
+    """What :meth:`AgentClient.open_channel` routes a channel's frames to."""
+
+    def put(self, item: Frame | None) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _SinkAdapter:
+    """Looks like a channel queue to the reader loop; turns its disconnect marker into None."""
+
+    def __init__(self, sink: ChannelSink) -> None:
+        self._sink = sink
+
+    def put(self, item: object) -> None:
+        try:
+            self._sink.put(item if isinstance(item, Frame) else None)
+        except Exception:  # a sink must never kill the reader thread
+            log.exception("agent channel sink failed")
 
 
 def _connect_unix_retry(path: str, timeout: float) -> socket.socket:

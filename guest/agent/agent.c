@@ -150,6 +150,7 @@ struct proc {
     int in_close; /* close stdin once inq is written */
     int64_t deadline;
     int timed_out, reaped, status, done;
+    int pty; /* EXEC_PTY: out_fd is the pty master, in_fd a dup of it; no stderr */
 };
 
 enum xfer_kind { X_PUT, X_GET };
@@ -500,11 +501,77 @@ static void child_fail(const char *what, const char *arg, int code) {
     _exit(code);
 }
 
+/* ---------------------------------------------------------------- pty exec (EXEC_PTY, WINSIZE) */
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER 0x5441 /* _IO('T', 0x41), Linux 4.13 */
+#endif
+
+/* A new pty pair: fds[0] the master, fds[1] the slave, both close-on-exec. The slave is opened
+ * from the master (TIOCGPTPEER), so no /dev/pts path is needed where the command may be chrooted. */
+static int pty_open(int fds[2]) {
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) return -1;
+    int s = -1;
+    if (unlockpt(m) == 0) {
+        s = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (s < 0) {
+            char name[64];
+            if (ptsname_r(m, name, sizeof name) == 0) s = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+        }
+    }
+    if (s < 0) {
+        int e = errno;
+        close(m);
+        errno = e;
+        return -1;
+    }
+    fds[0] = m;
+    fds[1] = s;
+    return 0;
+}
+
+/* In the child, after setsid(): the slave becomes the controlling tty and fds 0-2. */
+static int pty_child(int slave) {
+    /* Job control needs the terminal signals at their defaults (an agent started from a shell
+     * without job control inherits SIGINT and SIGQUIT ignored). */
+    static const int sigs[] = {SIGINT, SIGQUIT, SIGTSTP, SIGTTIN, SIGTTOU, SIGHUP, SIGWINCH};
+    for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) signal(sigs[i], SIG_DFL);
+    if (ioctl(slave, TIOCSCTTY, 0) < 0) return -1;
+    for (int fd = 0; fd < 3; fd++)
+        if (dup2(slave, fd) < 0) return -1;
+    return 0;
+}
+
+/* In the agent: the master carries output (out_fd) and input (in_fd, a dup: closing stdin with an
+ * empty STDIN frame must not hang the terminal up). */
+static void pty_attach(struct proc *p) {
+    p->pty = 1;
+    p->in_fd = fcntl(p->out_fd, F_DUPFD_CLOEXEC, 3);
+}
+
+static void handle_winsize(struct conn *c, uint32_t chan, const uint8_t *pl, size_t len) {
+    if (len != 8) return send_error(c, chan, E_BAD_PAYLOAD, "WINSIZE: payload must be 8 bytes");
+    struct proc *p = find_proc(c, chan);
+    if (!p) return send_error(c, chan, E_UNKNOWN_CHAN, "WINSIZE: no process on channel %u", chan);
+    if (!p->pty) return send_error(c, chan, ENOTTY, "WINSIZE: channel %u has no pty", chan);
+    struct winsize ws = {
+        .ws_row = (unsigned short)(pl[0] | pl[1] << 8),
+        .ws_col = (unsigned short)(pl[2] | pl[3] << 8),
+        .ws_xpixel = (unsigned short)(pl[4] | pl[5] << 8),
+        .ws_ypixel = (unsigned short)(pl[6] | pl[7] << 8),
+    };
+    int fd = p->in_fd >= 0 ? p->in_fd : p->out_fd;
+    if (fd < 0) return; /* the terminal is gone: nothing to resize */
+    /* The kernel sends SIGWINCH to the foreground process group. */
+    if (ioctl(fd, TIOCSWINSZ, &ws) < 0) send_error(c, chan, (uint32_t)errno, "WINSIZE: %s", strerror(errno));
+}
+
 static void handle_exec(struct conn *c, uint32_t chan, const uint8_t *pl, size_t len) {
     struct rd r = {pl, len, 0, 0};
     uint32_t timeout_ms = rd_u32(&r), flags = rd_u32(&r), argc = rd_u32(&r), envc = rd_u32(&r);
     if (r.bad) return send_error(c, chan, E_BAD_PAYLOAD, "EXEC: short header");
-    if (argc < 1 || argc > MAX_ARGS || envc > MAX_ARGS || flags & ~(EXEC_SHELL | EXEC_STDIN))
+    if (argc < 1 || argc > MAX_ARGS || envc > MAX_ARGS || flags & ~(EXEC_SHELL | EXEC_STDIN | EXEC_PTY))
         return send_error(c, chan, E_BAD_PAYLOAD, "EXEC: bad argc/envc/flags");
     if (find_proc(c, chan) || find_xfer(c, chan))
         return send_error(c, chan, E_CHAN_BUSY, "EXEC: channel %u is in use", chan);
@@ -551,8 +618,9 @@ static void handle_exec(struct conn *c, uint32_t chan, const uint8_t *pl, size_t
         goto out;
     }
     p = calloc(1, sizeof *p);
-    if (!p || pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr, O_CLOEXEC) < 0 ||
-        ((flags & EXEC_STDIN) && pipe2(pin, O_CLOEXEC) < 0)) {
+    if (!p || ((flags & EXEC_PTY) ? pty_open(pout) < 0
+                                  : (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr, O_CLOEXEC) < 0 ||
+                                     ((flags & EXEC_STDIN) && pipe2(pin, O_CLOEXEC) < 0)))) {
         send_error(c, chan, (uint32_t)(p ? errno : ENOMEM), "EXEC: pipe: %s", strerror(errno));
         goto out;
     }
@@ -568,9 +636,14 @@ static void handle_exec(struct conn *c, uint32_t chan, const uint8_t *pl, size_t
         signal(SIGPIPE, SIG_DFL);
         signal(SIGCHLD, SIG_DFL);
         setsid();
+        if (flags & EXEC_PTY) {
+            if (pty_child(pout[1]) < 0) _exit(127);
+            goto exec_it;
+        }
         int in = pin[0];
         if (in < 0) in = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (in < 0 || dup2(in, 0) < 0 || dup2(pout[1], 1) < 0 || dup2(perr[1], 2) < 0) _exit(127);
+    exec_it:
         if (chdir(cwd) < 0) child_fail("chdir", cwd, 127);
         extern char **environ;
         environ = (char **)envp;
@@ -586,8 +659,9 @@ static void handle_exec(struct conn *c, uint32_t chan, const uint8_t *pl, size_t
     p->out_fd = pout[0];
     p->err_fd = perr[0];
     p->in_fd = pin[1];
+    if (flags & EXEC_PTY) pty_attach(p);
     set_nonblock(p->out_fd);
-    set_nonblock(p->err_fd);
+    if (p->err_fd >= 0) set_nonblock(p->err_fd);
     if (p->in_fd >= 0) set_nonblock(p->in_fd);
     p->deadline = timeout_ms ? now_ms() + timeout_ms : 0;
     p->next = procs;
@@ -905,6 +979,7 @@ static void handle_frame(struct conn *c, int type, uint32_t chan, const uint8_t 
     case T_DATA: return handle_data(c, chan, pl, len);
     case T_GET: return handle_get(c, chan, pl, len);
     case T_SYNC: return handle_sync(c, chan, pl, len);
+    case T_WINSIZE: return handle_winsize(c, chan, pl, len);
     case T_RESET:
         /* A new host session on a stream that cannot signal disconnects reliably (virtio-serial
          * reconnects can be too quick to observe): forget the old session's work. */

@@ -20,6 +20,7 @@
 #define T_GET 0x07
 #define T_SYNC 0x08
 #define T_RESET 0x09 /* like PING, after ending every earlier request on the connection */
+#define T_WINSIZE 0x0A /* u16 rows, u16 cols, u16 xpixel, u16 ypixel for a PTY exec */
 /* agent -> host */
 #define T_PONG 0x81
 #define T_STDOUT 0x83
@@ -32,6 +33,7 @@
 
 #define EXEC_SHELL 0x1u
 #define EXEC_STDIN 0x2u
+#define EXEC_PTY 0x4u /* under a new pty: session leader, controlling tty, stdout only */
 #define EXIT_TIMED_OUT 0x1u
 #define PUT_FILE 0u
 #define PUT_DIR 1u

@@ -38,6 +38,7 @@ ig_mount_image() {
     mount -t tmpfs -o mode=755 tmpfs /newroot/run || return 1
     mkdir -p /newroot/run/ignition
     cp /sbin/ignition-agent /newroot/run/ignition/ignition-agent 2>/dev/null
+    mkdir -p /newroot/etc
     grep -q 'host.ignition.internal' /newroot/etc/hosts 2>/dev/null ||
         grep 'host.ignition.internal' /etc/hosts >>/newroot/etc/hosts 2>/dev/null
     grep -q ignition /newroot/etc/hosts 2>/dev/null || echo "127.0.1.1 ignition" >>/newroot/etc/hosts

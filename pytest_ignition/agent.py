@@ -8,7 +8,11 @@ threads may use one client at once.
 
 Everything the guest sends is hostile input: the decoder never raises on garbage, every payload is
 length-checked before it is unpacked, and paths the guest names are validated before they touch
-the host's filesystem.
+the host's filesystem. Files from the guest (``get_tree``) are written by a walk with directory
+file descriptors (``O_NOFOLLOW`` at every step, a fresh ``O_EXCL`` temp file renamed into place),
+so neither a guest-sent name nor a symlink already on the host can redirect a write; they never
+get setuid/setgid/sticky bits, and symlinks, devices, FIFOs and sockets are skipped. Transfers take
+a byte cap (``limit``): past it the transfer is cancelled and :class:`AgentTransferLimit` raised.
 """
 
 from __future__ import annotations
@@ -61,6 +65,21 @@ class FrameType(enum.IntEnum):
     SYNC = 0x08
     RESET = 0x09
     WINSIZE = 0x0A
+    # TCP tunnels (pytest_ignition/tunnel.py; docs/agent-protocol.md "TCP tunnels")
+    TCP_CONNECT = 0x10
+    TCP_DATA = 0x11
+    TCP_CREDIT = 0x12
+    TCP_SHUTDOWN = 0x13
+    TCP_CLOSE = 0x14
+    TCP_LISTEN = 0x15
+    TCP_ATTACH = 0x16
+    TCP_REJECT = 0x17
+    TCP_CONNECTED = 0x90
+    TCP_RDATA = 0x91
+    TCP_RCREDIT = 0x92
+    TCP_EOF = 0x93
+    TCP_CLOSED = 0x94
+    TCP_ACCEPT = 0x95
     PONG = 0x81
     STDOUT = 0x83
     STDERR = 0x84
@@ -234,6 +253,15 @@ class AgentDisconnected(AgentError):
     """The byte stream to the agent closed."""
 
 
+class AgentTransferLimit(AgentError):
+    """A file or tree from the guest was larger than the ``limit`` bytes of the call; the transfer
+    was cancelled (the host read nothing past the limit)."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message, errno.EFBIG)
+        self.limit = limit
+
+
 class AgentOutputLimit(AgentError):
     """An exec wrote more than its ``max_output`` bytes (stdout and stderr together).
 
@@ -382,6 +410,27 @@ class AgentClient:
             self._chans[chan] = q
             return chan, q
 
+    def open_channel(self, sink: ChannelSink) -> int:
+        """A fresh channel whose frames go to ``sink.put`` on the reader thread (which must not
+        block there); ``sink.put`` gets a :class:`Frame`, or ``None`` once the stream is gone.
+        Free it with :meth:`close_channel`."""
+        adapter = _SinkAdapter(sink)
+        with self._lock:
+            if self._disconnected is not None or self._closed:
+                raise AgentDisconnected(self._disconnected or "client closed")
+            chan = self._next_chan
+            self._next_chan = self._next_chan % 0xFFFFFFFF + 1
+            self._chans[chan] = adapter  # type: ignore[assignment]
+            return chan
+
+    def close_channel(self, chan: int) -> None:
+        """Stop routing ``chan``'s frames (later frames on it count as idle-channel traffic)."""
+        self._close_chan(chan)
+
+    def send_frame(self, ftype: int, chan: int, payload: bytes = b"") -> None:
+        """Send one frame (raises :class:`AgentDisconnected` when the stream is gone)."""
+        self._send(ftype, chan, payload)
+
     def _close_chan(self, chan: int) -> None:
         with self._lock:
             self._chans.pop(chan, None)
@@ -407,7 +456,8 @@ class AgentClient:
         try:
             item = q.get(timeout=timeout)
         except queue.Empty:
-            raise AgentTimeout(f"{what}: no answer from the agent") from None
+            waited = "" if timeout is None else f" for {timeout:.1f} s"
+            raise AgentTimeout(f"{what}: no answer from the agent{waited}") from None
         if item is _DISCONNECTED:
             raise AgentDisconnected(f"{what}: {self._disconnected or 'disconnected'}")
         assert isinstance(item, Frame)
@@ -755,24 +805,73 @@ class AgentClient:
                 return
             yield frame.payload
 
-    def get_file(self, guest_path: str) -> bytes:
-        """The contents of a regular file in the guest."""
-        chan, q, mode, _ = self._get(guest_path, 0)
+    def _cancel_get(self, chan: int) -> None:
+        """Ask the agent to stop streaming a GET (SIGNAL on its channel); best effort."""
+        with contextlib.suppress(AgentError):
+            self._send(FrameType.SIGNAL, chan, struct.pack("<I", 9))
+
+    def get_file(self, guest_path: str, limit: int = 0) -> bytes:
+        """The contents of a regular file in the guest; at most ``limit`` bytes (0: no limit),
+        else :class:`AgentTransferLimit` (nothing past the limit is read)."""
+        chan, q, mode, size = self._get(guest_path, 0)
         try:
             if not stat_mod.S_ISREG(mode):
                 code = errno.EISDIR if stat_mod.S_ISDIR(mode) else errno.EINVAL
                 raise AgentError(f"get {guest_path}: not a regular file", code)
-            return b"".join(self._stream(q, FrameType.DATA, f"get {guest_path}"))
+            out = bytearray()
+            if limit and size > limit:
+                self._cancel_get(chan)
+                raise AgentTransferLimit(
+                    f"get {guest_path}: {size} bytes, more than the limit of {limit}", limit
+                )
+            for chunk in self._stream(q, FrameType.DATA, f"get {guest_path}"):
+                if limit and len(out) + len(chunk) > limit:
+                    self._cancel_get(chan)  # the file grew past its stat size
+                    raise AgentTransferLimit(
+                        f"get {guest_path}: more than the limit of {limit} bytes", limit
+                    )
+                out += chunk
+            return bytes(out)
         finally:
             self._close_chan(chan)
 
-    def _list(self, guest_path: str) -> list[tuple[int, int, str]]:
+    def _get_into(self, guest_path: str, fd: int, limit: int) -> int:
+        """Stream a guest regular file into the host file ``fd``; returns its size. ``limit``:
+        bytes allowed (0: none), else :class:`AgentTransferLimit` (the file is partial then)."""
+        chan, q, mode, size = self._get(guest_path, 0)
+        try:
+            if not stat_mod.S_ISREG(mode):
+                raise AgentError(f"get {guest_path}: not a regular file", errno.EINVAL)
+            if limit and size > limit:
+                self._cancel_get(chan)
+                raise AgentTransferLimit(f"get {guest_path}: {size} bytes, over the limit", limit)
+            done = 0
+            for chunk in self._stream(q, FrameType.DATA, f"get {guest_path}"):
+                done += len(chunk)
+                if limit and done > limit:
+                    self._cancel_get(chan)
+                    raise AgentTransferLimit(f"get {guest_path}: over the limit", limit)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            return done
+        finally:
+            self._close_chan(chan)
+
+    def _list(self, guest_path: str, limit: int = 0) -> list[tuple[int, int, str]]:
+        """The guest's recursive listing of a directory: (st_mode, size, relative path), never
+        following symlinks. ``limit``: bytes of host memory the listing may take (0: none)."""
         chan, q, mode, _ = self._get(guest_path, 0)
         entries: list[tuple[int, int, str]] = []
+        received = 0
         try:
             if not stat_mod.S_ISDIR(mode):
                 raise AgentError(f"list {guest_path}: not a directory", errno.ENOTDIR)
             for p in self._stream(q, FrameType.LIST, f"list {guest_path}"):
+                received += len(p)
+                if limit and received > limit:
+                    self._cancel_get(chan)
+                    raise AgentTransferLimit(f"list {guest_path}: listing over the limit", limit)
                 pos = 0
                 while pos < len(p):
                     if len(p) - pos < _STAT.size:
@@ -821,38 +920,104 @@ class AgentClient:
         for gdir, mode in reversed(dirs):
             self._put_dir(gdir, mode)
 
-    def get_tree(self, guest_path: str, host_path: Path, mode: int | None = None) -> None:
-        """Copy a guest file or directory tree to the host, modes kept; other file types skipped.
+    def get_tree(
+        self, guest_path: str, host_path: Path, mode: int | None = None, limit: int = 0
+    ) -> list[str]:
+        """Copy a guest file or directory tree to the host; returns the entries skipped.
 
         ``mode``: the guest path's st_mode when the caller has just asked :meth:`stat`.
+        ``limit``: bytes the whole copy may write (0: none; every entry counts at least 4 KiB,
+        what it costs the host's disk), else :class:`AgentTransferLimit` (files already copied
+        stay). Host safety, whatever the guest sends: permission bits are kept without
+        setuid/setgid/sticky; symlinks, devices, FIFOs and sockets are skipped (logged, and in
+        the returned list); below ``host_path`` every step is opened with ``O_NOFOLLOW`` from
+        its parent's descriptor and every file is a new ``O_EXCL`` file renamed into place, so
+        a symlink on the host (or one the guest made) never redirects a write.
         """
         dest = Path(host_path)
         if mode is None:
             mode, _ = self.stat(guest_path)
+        budget = _Budget(limit)
         if not stat_mod.S_ISDIR(mode):
-            data = self.get_file(guest_path)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-            dest.chmod(stat_mod.S_IMODE(mode))
-            return
-        entries = self._list(guest_path)
+            if not stat_mod.S_ISREG(mode):
+                raise AgentError(
+                    f"get {guest_path}: not a regular file or directory (mode {mode:o})",
+                    errno.EINVAL,
+                )
+            dest.parent.mkdir(parents=True, exist_ok=True)  # the caller's path: theirs to follow
+            pfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._fetch_file(guest_path, pfd, dest.name, mode, budget)
+            finally:
+                os.close(pfd)
+            return []
+        entries = self._list(guest_path, limit)
         dest.mkdir(parents=True, exist_ok=True)
-        dirs: list[tuple[Path, int]] = [(dest, stat_mod.S_IMODE(mode))]
-        for emode, _size, rel in entries:
-            target = dest.joinpath(*rel.split("/"))
-            if stat_mod.S_ISDIR(emode):
-                target.mkdir(exist_ok=True)
-                target.chmod(0o700)  # writable while it is filled
-                dirs.append((target, stat_mod.S_IMODE(emode)))
-            elif stat_mod.S_ISREG(emode):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                data = self.get_file(posixpath.join(guest_path, rel))
-                if target.is_symlink():
-                    target.unlink()
-                target.write_bytes(data)
-                target.chmod(stat_mod.S_IMODE(emode))
-        for d, m in reversed(dirs):
-            d.chmod(m)
+        skipped: list[str] = []
+        dirs: list[tuple[str, int]] = []
+        with _DirWalker(dest) as walker:
+            for emode, _size, rel in entries:
+                parts = rel.split("/")
+                kind = _special_kind(emode)
+                if kind is not None:
+                    skipped.append(f"{rel} ({kind})")
+                    continue
+                try:
+                    pfd = walker.parent_fd(parts[:-1])
+                    if stat_mod.S_ISDIR(emode):
+                        budget.charge(0, rel)
+                        walker.mkdir(pfd, parts[-1])
+                        dirs.append((rel, stat_mod.S_IMODE(emode) & 0o777))
+                    else:
+                        self._fetch_file(
+                            posixpath.join(guest_path, rel), pfd, parts[-1], emode, budget
+                        )
+                except _Unsafe as e:
+                    skipped.append(f"{rel} ({e})")
+            for rel, m in reversed(dirs):
+                with contextlib.suppress(_Unsafe, OSError):
+                    fd = walker.open_dir(rel.split("/"))
+                    os.fchmod(fd, m)
+            root_fd = walker.root
+            os.fchmod(root_fd, stat_mod.S_IMODE(mode) & 0o777)
+        for entry in skipped:
+            log.warning("copy from the guest's %s: skipped %s", guest_path, entry)
+        return skipped
+
+    def _fetch_file(self, guest_path: str, pfd: int, name: str, mode: int, budget: _Budget) -> None:
+        """One guest file into ``name`` in the directory ``pfd``: written to a fresh O_EXCL
+        temp file, then renamed over whatever ``name`` was (a symlink is replaced, not followed)."""
+        tmp = f".{name[:100]}.ignition-{os.urandom(6).hex()}"
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
+        ok = False
+        try:
+            try:
+                size = self._get_into(guest_path, fd, budget.left())
+            except AgentTransferLimit:
+                raise AgentTransferLimit(
+                    f"get {guest_path}: the transfer passed its limit of {budget.limit} bytes",
+                    budget.limit,
+                ) from None
+            budget.charge(size, guest_path)
+            os.fchmod(fd, stat_mod.S_IMODE(mode) & 0o777)  # never setuid/setgid/sticky
+            os.close(fd)
+            fd = -1
+            try:
+                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except IsADirectoryError:
+                raise _Unsafe("a directory of that name exists on the host") from None
+            ok = True
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not ok:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=pfd)
 
     def sync(self, time_ns: int | None = None, entropy: bytes | None = None) -> None:
         """Set the guest's clock and reseed its CRNG (after a restore, two guests must differ)."""
@@ -888,6 +1053,120 @@ class AgentClient:
         return not self._closed and self._disconnected is None
 
     def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Unsafe(OSError):
+    """An entry of a guest tree that would not be safe to write on the host (skipped in a tree;
+    raised for a single file)."""
+
+
+_MIN_ENTRY_COST = 4096  # host disk a file or directory costs at least, for the transfer cap
+_MAX_DEPTH = 256
+
+
+class _Budget:
+    """Bytes a get_tree may still write (``limit`` 0: unlimited)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def left(self) -> int:
+        return 0 if not self.limit else max(1, self.limit - self.used)
+
+    def charge(self, size: int, what: str) -> None:
+        self.used += max(size, _MIN_ENTRY_COST)
+        if self.limit and self.used > self.limit:
+            raise AgentTransferLimit(
+                f"copy from the guest: more than the limit of {self.limit} bytes at {what}",
+                self.limit,
+            )
+
+
+def _special_kind(mode: int) -> str | None:
+    """Why an entry of this type is never created on the host (None: a file or directory)."""
+    if stat_mod.S_ISREG(mode) or stat_mod.S_ISDIR(mode):
+        return None
+    for test, name in (
+        (stat_mod.S_ISLNK, "symlink"),
+        (stat_mod.S_ISCHR, "character device"),
+        (stat_mod.S_ISBLK, "block device"),
+        (stat_mod.S_ISFIFO, "FIFO"),
+        (stat_mod.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return f"unknown file type {mode:o}"
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _DirWalker:
+    """Directory descriptors below a root, opened one step at a time with ``O_NOFOLLOW``.
+
+    Keeps the descriptors of the current path only (a guest listing is depth first), so a tree
+    of any size uses at most its depth in descriptors.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._stack: list[tuple[str, int]] = []
+
+    def parent_fd(self, parts: list[str]) -> int:
+        """The descriptor of the directory ``parts`` (made 0700 where missing)."""
+        if len(parts) > _MAX_DEPTH:
+            raise _Unsafe(f"deeper than {_MAX_DEPTH} directories")
+        keep = 0
+        while keep < len(self._stack) and keep < len(parts) and self._stack[keep][0] == parts[keep]:
+            keep += 1
+        for _, fd in self._stack[keep:]:
+            os.close(fd)
+        del self._stack[keep:]
+        for name in parts[keep:]:
+            parent = self._stack[-1][1] if self._stack else self.root
+            fd = self._open_or_make(parent, name)
+            self._stack.append((name, fd))
+        return self._stack[-1][1] if self._stack else self.root
+
+    def open_dir(self, parts: list[str]) -> int:
+        return self.parent_fd(parts)
+
+    def mkdir(self, pfd: int, name: str) -> None:
+        os.close(self._open_or_make(pfd, name))
+
+    @staticmethod
+    def _open_or_make(pfd: int, name: str) -> int:
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        except (NotADirectoryError, OSError) as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _Unsafe("a symlink or file of that name is in the way on the host") from None
+            raise
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _Unsafe("a symlink or file of that name is in the way on the host") from None
+            raise
+
+    def close(self) -> None:
+        for _, fd in self._stack:
+            os.close(fd)
+        self._stack.clear()
+        os.close(self.root)
+
+    def __enter__(self) -> _DirWalker:
         return self
 
     def __exit__(self, *exc: object) -> None:

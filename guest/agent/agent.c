@@ -12,6 +12,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -220,6 +222,7 @@ static int set_nonblock(int fd) {
 /* ---------------------------------------------------------------- sending */
 
 static void conn_fail(struct conn *c, const char *why);
+static void tun_drop_conn(struct conn *c);
 
 /* Reserve a frame header in the output; returns the header's offset in c->out. */
 static int frame_begin(struct conn *c, size_t payload_room, size_t *hdr_at) {
@@ -428,6 +431,7 @@ static void conn_drop_work(struct conn *c) {
         x->conn = NULL;
         x->done = 1;
     }
+    tun_drop_conn(c);
 }
 
 static void conn_reset_session(struct conn *c) {
@@ -695,7 +699,16 @@ static void handle_signal(struct conn *c, uint32_t chan, const uint8_t *pl, size
     uint32_t sig = get_le32(pl);
     if (sig < 1 || sig > 64) return send_error(c, chan, EINVAL, "SIGNAL: bad signal %u", sig);
     struct proc *p = find_proc(c, chan);
-    if (!p) return send_error(c, chan, E_UNKNOWN_CHAN, "SIGNAL: no process on channel %u", chan);
+    if (!p) {
+        /* SIGNAL on a GET's channel cancels the transfer (the host stopped at its size cap). */
+        struct xfer *x = find_xfer(c, chan);
+        if (x && x->kind == X_GET) {
+            close_fd(&x->fd);
+            x->done = 1;
+            return;
+        }
+        return send_error(c, chan, E_UNKNOWN_CHAN, "SIGNAL: no process on channel %u", chan);
+    }
     if (signal_proc(p, (int)sig) < 0 && errno != ESRCH)
         send_error(c, chan, (uint32_t)errno, "SIGNAL: %s", strerror(errno));
 }
@@ -969,6 +982,352 @@ static void handle_sync(struct conn *c, uint32_t chan, const uint8_t *pl, size_t
     send_ok(c, chan);
 }
 
+/* ---------------------------------------------------------------- TCP tunnels */
+
+/* A tunnel joins one channel to one TCP socket on the guest's 127.0.0.1 (docs/agent-protocol.md,
+ * "TCP tunnels"). Each direction has a window: the agent buffers at most TUN_WINDOW bytes of host
+ * data per tunnel and reads its socket only while the host has granted credit and the connection's
+ * output is below OUT_HIGH, so a peer that floods or never reads stalls only its own tunnel. */
+#define TUN_WINDOW (256u * 1024u)
+#define TUN_MAX_CREDIT (16u << 20)
+#define TUN_MAX_PER_CONN 256
+#define TUN_PENDING_MAX 16 /* accepted connections waiting for ATTACH, per listener */
+#define TUN_READS_PER_WAKEUP 16
+
+enum tun_kind { TK_CONNECTING, TK_OPEN, TK_LISTEN, TK_PENDING };
+
+struct tun {
+    struct tun *next;
+    struct conn *conn;
+    uint32_t chan; /* TK_PENDING: its listener's channel */
+    uint32_t id;   /* TK_PENDING: the conn_id announced in TCP_ACCEPT */
+    int kind;
+    int fd;
+    int dead;
+    unsigned port;
+    struct buf inq;   /* host data not yet written to the socket (<= TUN_WINDOW) */
+    uint64_t credit;  /* bytes the agent may still send to the host */
+    uint32_t written; /* written to the socket since the last TCP_RCREDIT */
+    int rd_eof;       /* TCP_EOF sent */
+    int wr_shut;      /* TCP_SHUTDOWN received */
+    int wr_done;      /* shutdown(SHUT_WR) done */
+    int hup;          /* POLLHUP seen while not reading: do not poll again for input */
+    int npending;     /* TK_LISTEN: accepted connections waiting for ATTACH */
+    uint32_t next_id; /* TK_LISTEN */
+};
+
+static struct tun *tuns;
+
+static struct tun *tun_find(struct conn *c, uint32_t chan) {
+    for (struct tun *t = tuns; t; t = t->next)
+        if (!t->dead && t->conn == c && t->chan == chan && t->kind != TK_PENDING) return t;
+    return NULL;
+}
+
+static struct tun *tun_pending(struct conn *c, uint32_t listen_chan, uint32_t id) {
+    for (struct tun *t = tuns; t; t = t->next)
+        if (!t->dead && t->conn == c && t->kind == TK_PENDING && t->chan == listen_chan && t->id == id) return t;
+    return NULL;
+}
+
+static int tun_busy(struct conn *c, uint32_t chan) { return find_proc(c, chan) || find_xfer(c, chan) || tun_find(c, chan); }
+
+static int tun_count(struct conn *c) {
+    int n = 0;
+    for (struct tun *t = tuns; t; t = t->next) n += !t->dead && (!c || t->conn == c);
+    return n;
+}
+
+static struct tun *tun_new(struct conn *c, uint32_t chan, int kind, int fd) {
+    struct tun *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->conn = c;
+    t->chan = chan;
+    t->kind = kind;
+    t->fd = fd;
+    t->next = tuns;
+    tuns = t;
+    return t;
+}
+
+static void tun_unpend(struct tun *p) {
+    for (struct tun *l = tuns; l; l = l->next)
+        if (!l->dead && l->conn == p->conn && l->kind == TK_LISTEN && l->chan == p->chan && l->npending > 0) {
+            l->npending--;
+            return;
+        }
+}
+
+/* Close the socket (err != 0: with a reset, so the guest peer sees ECONNRESET) and forget it. */
+static void tun_close(struct tun *t, int err) {
+    if (t->dead) return;
+    t->dead = 1;
+    if (t->kind == TK_PENDING) tun_unpend(t);
+    if (t->fd >= 0) {
+        if (err && t->kind != TK_LISTEN) {
+            struct linger lg = {1, 0};
+            setsockopt(t->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        }
+        close_fd(&t->fd);
+    }
+    buf_free(&t->inq);
+    if (t->kind == TK_LISTEN) /* its connections still waiting for ATTACH go with it */
+        for (struct tun *p = tuns; p; p = p->next)
+            if (!p->dead && p->conn == t->conn && p->kind == TK_PENDING && p->chan == t->chan) tun_close(p, ECONNRESET);
+}
+
+static void tun_finish(struct tun *t, int err) {
+    uint8_t e[4];
+    put_le32(e, (uint32_t)err);
+    if (t->conn && !t->conn->dead) send_frame(t->conn, T_TCP_CLOSED, t->chan, e, 4);
+    tun_close(t, err);
+}
+
+static void tun_maybe_done(struct tun *t) {
+    if (!t->dead && t->rd_eof && t->wr_done && !buf_used(&t->inq)) tun_finish(t, 0);
+}
+
+static void tun_send_u32(struct tun *t, int type, uint32_t v) {
+    uint8_t b[4];
+    put_le32(b, v);
+    send_frame(t->conn, type, t->chan, b, 4);
+}
+
+static int tun_socket_error(int fd) {
+    int err = 0;
+    socklen_t l = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0) err = errno;
+    return err;
+}
+
+static void tun_open(struct tun *t) {
+    int one = 1;
+    setsockopt(t->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    t->kind = TK_OPEN;
+    tun_send_u32(t, T_TCP_CONNECTED, TUN_WINDOW);
+}
+
+/* Write queued host data to the socket; credit it back; half-close once asked and drained. */
+static void tun_write(struct tun *t) {
+    while (!t->dead && buf_used(&t->inq)) {
+        ssize_t n = write(t->fd, t->inq.p + t->inq.off, buf_used(&t->inq));
+        if (n > 0) {
+            buf_consume(&t->inq, (size_t)n);
+            t->written += (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        return tun_finish(t, n < 0 ? errno : EIO);
+    }
+    if (t->dead) return;
+    buf_trim(&t->inq);
+    if (t->written && (!buf_used(&t->inq) || t->written >= TUN_WINDOW / 4)) {
+        tun_send_u32(t, T_TCP_RCREDIT, t->written);
+        t->written = 0;
+    }
+    if (t->wr_shut && !t->wr_done && !buf_used(&t->inq)) {
+        shutdown(t->fd, SHUT_WR);
+        t->wr_done = 1;
+        tun_maybe_done(t);
+    }
+}
+
+static int tun_can_read(struct tun *t) {
+    return t->kind == TK_OPEN && !t->rd_eof && t->credit > 0 && buf_used(&t->conn->out) < OUT_HIGH;
+}
+
+static void tun_read(struct tun *t) {
+    struct conn *c = t->conn;
+    for (int i = 0; i < TUN_READS_PER_WAKEUP && !t->dead && !c->dead && tun_can_read(t); i++) {
+        size_t at, want = t->credit < IG_CHUNK ? (size_t)t->credit : IG_CHUNK;
+        if (frame_begin(c, want, &at) < 0) return;
+        ssize_t n = read(t->fd, c->out.p + c->out.len, want);
+        if (n > 0) {
+            c->out.len += (size_t)n;
+            frame_end(c, at, T_TCP_RDATA, t->chan);
+            t->credit -= (uint64_t)n;
+            continue;
+        }
+        c->out.len = at;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (n < 0) return tun_finish(t, errno);
+        t->rd_eof = 1;
+        send_frame(c, T_TCP_EOF, t->chan, NULL, 0);
+        return tun_maybe_done(t);
+    }
+}
+
+static int tun_loopback_socket(unsigned port, struct sockaddr_in *a) {
+    memset(a, 0, sizeof *a);
+    a->sin_family = AF_INET;
+    a->sin_port = htons((uint16_t)port);
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+#ifdef IGNITION_FUZZ
+    return errno = ECONNREFUSED, -1; /* fuzzed requests never reach real sockets */
+#else
+    return socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+#endif
+}
+
+static int tun_check_new(struct conn *c, uint32_t chan, const char *what) {
+    if (tun_busy(c, chan)) {
+        send_error(c, chan, E_CHAN_BUSY, "%s: channel %u is in use", what, chan);
+        return -1;
+    }
+    if (tun_count(c) >= TUN_MAX_PER_CONN) {
+        send_error(c, chan, E_LIMIT, "%s: too many tunnels", what);
+        return -1;
+    }
+    return 0;
+}
+
+static void handle_tcp_connect(struct conn *c, uint32_t chan, const uint8_t *pl, size_t len) {
+    if (len != 8) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_CONNECT: payload must be 8 bytes");
+    uint32_t port = get_le32(pl), window = get_le32(pl + 4);
+    if (port < 1 || port > 65535 || window < 1) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_CONNECT: bad port/window");
+    if (tun_check_new(c, chan, "TCP_CONNECT") < 0) return;
+    struct sockaddr_in a;
+    int fd = tun_loopback_socket(port, &a);
+    if (fd < 0) return send_error(c, chan, (uint32_t)errno, "TCP_CONNECT: socket: %s", strerror(errno));
+    int r = connect(fd, (struct sockaddr *)&a, sizeof a);
+    if (r < 0 && errno != EINPROGRESS) {
+        int e = errno;
+        close(fd);
+        return send_error(c, chan, (uint32_t)e, "connect 127.0.0.1:%u: %s", port, strerror(e));
+    }
+    struct tun *t = tun_new(c, chan, TK_CONNECTING, fd);
+    if (!t) {
+        close(fd);
+        return send_error(c, chan, ENOMEM, "TCP_CONNECT: out of memory");
+    }
+    t->port = port;
+    t->credit = window > TUN_MAX_CREDIT ? TUN_MAX_CREDIT : window;
+    if (r == 0) tun_open(t);
+}
+
+static void tun_on_connect(struct tun *t) {
+    int err = tun_socket_error(t->fd);
+    if (!err) return tun_open(t);
+    send_error(t->conn, t->chan, (uint32_t)err, "connect 127.0.0.1:%u: %s", t->port, strerror(err));
+    tun_close(t, 0);
+}
+
+static void handle_tcp_listen(struct conn *c, uint32_t chan, const uint8_t *pl, size_t len) {
+    if (len != 4) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_LISTEN: payload must be 4 bytes");
+    uint32_t port = get_le32(pl);
+    if (port < 1 || port > 65535) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_LISTEN: bad port %u", port);
+    if (tun_check_new(c, chan, "TCP_LISTEN") < 0) return;
+    struct sockaddr_in a;
+    int fd = tun_loopback_socket(port, &a), one = 1;
+    if (fd < 0) return send_error(c, chan, (uint32_t)errno, "TCP_LISTEN: socket: %s", strerror(errno));
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 64) < 0) {
+        int e = errno;
+        close(fd);
+        return send_error(c, chan, (uint32_t)e, "listen on 127.0.0.1:%u: %s", port, strerror(e));
+    }
+    struct tun *t = tun_new(c, chan, TK_LISTEN, fd);
+    if (!t) {
+        close(fd);
+        return send_error(c, chan, ENOMEM, "TCP_LISTEN: out of memory");
+    }
+    t->port = port;
+    send_ok(c, chan);
+}
+
+static void tun_accept(struct tun *l) {
+    while (!l->dead && l->npending < TUN_PENDING_MAX) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED) logmsg("accept on 127.0.0.1:%u: %s", l->port, strerror(errno));
+            return;
+        }
+        struct tun *p = tun_count(l->conn) < TUN_MAX_PER_CONN ? tun_new(l->conn, l->chan, TK_PENDING, fd) : NULL;
+        if (!p) {
+            struct linger lg = {1, 0};
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+            close(fd);
+            continue;
+        }
+        p->id = ++l->next_id;
+        p->port = l->port;
+        l->npending++;
+        uint8_t b[4];
+        put_le32(b, p->id);
+        send_frame(l->conn, T_TCP_ACCEPT, l->chan, b, 4);
+    }
+}
+
+static void handle_tcp_attach(struct conn *c, uint32_t chan, const uint8_t *pl, size_t len) {
+    if (len != 12) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_ATTACH: payload must be 12 bytes");
+    uint32_t lchan = get_le32(pl), id = get_le32(pl + 4), window = get_le32(pl + 8);
+    if (window < 1) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_ATTACH: zero window");
+    if (tun_busy(c, chan)) return send_error(c, chan, E_CHAN_BUSY, "TCP_ATTACH: channel %u is in use", chan);
+    struct tun *p = tun_pending(c, lchan, id);
+    if (!p) return send_error(c, chan, E_UNKNOWN_CHAN, "TCP_ATTACH: no connection %u waiting on channel %u", id, lchan);
+    tun_unpend(p);
+    p->chan = chan;
+    p->credit = window > TUN_MAX_CREDIT ? TUN_MAX_CREDIT : window;
+    tun_open(p);
+}
+
+static void handle_tcp_reject(struct conn *c, uint32_t chan, const uint8_t *pl, size_t len) {
+    if (len != 8) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_REJECT: payload must be 8 bytes");
+    struct tun *p = tun_pending(c, chan, get_le32(pl));
+    if (p) tun_close(p, get_le32(pl + 4) ? (int)get_le32(pl + 4) : ECONNREFUSED);
+}
+
+/* DATA/CREDIT/SHUTDOWN/CLOSE may cross the agent's TCP_CLOSED: for a channel without a tunnel
+ * they are dropped without an answer. */
+static void tun_frame(struct conn *c, int type, uint32_t chan, const uint8_t *pl, size_t len) {
+    switch (type) {
+    case T_TCP_CONNECT: return handle_tcp_connect(c, chan, pl, len);
+    case T_TCP_LISTEN: return handle_tcp_listen(c, chan, pl, len);
+    case T_TCP_ATTACH: return handle_tcp_attach(c, chan, pl, len);
+    case T_TCP_REJECT: return handle_tcp_reject(c, chan, pl, len);
+    default: break;
+    }
+    struct tun *t = tun_find(c, chan);
+    switch (type) {
+    case T_TCP_DATA:
+        if (!t || !len) return;
+        if (t->kind != TK_OPEN || t->wr_shut) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_DATA: channel %u is not open for writing", chan);
+        if (buf_used(&t->inq) + len > TUN_WINDOW) {
+            send_error(c, chan, E_LIMIT, "TCP_DATA: window of %u bytes exceeded", TUN_WINDOW);
+            return tun_finish(t, ENOBUFS);
+        }
+        if (buf_append(&t->inq, pl, len) < 0) return tun_finish(t, ENOMEM);
+        return tun_write(t);
+    case T_TCP_CREDIT:
+        if (len != 4) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_CREDIT: payload must be 4 bytes");
+        if (t && t->kind == TK_OPEN) {
+            t->credit += get_le32(pl);
+            if (t->credit > TUN_MAX_CREDIT) t->credit = TUN_MAX_CREDIT;
+        }
+        return;
+    case T_TCP_SHUTDOWN:
+        if (t && t->kind == TK_OPEN && !t->wr_shut) {
+            t->wr_shut = 1;
+            tun_write(t);
+        }
+        return;
+    case T_TCP_CLOSE:
+        if (len != 4) return send_error(c, chan, E_BAD_PAYLOAD, "TCP_CLOSE: payload must be 4 bytes");
+        if (t) tun_close(t, (int)get_le32(pl));
+        return;
+    default: return send_error(c, chan, E_UNKNOWN_TYPE, "unknown frame type 0x%02x", type);
+    }
+}
+
+/* The host session ended: reset every guest connection and close every listener. */
+static void tun_drop_conn(struct conn *c) {
+    for (struct tun *t = tuns; t; t = t->next)
+        if (!t->dead && t->conn == c) tun_close(t, ECONNRESET);
+}
+
 static void handle_frame(struct conn *c, int type, uint32_t chan, const uint8_t *pl, size_t len) {
     switch (type) {
     case T_PING: return send_frame(c, T_PONG, chan, pl, len);
@@ -985,7 +1344,9 @@ static void handle_frame(struct conn *c, int type, uint32_t chan, const uint8_t 
          * reconnects can be too quick to observe): forget the old session's work. */
         conn_drop_work(c);
         return send_frame(c, T_PONG, chan, pl, len);
-    default: return send_error(c, chan, E_UNKNOWN_TYPE, "unknown frame type 0x%02x", type);
+    default:
+        if (type >= 0x10 && type <= 0x1F) return tun_frame(c, type, chan, pl, len);
+        return send_error(c, chan, E_UNKNOWN_TYPE, "unknown frame type 0x%02x", type);
     }
 }
 
@@ -1182,11 +1543,67 @@ static void on_sigchld(int sig) {
     errno = e;
 }
 
-enum { PS_SIGCHLD, PS_LISTENER, PS_CONN, PS_OUT, PS_ERR, PS_IN };
+enum { PS_SIGCHLD, PS_LISTENER, PS_CONN, PS_OUT, PS_ERR, PS_IN, PS_TUN };
 struct slot {
     int type;
     void *obj;
 };
+
+/* TCP tunnels in the poll set (see "TCP tunnels" above). */
+static size_t tun_poll_add(struct pollfd *pfd, struct slot *slots, size_t n) {
+    for (struct tun *t = tuns; t; t = t->next) {
+        if (t->dead || !t->conn || t->conn->dead) continue;
+        short ev = 0;
+        if (t->kind == TK_CONNECTING) ev = POLLOUT;
+        else if (t->kind == TK_LISTEN) ev = t->npending < TUN_PENDING_MAX ? POLLIN : 0;
+        else if (t->kind == TK_OPEN) {
+            if (tun_can_read(t) && !t->hup) ev |= POLLIN;
+            if (buf_used(&t->inq) || (t->wr_shut && !t->wr_done)) ev |= POLLOUT;
+        }
+        if (!ev) continue;
+        pfd[n].fd = t->fd;
+        pfd[n].events = ev;
+        pfd[n].revents = 0;
+        slots[n].type = PS_TUN;
+        slots[n].obj = t;
+        n++;
+    }
+    return n;
+}
+
+static void tun_on_poll(struct tun *t, int fd, short re) {
+    if (t->dead || t->fd != fd || !t->conn || t->conn->dead) return;
+    if (t->kind == TK_CONNECTING) return tun_on_connect(t);
+    if (t->kind == TK_LISTEN) return tun_accept(t);
+    if (t->kind != TK_OPEN) return;
+    if (re & POLLERR) {
+        int err = tun_socket_error(t->fd);
+        return tun_finish(t, err ? err : ECONNRESET);
+    }
+    if (re & POLLOUT) tun_write(t);
+    if (!t->dead && (re & (POLLIN | POLLHUP))) {
+        if (tun_can_read(t)) tun_read(t);
+        else t->hup = 1;
+    }
+}
+
+/* A peer that hung up while the tunnel could not read still has data or its EOF waiting. */
+static void tun_pump(void) {
+    for (struct tun *t = tuns; t; t = t->next)
+        if (!t->dead && t->hup && t->conn && !t->conn->dead && tun_can_read(t)) tun_read(t);
+}
+
+static void tun_sweep(void) {
+    for (struct tun **tp = &tuns; *tp;) {
+        struct tun *t = *tp;
+        if (t->dead) {
+            *tp = t->next;
+            free(t);
+        } else {
+            tp = &t->next;
+        }
+    }
+}
 
 static void sweep(void) {
     for (struct conn **cp = &conns; *cp;) {
@@ -1215,6 +1632,7 @@ static void sweep(void) {
         }
     }
     xfer_free_done();
+    tun_sweep();
 }
 
 static void usage(void) {
@@ -1313,6 +1731,7 @@ int main(int argc, char **argv) {
         }
         for (struct xfer *x = xfers; x; x = x->next)
             if (x->kind == X_GET && !x->done && x->conn && !x->conn->dead) xfer_pump_get(x);
+        tun_pump();
         for (struct conn *c = conns; c; c = c->next) conn_flush(c);
         sweep();
 
@@ -1320,6 +1739,7 @@ int main(int argc, char **argv) {
         size_t need = 3;
         for (struct conn *c = conns; c; c = c->next) need++;
         for (struct proc *p = procs; p; p = p->next) need += 3;
+        need += (size_t)tun_count(NULL);
         if (need > cap) {
             cap = need * 2;
             struct pollfd *np = realloc(pfd, cap * sizeof *pfd);
@@ -1360,6 +1780,7 @@ int main(int argc, char **argv) {
             if (room && p->err_fd >= 0) ADD(p->err_fd, POLLIN, PS_ERR, p);
             if (p->in_fd >= 0 && (buf_used(&p->inq) || p->in_close)) ADD(p->in_fd, POLLOUT, PS_IN, p);
         }
+        n = tun_poll_add(pfd, slots, n);
         int timeout = -1;
         if (wake >= 0) timeout = wake <= now ? 0 : (int)(wake - now > 60000 ? 60000 : wake - now);
         int r = poll(pfd, n, timeout);
@@ -1400,6 +1821,7 @@ int main(int argc, char **argv) {
                 }
                 break;
             }
+            case PS_TUN: tun_on_poll(slots[i].obj, pfd[i].fd, re); break;
             case PS_IN: {
                 struct proc *p = slots[i].obj;
                 if (p->in_fd < 0 || pfd[i].fd != p->in_fd) break;

@@ -15,6 +15,7 @@ from .build import GuestBuildError, cache_dir
 
 __all__ = [
     "DEFAULT_CMDLINE",
+    "ARCHES",
     "GuestBuildError",
     "GuestImage",
     "HostKernel",
@@ -23,6 +24,7 @@ __all__ = [
     "cache_dir",
     "find_guest",
     "find_host_kernel",
+    "host_arch",
 ]
 
 # Kernel command line engines should use for the guest (append device/rootfs arguments,
@@ -33,17 +35,45 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 
 GUEST_FRAGMENT = "kernel/x86_64.config"
 HOST_FRAGMENT = "kernel/host-x86_64.config"
+ARCHES = _build.ARCHES
+# guest architecture -> (kernel flavour, fragment); flavour names are cache directory names
+GUEST_FLAVOURS = {
+    "x86_64": ("guest", GUEST_FRAGMENT),
+    "aarch64": ("guest_aarch64", "kernel/aarch64.config"),
+}
+
+
+def host_arch() -> str:
+    """This machine's architecture in the names the pipeline uses (``x86_64``, ``aarch64``)."""
+    import platform
+
+    machine = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
+
+
+def _arch(arch: str | None) -> str:
+    arch = host_arch() if arch is None else arch
+    if arch not in GUEST_FLAVOURS:
+        raise GuestBuildError(
+            f"no guest for architecture {arch!r} (choose {' or '.join(GUEST_FLAVOURS)})"
+        )
+    return arch
 
 
 @dataclass(frozen=True)
 class GuestImage:
-    """A built guest: kernel (bzImage), uncompressed vmlinux (PVH entry), initramfs, .config."""
+    """A built guest: kernel, uncompressed kernel a VMM enters directly, initramfs, .config.
+
+    x86_64: ``kernel`` is the bzImage, ``vmlinux`` the ELF (PVH entry). aarch64: both are the
+    uncompressed arm64 ``Image`` (QEMU and VMMs boot it as it is).
+    """
 
     kernel: Path
     vmlinux: Path
     initrd: Path
     config: Path
     key: str
+    arch: str = "x86_64"
 
 
 @dataclass(frozen=True)
@@ -55,26 +85,41 @@ class HostKernel:
     key: str
 
 
-def _guest_image(kdir: Path, kkey: str, initrd: Path, ikey: str) -> GuestImage:
+def _guest_image(
+    kdir: Path, kkey: str, initrd: Path, ikey: str, arch: str = "x86_64"
+) -> GuestImage:
+    if arch == "x86_64":
+        kernel, vmlinux = kdir / "bzImage", kdir / "vmlinux"
+    else:
+        kernel = vmlinux = kdir / _build.KERNEL_ARCHES[arch].image_name
     return GuestImage(
-        kernel=kdir / "bzImage",
-        vmlinux=kdir / "vmlinux",
+        kernel=kernel,
+        vmlinux=vmlinux,
         initrd=initrd,
         config=kdir / "config",
         key=f"{kkey}-{ikey}",
+        arch=arch,
     )
 
 
 def build_guest(
-    kernel_source: Path | None = None, *, progress: Callable[[str], None] | None = None
+    kernel_source: Path | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+    arch: str | None = None,
 ) -> GuestImage:
-    """Build (or fetch from the cache) the guest kernel and initramfs."""
+    """Build (or fetch from the cache) the guest kernel and initramfs for ``arch``.
+
+    ``arch`` defaults to the host's; ``aarch64`` on an x86_64 host cross-builds.
+    """
+    arch = _arch(arch)
+    flavour, fragment = GUEST_FLAVOURS[arch]
     src = _build.guest_src_dir()
     kdir, kkey = _build.build_kernel(
-        "guest", src / GUEST_FRAGMENT, kernel_source, want_vmlinux=True, progress=progress
+        flavour, src / fragment, kernel_source, want_vmlinux=True, progress=progress
     )
-    initrd, ikey = _build.build_initrd(progress)
-    return _guest_image(kdir, kkey, initrd, ikey)
+    initrd, ikey = _build.build_initrd(progress, arch)
+    return _guest_image(kdir, kkey, initrd, ikey, arch)
 
 
 def build_host_kernel(
@@ -88,17 +133,20 @@ def build_host_kernel(
     return HostKernel(kernel=kdir / "bzImage", config=kdir / "config", key=key)
 
 
-def find_guest() -> GuestImage | None:
-    """The cached default guest if it is already built, else None (fast; never builds)."""
+def find_guest(arch: str | None = None) -> GuestImage | None:
+    """The cached default guest for ``arch`` (default: the host's) if it is already built,
+    else None (fast; never builds)."""
     try:
+        arch = _arch(arch)
         src = _build.guest_src_dir()
     except GuestBuildError:
         return None
-    kdir = _build.find_kernel("guest", src / GUEST_FRAGMENT)
-    found = _build.find_initrd()
+    flavour, fragment = GUEST_FLAVOURS[arch]
+    kdir = _build.find_kernel(flavour, src / fragment)
+    found = _build.find_initrd(arch)
     if kdir is None or found is None:
         return None
-    return _guest_image(kdir, kdir.name, found[0], found[1])
+    return _guest_image(kdir, kdir.name, found[0], found[1], arch)
 
 
 def find_host_kernel() -> HostKernel | None:

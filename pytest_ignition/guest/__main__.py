@@ -1,8 +1,10 @@
 """Command line for the guest pipeline.
 
-``python -m pytest_ignition.guest build [--kernel-source DIR] [--host] [--quiet]`` builds (or
-finds) the guest; ``python -m pytest_ignition.guest clean [--all | --everything] [--dry-run]``
-removes cached artefacts the current checkout would not use.
+``python -m pytest_ignition.guest build [--kernel-source DIR] [--host] [--arch ARCH] [--quiet]``
+builds (or finds) the guest (``--arch aarch64`` cross-builds the arm64 one); ``python -m pytest_ignition.guest clean [--all | --everything] [--dry-run]``
+removes cached artefacts the current checkout would not use;
+``python -m pytest_ignition.guest image SPEC [--packages P] [--arch A]`` builds (or finds) a
+root image (``debian:SUITE``, ``oci-archive:PATH`` or an ext4 path) and prints its path.
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from . import GUEST_FRAGMENT, HOST_FRAGMENT, GuestBuildError, build_guest, build_host_kernel
+from . import (
+    ARCHES,
+    GUEST_FLAVOURS,
+    HOST_FRAGMENT,
+    GuestBuildError,
+    build_guest,
+    build_host_kernel,
+)
 from .build import cache_dir, clean_cache, human_size, main_progress
 
-FRAGMENTS = {"guest": GUEST_FRAGMENT, "host": HOST_FRAGMENT}
+FRAGMENTS = {"host": HOST_FRAGMENT, **dict(GUEST_FLAVOURS.values())}
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -29,11 +38,16 @@ def _build(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     if args.host:
+        if args.arch not in (None, "x86_64"):
+            raise GuestBuildError(
+                f"no {args.arch} host kernel flavour: the arm64 nested harness boots Debian's "
+                "own linux-image-arm64"
+            )
         host = build_host_kernel(args.kernel_source, progress=progress)
         print(f"kernel:    {host.kernel}")
         print(f"config:    {host.config}")
     else:
-        img = build_guest(args.kernel_source, progress=progress)
+        img = build_guest(args.kernel_source, progress=progress, arch=args.arch)
         print(f"kernel:    {img.kernel}")
         print(f"vmlinux:   {img.vmlinux}")
         print(f"initramfs: {img.initrd}")
@@ -80,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build (or find in the cache) the guest kernel + initramfs")
     b.add_argument("--kernel-source", type=Path, help="kernel tree or tarball (default: Debian's)")
     b.add_argument("--host", action="store_true", help="build the nested harness's host kernel")
+    b.add_argument(
+        "--arch",
+        choices=ARCHES,
+        help="guest architecture (default: the host's; aarch64 on x86_64 cross-builds)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c = sub.add_parser(
         "clean",
@@ -105,8 +124,27 @@ def main(argv: list[str] | None = None) -> int:
         help="the kernel tree or tarball your builds use (default: Debian's); it is part of "
         "the current kernel keys",
     )
+    i = sub.add_parser(
+        "image",
+        help="build (or find in the cache) a root image and print its path",
+        description="Build (or find in the cache) the ext4 root image for SPEC and print its "
+        "path on stdout (progress on stderr). SPEC is debian:SUITE (built with mmdebstrap), "
+        "oci-archive:PATH (a docker save or OCI image archive) or the path of an ext4 file "
+        "(checked and printed as is).",
+    )
+    i.add_argument("spec", metavar="SPEC", help="debian:SUITE, oci-archive:PATH or an ext4 path")
+    i.add_argument("--packages", default="", help="extra Debian packages, comma or space separated")
+    i.add_argument("--arch", default=None, help="x86_64 or aarch64 (default: this machine's)")
+    i.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "image":
+            import platform
+
+            from .image import main_image
+
+            arch = args.arch or platform.machine()
+            return main_image(args.spec, args.packages, arch, args.quiet)
         return _clean(args) if args.cmd == "clean" else _build(args)
     except GuestBuildError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,12 +7,21 @@ so an interrupted build leaves nothing half-written behind.
 
 Layout of the cache::
 
-    src/<srckey>/linux-*/          extracted kernel tree (shared by both flavours)
+    src/<srckey>/linux-*/          extracted kernel tree (shared by every flavour)
     build/<flavour>-<srckey>/      out-of-tree object dir (kept: a fragment tweak rebuilds fast)
     guest/<key>/{bzImage,vmlinux,config,build.log}
     host/<key>/{bzImage,config,build.log}
-    initrd-<key>.cpio.gz
+    guest_aarch64/<key>/{Image,config,build.log}   arm64 guest, cross-built
+    initrd-<key>.cpio.gz                           x86_64 initramfs
+    initrd-aarch64-<key>.cpio.gz                   arm64 initramfs (busybox + agent for arm64)
+    tools/busybox-aarch64/busybox                  Debian's busybox-static:arm64, downloaded
     locks/*.lock
+
+Two guest architectures: ``x86_64`` (the host's tools) and ``aarch64`` (cross-built with
+``gcc-aarch64-linux-gnu``; the agent with ``aarch64-linux-musl-gcc`` from ``musl-dev:arm64``;
+busybox taken from ``busybox-static:arm64`` by ``apt-get download`` + ``dpkg-deb -x``, because a
+multiarch install of it would replace the host's amd64 busybox). A flavour's architecture is
+its ``_aarch64`` suffix (:func:`flavour_arch`); flavour names never contain ``-``.
 
 ``clean_cache`` (``python -m pytest_ignition.guest clean``) removes what the current inputs
 would not use, under the same locks.
@@ -62,10 +71,57 @@ KERNEL_TOOLS = {
     "perl": "perl",
 }
 INITRD_TOOLS = {"musl-gcc": "musl-tools"}
+ARM64_MULTIARCH = "after: dpkg --add-architecture arm64 && apt-get update"
+INITRD_TOOLS_AARCH64 = {"aarch64-linux-musl-gcc": f"musl-dev:arm64 ({ARM64_MULTIARCH})"}
+# The musl specs pass -nostdinc: the agent's <linux/vm_sockets.h> comes from these.
+ARM64_KERNEL_HEADERS = Path("/usr/aarch64-linux-gnu/include")
+ARM64_HEADERS_PKG = "linux-libc-dev-arm64-cross"
+ARCHES = ("x86_64", "aarch64")
 # header -> Debian package (objtool, built for every x86_64 kernel, needs libelf)
 KERNEL_HEADERS = {"gelf.h": "libelf-dev"}
 
 Progress = Callable[[str], None] | None
+
+
+@dataclass(frozen=True)
+class KernelArch:
+    """How to build a kernel for one architecture (``make ARCH=...``, output file)."""
+
+    make_arch: str
+    cross_compile: str  # CROSS_COMPILE= prefix, "" for a native build
+    image: str  # the boot image, relative to the build dir
+    image_name: str  # its name in the cache
+    cc: str  # the compiler whose version is part of the key
+    tools: dict[str, str]  # extra tool -> Debian package
+    headers: dict[str, str]  # host headers the build needs -> Debian package
+
+
+KERNEL_ARCHES = {
+    # objtool, built for every x86_64 kernel, needs libelf
+    "x86_64": KernelArch(
+        "x86_64", "", "arch/x86/boot/bzImage", "bzImage", "gcc", {}, KERNEL_HEADERS
+    ),
+    "aarch64": KernelArch(
+        "arm64",
+        "aarch64-linux-gnu-",
+        "arch/arm64/boot/Image",
+        "Image",
+        "aarch64-linux-gnu-gcc",
+        {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"},
+        {},
+    ),
+}
+
+
+def flavour_arch(flavour: str) -> str:
+    """``guest``/``host`` build x86_64 kernels; ``<name>_aarch64`` arm64 ones."""
+    return "aarch64" if flavour.endswith("_aarch64") else "x86_64"
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in ARCHES:
+        raise GuestBuildError(f"unknown guest architecture {arch!r} (choose {' or '.join(ARCHES)})")
+    return arch
 
 
 class GuestBuildError(Exception):
@@ -271,14 +327,14 @@ def _extracted_tree(kernel_source: Path | None, ident: str, progress: Progress) 
 
 
 def kernel_key(flavour: str, fragment: str, ident: str) -> str:
-    """Hash of every input of a kernel build."""
+    """Hash of every input of a kernel build (the compiler is the flavour's: cross for arm64)."""
     return _sha(
         "kernel",
         KERNEL_PIPELINE_VERSION,
         flavour,
         fragment,
         ident,
-        _tool_version("gcc"),
+        _tool_version(KERNEL_ARCHES[flavour_arch(flavour)].cc),
         _tool_version("make"),
     )
 
@@ -335,7 +391,11 @@ def build_kernel(
     want_vmlinux: bool,
     progress: Progress = None,
 ) -> tuple[Path, str]:
-    """Build (or find) one kernel flavour; returns (output dir, key)."""
+    """Build (or find) one kernel flavour; returns (output dir, key).
+
+    ``want_vmlinux`` also keeps the ELF ``vmlinux`` (x86_64: the PVH entry). arm64 builds
+    the uncompressed ``Image``, which VMMs enter directly.
+    """
     if not fragment_path.is_file():
         raise GuestBuildError(f"kernel config fragment {fragment_path} not found")
     fragment = fragment_path.read_text()
@@ -345,7 +405,9 @@ def build_kernel(
     out = cache_dir() / flavour / key
     if (out / "config").is_file():
         return out, key
-    require_tools(KERNEL_TOOLS, KERNEL_HEADERS)
+    ka = KERNEL_ARCHES[flavour_arch(flavour)]
+    require_tools({**KERNEL_TOOLS, **ka.tools}, ka.headers)
+    want_vmlinux = want_vmlinux and ka.make_arch == "x86_64"
     with _lock(f"kernel-{flavour}", progress):
         if (out / "config").is_file():  # another process built it while we waited
             return out, key
@@ -360,7 +422,9 @@ def build_kernel(
         builddir.mkdir(parents=True, exist_ok=True)
         log = builddir / "build.log"
         log.write_text(f"# {flavour} kernel, key {key}, source {ident}\n")
-        make = ["make", "-C", str(tree), f"O={builddir}", "ARCH=x86_64"]
+        make = ["make", "-C", str(tree), f"O={builddir}", f"ARCH={ka.make_arch}"]
+        if ka.cross_compile:
+            make.append(f"CROSS_COMPILE={ka.cross_compile}")
         t0 = time.monotonic()
         _emit(progress, f"{flavour} kernel: configuring (tinyconfig + {fragment_path.name})")
         _run_logged([*make, "tinyconfig"], log, "make tinyconfig", progress)
@@ -375,7 +439,7 @@ def build_kernel(
                 + "\n  ".join(str(b) for b in bad)
                 + f"\nfinal config: {cfg}"
             )
-        targets = ["bzImage", "vmlinux"] if want_vmlinux else ["bzImage"]
+        targets = [ka.image_name, "vmlinux"] if want_vmlinux else [ka.image_name]
         jobs = str(os.cpu_count() or 1)
         _emit(progress, f"{flavour} kernel: compiling ({' '.join(targets)}, -j{jobs})")
         _run_logged([*make, f"-j{jobs}", *targets], log, f"{flavour} kernel build", progress)
@@ -383,7 +447,7 @@ def build_kernel(
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the kernel from other users
         try:
-            shutil.copy2(builddir / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+            shutil.copy2(builddir / ka.image, tmp / ka.image_name)
             if want_vmlinux:
                 shutil.copy2(builddir / "vmlinux", tmp / "vmlinux")
             shutil.copy2(log, tmp / "build.log")
@@ -441,37 +505,199 @@ def _init_files(src: Path) -> list[Path]:
     return sorted(p for p in init.rglob("*") if p.is_file()) if init.is_dir() else []
 
 
-def initrd_key(src: Path, busybox: bytes) -> str:
-    parts: list[str | bytes] = [
-        "initrd",
-        INITRD_PIPELINE_VERSION,
-        hashlib.sha256(busybox).hexdigest(),
-    ]
+def initrd_key(src: Path, busybox: bytes, arch: str = "x86_64") -> str:
+    parts: list[str | bytes] = ["initrd", INITRD_PIPELINE_VERSION]
+    if arch != "x86_64":  # (x86_64 keys stay what they were before arm64 existed)
+        parts.append(arch)
+    parts.append(hashlib.sha256(busybox).hexdigest())
     for p in _init_files(src) + _agent_sources(src):
         parts += [str(p.relative_to(src)), p.read_bytes()]
     if any(p.suffix == ".c" for p in _agent_sources(src)):
-        parts.append(_tool_version("gcc"))
-        parts.append(str(Path(shutil.which("musl-gcc") or "musl-gcc")))
+        if arch == "x86_64":
+            parts.append(_tool_version("gcc"))
+            parts.append(str(Path(shutil.which("musl-gcc") or "musl-gcc")))
+        else:
+            parts.append(_tool_version("aarch64-linux-gnu-gcc"))
+            parts.append(str(Path(shutil.which("aarch64-linux-musl-gcc") or "absent")))
     return _sha(*parts)
 
 
-def _busybox_applets(busybox: Path) -> list[str]:
-    r = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise GuestBuildError(f"{busybox} --list-full failed: {r.stderr.strip()}")
-    return sorted(a.strip() for a in r.stdout.splitlines() if a.strip() and ".." not in a)
+def initrd_name(key: str, arch: str = "x86_64") -> str:
+    """``initrd-<key>.cpio.gz`` (x86_64) or ``initrd-<arch>-<key>.cpio.gz``."""
+    return f"initrd-{key}.cpio.gz" if arch == "x86_64" else f"initrd-{arch}-{key}.cpio.gz"
 
 
-def _compile_agent(src: Path, out: Path, log: Path, progress: Progress) -> bool:
+# busybox keeps its applet names as one sorted NUL-separated table that starts with "[" "[[".
+_APPLET_TABLE = b"[\0[[\0"
+
+
+def applet_names(busybox: bytes) -> list[str]:
+    """The applet names compiled into a busybox binary, read from its name table.
+
+    For a busybox that cannot run here (another architecture). Raises GuestBuildError when
+    the table is not found.
+    """
+    start = busybox.find(_APPLET_TABLE)
+    if start < 0:
+        raise GuestBuildError("no applet name table in this busybox binary")
+    names: list[str] = []
+    pos = start
+    while True:
+        end = busybox.find(b"\0", pos)
+        name = busybox[pos:end] if end > 0 else b""
+        if not name or len(name) > 64 or not all(0x21 <= c < 0x7F and c != 0x2F for c in name):
+            break
+        names.append(name.decode())
+        pos = end + 1
+    if len(names) < 10 or names != sorted(names):
+        raise GuestBuildError(f"busybox applet table looks wrong ({len(names)} names)")
+    return names
+
+
+def _busybox_applets(busybox: Path, arch: str = "x86_64") -> list[str]:
+    """Full paths of the applets (``/bin/sh``, ...) for the initramfs's symlinks."""
+    if arch == "x86_64":
+        r = subprocess.run(
+            [str(busybox), "--list-full"], capture_output=True, text=True, check=False
+        )
+        if r.returncode != 0:
+            raise GuestBuildError(f"{busybox} --list-full failed: {r.stderr.strip()}")
+        return sorted(a.strip() for a in r.stdout.splitlines() if a.strip() and ".." not in a)
+    # A foreign busybox cannot say where its applets go: take the host busybox's places for
+    # the names it knows (Debian builds both from one config), /bin for the rest.
+    places: dict[str, str] = {}
+    if BUSYBOX.is_file():
+        for full in _busybox_applets(BUSYBOX):
+            places[full.rsplit("/", 1)[-1]] = full
+    return sorted(places.get(n, f"bin/{n}") for n in applet_names(busybox.read_bytes()))
+
+
+def _compile_agent(
+    src: Path, out: Path, log: Path, progress: Progress, arch: str = "x86_64"
+) -> bool:
     """Compile the agent; False (with a warning) while its C sources do not exist yet."""
     sources = [p for p in _agent_sources(src) if p.suffix == ".c"]
     if not sources:
         _emit(progress, f"WARNING: no agent sources in {src / 'agent'}; initramfs without agent")
         return False
-    require_tools(INITRD_TOOLS)
-    cmd = ["musl-gcc", "-static", "-Os", "-o", str(out), *map(str, sources)]
-    _run_logged(cmd, log, "agent compile (musl-gcc)", progress)
+    if arch == "x86_64":
+        require_tools(INITRD_TOOLS)
+        cmd = ["musl-gcc", "-static", "-Os", "-o", str(out), *map(str, sources)]
+        _run_logged(cmd, log, "agent compile (musl-gcc)", progress)
+        return True
+    require_tools(INITRD_TOOLS_AARCH64)
+    # musl's specs use -nostdinc, so the kernel's uapi headers come in by -isystem, through a
+    # directory holding only linux/ asm/ asm-generic/ (the cross glibc headers must not).
+    kinc = out.parent / "kinc"
+    kinc.mkdir(exist_ok=True)
+    for d in ("linux", "asm", "asm-generic"):
+        if not (ARM64_KERNEL_HEADERS / d).is_dir():
+            raise GuestBuildError(
+                f"{ARM64_KERNEL_HEADERS / d} not found: the arm64 agent needs the kernel headers "
+                f"(install with: apt-get install {ARM64_HEADERS_PKG})"
+            )
+        link = kinc / d
+        if not link.is_symlink():
+            link.symlink_to(ARM64_KERNEL_HEADERS / d)
+    cmd = ["aarch64-linux-musl-gcc", "-static", "-Os", "-isystem", str(kinc)]
+    cmd += ["-o", str(out), *map(str, sources)]
+    _run_logged(cmd, log, "agent compile (aarch64-linux-musl-gcc)", progress)
     return True
+
+
+def _elf_machine(data: bytes) -> int | None:
+    """e_machine of an ELF (62 x86-64, 183 AArch64), None when not an ELF."""
+    if data[:4] != b"\x7fELF" or len(data) < 20:
+        return None
+    return int.from_bytes(data[18:20], "little")
+
+
+_ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
+
+
+def _busybox_aarch64_fetch_dir() -> Path:
+    return cache_dir() / "tools" / "busybox-aarch64"
+
+
+def find_busybox(arch: str = "x86_64") -> Path | None:
+    """The static busybox for ``arch`` if it is at hand; never downloads.
+
+    x86_64: ``/bin/busybox``. aarch64: ``$IGNITION_BUSYBOX_AARCH64``, else the copy
+    ``fetch_busybox`` downloaded into the cache.
+    """
+    if arch == "x86_64":
+        return BUSYBOX if BUSYBOX.is_file() else None
+    env = os.environ.get("IGNITION_BUSYBOX_AARCH64")
+    if env:
+        return Path(env)
+    got = _busybox_aarch64_fetch_dir() / "busybox"
+    return got if got.is_file() else None
+
+
+def fetch_busybox(arch: str, progress: Progress) -> Path:
+    """The static busybox for ``arch``; an arm64 one is downloaded from Debian once.
+
+    ``apt-get download busybox-static:arm64`` + ``dpkg-deb -x``: installing the package
+    through multiarch would remove the host's amd64 busybox (they conflict).
+    """
+    found = find_busybox(arch)
+    if found is not None:
+        return found
+    require_tools({"apt-get": "apt", "dpkg-deb": "dpkg"})
+    dest = _busybox_aarch64_fetch_dir()
+    with _lock("initrd", progress):
+        if (dest / "busybox").is_file():
+            return dest / "busybox"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _emit(progress, "downloading busybox-static:arm64 from Debian (apt-get download)")
+        with tempfile.TemporaryDirectory(prefix=".busybox-", dir=dest.parent) as tmpd:
+            tmp = Path(tmpd)
+            tmp.chmod(0o755)  # apt's _apt user writes here
+            r = subprocess.run(
+                ["apt-get", "download", "-q", "busybox-static:arm64"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            debs = sorted(tmp.glob("busybox-static_*_arm64.deb"))
+            if r.returncode != 0 or not debs:
+                raise GuestBuildError(
+                    "apt-get download busybox-static:arm64 failed "
+                    f"({ARM64_MULTIARCH}; or set IGNITION_BUSYBOX_AARCH64 to a static arm64 "
+                    f"busybox): {(r.stderr or r.stdout).strip()[-500:]}"
+                )
+            x = subprocess.run(
+                ["dpkg-deb", "-x", str(debs[0]), str(tmp / "x")],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if x.returncode != 0 or not (tmp / "x" / "bin" / "busybox").is_file():
+                raise GuestBuildError(f"dpkg-deb -x {debs[0].name} failed: {x.stderr.strip()}")
+            out = tmp / "out"
+            out.mkdir()
+            shutil.copy2(tmp / "x" / "bin" / "busybox", out / "busybox")
+            (out / "SOURCE").write_text(debs[0].name + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(out, dest)
+    return dest / "busybox"
+
+
+def _check_busybox(path: Path, arch: str) -> bytes:
+    """The bytes of a static busybox for ``arch``; GuestBuildError says what is wrong."""
+    if arch == "x86_64":
+        return _check_static_busybox(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GuestBuildError(f"arm64 busybox {path}: {e.strerror}") from None
+    if _elf_machine(data) != _ELF_MACHINE[arch] or _elf_has_interp(data):
+        raise GuestBuildError(f"{path} is not a static {arch} busybox")
+    return data
 
 
 class _Cpio:
@@ -514,8 +740,13 @@ class _Cpio:
 AGENT_INITTAB_MARK = "/sbin/ignition-agent"
 
 
-def make_initrd_bytes(src: Path, busybox: Path, agent: Path | None) -> bytes:
-    """The gzip'd newc cpio image (deterministic for the same inputs)."""
+def make_initrd_bytes(
+    src: Path, busybox: Path, agent: Path | None, applets: list[str] | None = None
+) -> bytes:
+    """The gzip'd newc cpio image (deterministic for the same inputs).
+
+    ``applets`` are the full paths to link to busybox (default: what it lists itself).
+    """
     init = src / "init"
     entries: dict[str, tuple[str, object]] = {}
 
@@ -530,7 +761,7 @@ def make_initrd_bytes(src: Path, busybox: Path, agent: Path | None) -> bytes:
     entries["tmp"] = ("dir", 0o1777)
     entries["root"] = ("dir", 0o700)
     entries["bin/busybox"] = ("file", (busybox.read_bytes(), 0o755))
-    for applet in _busybox_applets(busybox):
+    for applet in applets if applets is not None else _busybox_applets(busybox):
         rel = applet.lstrip("/")
         if rel in entries or rel == "bin/busybox":
             continue
@@ -572,12 +803,13 @@ def make_initrd_bytes(src: Path, busybox: Path, agent: Path | None) -> bytes:
     return gzip.compress(raw, compresslevel=9, mtime=0)
 
 
-def build_initrd(progress: Progress = None) -> tuple[Path, str]:
-    """Build (or find) the initramfs; returns (path, key)."""
+def build_initrd(progress: Progress = None, arch: str = "x86_64") -> tuple[Path, str]:
+    """Build (or find) the initramfs for ``arch``; returns (path, key)."""
+    _check_arch(arch)
     src = guest_src_dir()
-    busybox = _check_static_busybox(BUSYBOX)
-    key = initrd_key(src, busybox)
-    out = cache_dir() / f"initrd-{key}.cpio.gz"
+    busybox = _check_busybox(fetch_busybox(arch, progress) if arch != "x86_64" else BUSYBOX, arch)
+    key = initrd_key(src, busybox, arch)
+    out = cache_dir() / initrd_name(key, arch)
     if out.is_file():
         return out, key
     with _lock("initrd", progress):
@@ -593,20 +825,20 @@ def build_initrd(progress: Progress = None) -> tuple[Path, str]:
             bb = tmp / "busybox"
             bb.write_bytes(busybox)
             bb.chmod(0o755)
-            key = initrd_key(snap, busybox)
-            out = cache_dir() / f"initrd-{key}.cpio.gz"
+            key = initrd_key(snap, busybox, arch)
+            out = cache_dir() / initrd_name(key, arch)
             if out.is_file():
                 return out, key
             log = tmp / "build.log"
             agent: Path | None = tmp / "ignition-agent"
             try:
-                if not _compile_agent(snap, agent, log, progress):
+                if not _compile_agent(snap, agent, log, progress, arch):
                     agent = None
             except GuestBuildError as e:
                 kept = cache_dir() / "initrd-failed.log"
                 shutil.copy2(log, kept)  # the temp dir goes away; keep the log
                 raise GuestBuildError(str(e).replace(str(log), str(kept))) from None
-            data = make_initrd_bytes(snap, bb, agent)
+            data = make_initrd_bytes(snap, bb, agent, _busybox_applets(bb, arch))
             part = tmp / "initrd.cpio.gz"
             part.write_bytes(data)
             os.rename(part, out)
@@ -614,24 +846,30 @@ def build_initrd(progress: Progress = None) -> tuple[Path, str]:
     return out, key
 
 
-def current_initrd_key() -> str:
+def current_initrd_key(arch: str = "x86_64") -> str:
     """The key ``build_initrd`` would use now; never builds. GuestBuildError says why not."""
     src = guest_src_dir()
+    path = find_busybox(arch)
+    if path is None:
+        raise GuestBuildError(
+            f"no {arch} busybox yet (python -m pytest_ignition.guest build --arch {arch} "
+            "downloads it)"
+        )
     try:
-        busybox = BUSYBOX.read_bytes()
+        busybox = path.read_bytes()
     except OSError as e:
         raise GuestBuildError(
-            f"{BUSYBOX}: {e.strerror} (install with: apt-get install busybox-static)"
+            f"{path}: {e.strerror} (install with: apt-get install busybox-static)"
         ) from None
-    return initrd_key(src, busybox)
+    return initrd_key(src, busybox, arch)
 
 
-def find_initrd() -> tuple[Path, str] | None:
+def find_initrd(arch: str = "x86_64") -> tuple[Path, str] | None:
     try:
-        key = current_initrd_key()
+        key = current_initrd_key(arch)
     except GuestBuildError:
         return None
-    out = cache_dir() / f"initrd-{key}.cpio.gz"
+    out = cache_dir() / initrd_name(key, arch)
     return (out, key) if out.is_file() else None
 
 
@@ -639,6 +877,8 @@ def find_initrd() -> tuple[Path, str] | None:
 
 CLEAN_LEVELS = ("stale", "all", "everything")
 _INITRD_NAME = re.compile(r"initrd-([0-9a-f]{20})\.cpio\.gz")
+_INITRD_ARCH_NAME = re.compile(r"initrd-(aarch64)-([0-9a-f]{20})\.cpio\.gz")
+TOOLS_DIR = "tools"  # downloaded inputs (the arm64 busybox), guarded by the initrd lock
 FAILED_INITRD_LOG = "initrd-failed.log"
 _CLEAN_PREFIX = ".clean-"  # a directory clean renamed before deleting it (an interrupted clean)
 
@@ -689,7 +929,12 @@ def plan_clean(
                 locks = src_locks
             elif e.name == "build":
                 locks = kernel_locks
-            elif _INITRD_NAME.fullmatch(e.name) or e.name.startswith(".initrd-"):
+            elif (
+                _INITRD_NAME.fullmatch(e.name)
+                or _INITRD_ARCH_NAME.fullmatch(e.name)
+                or e.name.startswith(".initrd-")
+                or e.name == TOOLS_DIR
+            ):
                 locks = ("initrd",)
             elif e.name == FAILED_INITRD_LOG:
                 locks = ("initrd",)
@@ -734,6 +979,13 @@ def plan_clean(
     except (OSError, GuestBuildError) as e:
         ikey = None
         plan.notes.append(f"initramfs key unknown ({e}); keeping every initramfs")
+    # Other architectures' initramfs keys: unknown until their busybox was fetched.
+    akeys: dict[str, str | None] = {}
+    for arch in ARCHES[1:]:
+        try:
+            akeys[arch] = current_initrd_key(arch)
+        except (OSError, GuestBuildError):
+            akeys[arch] = None
 
     def rm(path: Path, why: str, locks: tuple[str, ...]) -> None:
         plan.remove.append(CleanItem(path, why, locks))
@@ -741,7 +993,9 @@ def plan_clean(
     def keep(path: Path, why: str) -> None:
         plan.keep.append((path, why))
 
-    initrds = [e for e in entries if _INITRD_NAME.fullmatch(e.name)]
+    initrds = [
+        e for e in entries if _INITRD_NAME.fullmatch(e.name) or _INITRD_ARCH_NAME.fullmatch(e.name)
+    ]
     for e in entries:
         name = e.name
         if name == "locks":
@@ -783,6 +1037,16 @@ def plan_clean(
                 keep(e, "current initramfs")
             else:
                 rm(e, "stale initramfs", ("initrd",))
+        elif m := _INITRD_ARCH_NAME.fullmatch(name):
+            akey = akeys.get(m[1])
+            if akey is None:
+                keep(e, f"{m[1]} initramfs key unknown (its busybox is not at hand)")
+            elif m[2] == akey:
+                keep(e, f"current {m[1]} initramfs")
+            else:
+                rm(e, f"stale {m[1]} initramfs", ("initrd",))
+        elif name == TOOLS_DIR and e.is_dir():
+            keep(e, "downloaded build inputs (arm64 busybox); --everything removes them")
         elif name == FAILED_INITRD_LOG:
             # Only the log of the latest failure is worth keeping.
             newest = max((i.stat().st_mtime for i in initrds), default=None)
@@ -799,6 +1063,8 @@ def plan_clean(
     if ikey is not None and not (root / f"initrd-{ikey}.cpio.gz").exists():
         plan.notes.append(f"the current initramfs (key {ikey}) is not built yet")
     for flavour, key in kkeys.items():
+        if flavour_arch(flavour) != "x86_64" and not (root / flavour).exists():
+            continue  # another architecture this cache never built: no news
         if key is not None and not (root / flavour / key / "config").is_file():
             plan.notes.append(f"the current {flavour} kernel (key {key}) is not built yet")
     return plan

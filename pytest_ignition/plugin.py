@@ -2,10 +2,11 @@
 
 Owns the wiring into pytest: registering the ``--ignition-*`` options and their ini keys,
 the ``ignition`` marker and the ``pytest_ignition_prepare`` hookspec; creating and closing
-the per-session state (:class:`pytest_ignition.fixtures.IgnitionSession`); the report
-header; the console tail and command history attached to failing tests; the per-test
-restore-time summary. Setting precedence: command line > ``IGNITION_*`` environment
-variable > ini key > default (see :mod:`pytest_ignition.config`).
+the per-session state (:class:`pytest_ignition.fixtures.IgnitionSession`); the engine and
+settings lines shown after collection (only when a collected test uses a VM); the console
+tail and command history attached to failing tests; the per-test restore-time summary.
+Setting precedence: command line > ``IGNITION_*`` environment variable > ini key > default
+(see :mod:`pytest_ignition.config`).
 """
 
 from __future__ import annotations
@@ -56,8 +57,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "rootfs=None, timeout=None): guest settings for this test's ignition_vm (another "
         "configuration gets its own snapshot; kernel_args are appended to the session's)",
     )
-    settings = cfgmod.from_pytest_config(config)  # UsageError on a bad value
-    config.stash[fx.SESSION_KEY] = fx.IgnitionSession(config, settings)
+    # A bad --ignition-* flag was typed for this run: stop now. A bad IGNITION_* variable or
+    # ignition_* ini key only matters to a run that uses a VM: collection (or the first VM
+    # fixture) reports it, so suites without VM tests in the same venv are not broken by it.
+    settings: cfgmod.Settings | None = None
+    error = None
+    try:
+        settings = cfgmod.from_pytest_config(config)
+    except pytest.UsageError as e:
+        if cfgmod.error_from_cli(e):
+            raise
+        error = str(e)
+    config.stash[fx.SESSION_KEY] = fx.IgnitionSession(config, settings, settings_error=error)
     collector = _RestoreTimes()
     config.stash[RESTORE_TIMES_KEY] = collector
     config.pluginmanager.register(collector, "ignition-restore-times")
@@ -84,9 +95,11 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
+    # After collection, not in the header: only a run with VM tests pays for probing the
+    # engine (`qemu-system-x86_64 --version`). Shown at the header's verbosity.
     state = config.stash.get(fx.SESSION_KEY, None)
-    if state is None:
+    if state is None or not state.vm_items or config.get_verbosity() < 0:
         return []
     s = state.settings
     engine, reason = state.engine_info()
@@ -117,8 +130,13 @@ def pytest_collection_modifyitems(
     for item in items:
         # Validate markers now: a typo stops the run with a usage error, not N test errors.
         overrides = fx.marker_overrides(item)
-        if "ignition_vm" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "ignition_vm" in names:
             state.remaining[overrides] += 1
+        if fx.uses_vm(item, names):
+            state.vm_items += 1
+    if state.vm_items and state.settings_error is not None:
+        raise pytest.UsageError(state.settings_error)
 
 
 def _format_history(vm: Any) -> str:

@@ -158,7 +158,8 @@ def test_report_header_names_engine_accelerator_kernel_and_reason(
     pytester: pytest.Pytester,
 ) -> None:
     require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    pytester.makepyfile("def test_x():\n    pass\n")
+    # the marker makes it a VM test (the lines follow collection only when one is collected)
+    pytester.makepyfile("import pytest\n\n@pytest.mark.ignition()\ndef test_x():\n    pass\n")
     result = pytester.runpytest_subprocess("--ignition-engine=qemu", "--ignition-max-output=3M")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(

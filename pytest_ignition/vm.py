@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -367,6 +368,7 @@ class VM:
         self.reset_mode = reset_mode
         self.history: list[HistoryEntry] = []
         self._closed = False
+        self._tunnels: Any = None  # pytest_ignition.tunnel.Tunnels, made on first use
 
     @property
     def max_output(self) -> int:
@@ -577,6 +579,42 @@ class VM:
             tail = ""
         return GuestFailure(what, diagnosis, tail)
 
+    # -- TCP over the agent channel (pytest_ignition/tunnel.py) -----------------------------
+    # No network device needed. Listeners and connections belong to this VM's current guest:
+    # reset() and close() end them (forward/expose again after a reset).
+
+    def _tunnel(self) -> Any:
+        self._check_open()
+        if self._tunnels is None:
+            from pytest_ignition.tunnel import Tunnels
+
+            self._tunnels = Tunnels(self.machine.agent, name=repr(self))
+        return self._tunnels
+
+    def forward(self, guest_port: int, host_port: int = 0) -> int:
+        """Listen on the host's ``127.0.0.1:host_port`` (0: a free port) and carry each
+        connection to ``127.0.0.1:guest_port`` in the guest. Returns the host port."""
+        return int(self._tunnel().forward(guest_port, host_port))
+
+    def connect(self, guest_port: int, timeout: float = 10) -> socket.socket:
+        """One connection to ``127.0.0.1:guest_port`` in the guest, without a listening port.
+
+        A closed guest port raises ConnectionRefusedError. The socket is one end of a Unix
+        socketpair: ``shutdown(SHUT_WR)`` half-closes towards the guest.
+        """
+        sock: socket.socket = self._tunnel().connect(guest_port, timeout)
+        return sock
+
+    def expose(self, host_port: int, guest_port: int | None = None) -> int:
+        """Listen on ``127.0.0.1:guest_port`` inside the guest (default: ``host_port``) and carry
+        each connection to ``127.0.0.1:host_port`` on the host. Returns the guest port."""
+        return int(self._tunnel().expose(host_port, guest_port))
+
+    def _close_tunnels(self) -> None:
+        t, self._tunnels = self._tunnels, None
+        if t is not None:
+            t.close()
+
     # -- console, reset, lifecycle ----------------------------------------------------------
 
     @property
@@ -599,6 +637,7 @@ class VM:
         self._check_open()
         if self.snapshot_dir is None:
             raise RuntimeError("this VM was not restored from a snapshot; nothing to reset to")
+        self._close_tunnels()
         if self.reset_mode == "rollback" and self.engine.supports_rollback:
             self.engine.rollback(self.machine)
             return
@@ -610,6 +649,7 @@ class VM:
         """Stop the guest and release everything. Idempotent."""
         if not self._closed:
             self._closed = True
+            self._close_tunnels()
             self.machine.close()
 
     def _check_open(self) -> None:

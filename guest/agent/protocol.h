@@ -31,6 +31,23 @@
 #define T_LIST 0x89
 #define T_ERROR 0xFF
 
+/* TCP tunnels to/from 127.0.0.1 in the guest (docs/agent-protocol.md, "TCP tunnels").
+ * host -> agent: 0x10..0x1F; agent -> host: 0x90..0x9F. */
+#define T_TCP_CONNECT 0x10  /* u32 port, u32 window -> TCP_CONNECTED or ERROR */
+#define T_TCP_DATA 0x11     /* bytes for the guest socket (at most the agent's window unacknowledged) */
+#define T_TCP_CREDIT 0x12   /* u32 bytes the host has delivered: the agent may send that many more */
+#define T_TCP_SHUTDOWN 0x13 /* the host side will send no more (half-close) */
+#define T_TCP_CLOSE 0x14    /* u32 errno: 0 close, else reset; no answer */
+#define T_TCP_LISTEN 0x15   /* u32 port -> OK or ERROR; then TCP_ACCEPT per connection */
+#define T_TCP_ATTACH 0x16   /* u32 listen_chan, u32 conn_id, u32 window -> TCP_CONNECTED or ERROR */
+#define T_TCP_REJECT 0x17   /* u32 conn_id, u32 errno (on the listen channel): reset it */
+#define T_TCP_CONNECTED 0x90 /* u32 window: bytes the host may send before a TCP_CREDIT */
+#define T_TCP_RDATA 0x91     /* bytes from the guest socket */
+#define T_TCP_RCREDIT 0x92   /* u32 bytes the agent has written to the guest socket */
+#define T_TCP_EOF 0x93       /* the guest peer will send no more */
+#define T_TCP_CLOSED 0x94    /* u32 errno (0: both directions ended cleanly); the channel is free */
+#define T_TCP_ACCEPT 0x95    /* u32 conn_id: a guest connection to a listener, waiting for ATTACH */
+
 #define EXEC_SHELL 0x1u
 #define EXEC_STDIN 0x2u
 #define EXEC_PTY 0x4u /* under a new pty: session leader, controlling tty, stdout only */

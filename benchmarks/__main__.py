@@ -181,6 +181,26 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             300,
         )
     )
+    # The same clocks with a Debian image as the root (boot, restore), beside the initramfs.
+    units.append(
+        Unit(
+            "qemu_engine_debian",
+            "qemu_engine",
+            "qemu_engine",
+            "qemu_image.json",
+            ["--boots", "3", "--snapshots", "3", "--restores", "10", "--memory", "512"]
+            + ["--image", "debian:bookworm", "--packages", "python3"]
+            + ["--results", "benchmarks/results/qemu_image.json"],
+            ["--boots", "1", "--snapshots", "1", "--restores", "2", "--memory", "512"]
+            + ["--image", "debian:bookworm", "--packages", "python3"]
+            + ["--results", "benchmarks/results/qemu_image.json"],
+            [
+                Expect(m, "qemu", qwhere, {"memory_mib": 512, "image": "debian:bookworm"})
+                for m in ("guest_boot_time", "launch_to_ready", "restore_to_ready")
+            ],
+            600,
+        )
+    )
     units.append(
         Unit(
             "pytest_per_test",

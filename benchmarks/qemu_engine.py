@@ -12,8 +12,12 @@ Metrics (each a record in ``benchmarks/results/qemu.json``, which this script re
 Records: ``{"metric", "engine": "qemu", "where": <accelerator>, "params", "median_ms",
 "p10_ms", "p90_ms", "n", "host"}``.
 
+With ``--image SPEC [--packages P]`` the guest's root is that image (built or found in the
+cache first; ``init=agent``): the records carry ``image`` and ``packages`` in their params, so
+they sit beside the initramfs-only guest's in the report. ``--results FILE`` writes elsewhere.
+
 Usage: ``python -m benchmarks.qemu_engine [--boots 5] [--snapshots 20] [--restores 20]
-[--memory 512]``.
+[--memory 512] [--image debian:bookworm --packages python3] [--results FILE]``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     ap.add_argument("--accel", default=None, help="kvm|hvf|tcg (default: as auto-selected)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--image", default=None, help="image spec (e.g. debian:bookworm)")
+    ap.add_argument("--packages", default="", help="extra packages of a debian: image")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="records file to write")
     args = ap.parse_args(argv)
 
     from pytest_ignition.engines.base import VMConfig
@@ -54,13 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     guest = find_guest() or build_guest(progress=lambda m: print(m, file=sys.stderr))
     accel = args.accel or decide("qemu", probe_host()).accelerator
     engine = QemuEngine(accelerator=accel)
-    config = VMConfig(kernel=guest.kernel, initrd=guest.initrd, memory_mib=args.memory)
+    image_params: dict = {}
+    image = None
+    if args.image:
+        from pytest_ignition.config import parse_image, parse_packages
+        from pytest_ignition.guest.image import ensure_image
+
+        packages = parse_packages(args.packages)
+        image = ensure_image(parse_image(args.image), packages=packages)
+        image_params = {"image": args.image, "packages": ",".join(packages)}
+    config = VMConfig(
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        memory_mib=args.memory,
+        image=image.path if image is not None else None,
+    )
     # The host is often shared: record how busy it was, the numbers depend on it.
     params = {
         "memory_mib": args.memory,
         "cpus": 1,
         "qemu": engine.version,
         "loadavg_1m_before": round(os.getloadavg()[0], 2),
+        **image_params,
     }
     boots: list[float] = []
     markers: list[float] = []
@@ -108,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(json.dumps(records, indent=2))
     if not args.no_write:
-        common.write_records(RESULTS, records)
+        common.write_records(args.results, records)
     return 0
 
 

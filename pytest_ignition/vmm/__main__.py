@@ -537,6 +537,10 @@ def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespa
             if cmd == "rollback":
                 info = machine.rollback()
                 return {"ok": True, **info, "state": machine.state}
+            if cmd == "probe":
+                from .probe import probe
+
+                return {"ok": True, **probe(machine), "state": machine.state}
         except (MachineError, _snapshot_error()) as e:
             return {"ok": False, "error": str(e), "state": machine.state}
         except OSError as e:
@@ -544,7 +548,7 @@ def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespa
         return {
             "ok": False,
             "error": f"unknown command {cmd!r} "
-            "(status, pause, resume, shutdown, snapshot, rollback)",
+            "(status, pause, resume, shutdown, snapshot, rollback, probe)",
         }
 
     return handle

@@ -11,6 +11,8 @@ One request per line, one reply per line::
                             (store/name default to the process's --store/--name)
     {"cmd": "rollback"}  -> {"ok": true, "pages": N, "ranges": R, "rollback_us": ...}
                             (back to the snapshot this process restored from or last took)
+    {"cmd": "probe"}     -> {"ok": true, "vcpus": [...], "virtio": [...], ...}
+                            (timer, interrupt and queue state: see vmm.probe)
 
 Anything malformed (not JSON, not an object, unknown command, a line over 64 KiB) gets
 ``{"ok": false, "error": "..."}`` and the connection keeps serving. Each client has its own

@@ -38,6 +38,7 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
+        self.wakeups = 0  # select() returns (diagnostics: see vmm.probe)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -160,6 +161,7 @@ class EventLoop:
                 log.error("%s: select failed (%s); pruning closed fds", self.name, e)
                 self._prune()
                 continue
+            self.wakeups += 1
             for key, mask in events:
                 if key.data is None:
                     self._drain_wake()

@@ -627,14 +627,17 @@ class Vm:
         _ioctl(self.fd, KVM_GET_CLOCK, c)
         return ClockData(c.clock, c.flags, c.realtime, c.host_tsc)
 
-    def set_clock(self, clock: ClockData | int) -> None:
-        """Set kvmclock; only ``clock`` (and ``realtime`` when its flag is set) is used."""
+    def set_clock(self, clock: ClockData | int, *, realtime: bool = False) -> None:
+        """Set kvmclock to ``clock.clock`` guest nanoseconds.
+
+        With ``realtime`` (and a saved ``realtime``), KVM instead advances the clock by the
+        host wall time elapsed since it was read: a restored guest's monotonic clock would
+        jump by the snapshot's age, which the guest reports as an RCU stall of that length,
+        so restores and rollbacks do not ask for it (the agent's SYNC sets the wall clock)."""
         if isinstance(clock, int):
             clock = ClockData(clock)
-        c = ffi.new(
-            "struct kvm_clock_data *",
-            {"clock": clock.clock, "flags": clock.flags & KVM_CLOCK_REALTIME},
-        )
+        flags = KVM_CLOCK_REALTIME if realtime and clock.flags & KVM_CLOCK_REALTIME else 0
+        c = ffi.new("struct kvm_clock_data *", {"clock": clock.clock, "flags": flags})
         c.realtime = clock.realtime
         _ioctl(self.fd, KVM_SET_CLOCK, c)
 
@@ -1005,10 +1008,46 @@ def set_msrs_each(vcpu: Vcpu, msrs: dict[int, int]) -> list[int]:
     ]
 
 
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+_APIC_LVTT = 0x320
+_LVTT_TSC_DEADLINE = 2 << 17
+
+
+def _tsc_deadline_mode(lapic: bytes | None) -> bool:
+    if lapic is None or len(lapic) < _APIC_LVTT + 4:
+        return False
+    lvtt = int.from_bytes(lapic[_APIC_LVTT : _APIC_LVTT + 4], "little")
+    return lvtt & (3 << 17) == _LVTT_TSC_DEADLINE
+
+
+def timer_msrs(msrs: dict[int, int], lapic: bytes | None) -> tuple[dict[int, int], dict[int, int]]:
+    """Split saved MSRs into (everything else, the TSC deadline): KVM arms the LAPIC timer
+    when TSC_DEADLINE is written, for ``deadline - the guest TSC at that moment``, and does
+    not re-arm it when the TSC is written later, so the deadline must go last. A deadline
+    saved as 0 while the timer is in TSC-deadline mode becomes the saved TSC, so the restored
+    vCPU takes one (at worst spurious) timer interrupt at once and the guest reprograms its
+    next event; Firecracker does the same (a timer that expired around the save must not be
+    lost: a guest idle in HLT would then wait for a tick that never comes)."""
+    rest = dict(msrs)
+    deadline = {}
+    if MSR_IA32_TSC_DEADLINE in rest:
+        d = rest.pop(MSR_IA32_TSC_DEADLINE)
+        if d == 0 and _tsc_deadline_mode(lapic) and MSR_IA32_TSC in rest:
+            d = rest[MSR_IA32_TSC]
+        deadline[MSR_IA32_TSC_DEADLINE] = d
+    return rest, deadline
+
+
 def restore_vcpu_registers(vcpu: Vcpu, state: dict[str, Any], during: str = "restore") -> None:
-    """The part of :func:`restore_vcpu_state` after CPUID and TSC frequency, in KVM's order;
-    alone it reloads a vCPU that already ran (KVM refuses CPUID changes after KVM_RUN).
-    ``during`` names the operation in the log line for a refused MSR."""
+    """The part of :func:`restore_vcpu_state` after CPUID and TSC frequency, in KVM's order
+    (the LAPIC before the MSRs, the TSC deadline after the TSC: :func:`timer_msrs`); alone it
+    reloads a vCPU that already ran (KVM refuses CPUID changes after KVM_RUN). Last, a vCPU
+    with kvmclock enabled is told it was stopped (``KVM_KVMCLOCK_CTRL``): the guest then
+    resets its RCU-stall, soft-lockup and hung-task timers on its next clock read instead of
+    reporting the time it spent saved as a stall. ``during`` names the operation in the log
+    line for a refused MSR."""
     vcpu.set_mp_state(int(state["mp_state"]))
     vcpu.set_regs(Regs.from_dict(state["regs"]))
     vcpu.set_sregs(Sregs.from_dict(state["sregs"]))
@@ -1017,10 +1056,16 @@ def restore_vcpu_registers(vcpu: Vcpu, state: dict[str, Any], during: str = "res
     vcpu.set_debugregs(state["debugregs"])
     if state["lapic"] is not None:
         vcpu.set_lapic(state["lapic"])
-    msrs = {int(k): int(v) for k, v in state["msrs"].items()}
-    for index in set_msrs_each(vcpu, msrs):
-        log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
+    msrs, deadline = timer_msrs({int(k): int(v) for k, v in state["msrs"].items()}, state["lapic"])
+    for part in (msrs, deadline):
+        for index in set_msrs_each(vcpu, part):
+            log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
     vcpu.set_vcpu_events(state["vcpu_events"])
+    if msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0) & 1:
+        try:
+            vcpu.kvmclock_ctrl()
+        except KvmError as e:
+            log.debug("vcpu%d: KVM_KVMCLOCK_CTRL failed (%s)", vcpu.index, e)
 
 
 VM_STATE_VERSION = 1

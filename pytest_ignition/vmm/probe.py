@@ -1,0 +1,158 @@
+"""A diagnostic snapshot of a running VM's clocks, timers, interrupts and virtqueues.
+
+:func:`probe` briefly pauses the VM (vCPU ioctls block while the vCPU is in ``KVM_RUN``, so
+state can only be read from outside it), reads per vCPU the run state, the TSC and the
+TSC-deadline MSR, the kvmclock MSR, the LAPIC timer registers (LVTT, TMICT, TMCCT, TDCR) and
+the pending/in-service interrupt vectors (IRR/ISR), plus the VM's kvmclock, and per virtio
+device the transport's interrupt status and each queue's indices (the guest's avail/used
+``idx`` read from guest RAM next to the device's own cursors), then resumes. The control
+socket's ``probe`` request returns it; ``benchmarks/nested_stall.py`` takes one whenever a
+guest is late.
+
+Reading the answer: a vCPU ``halted`` with ``timer.mode == "tsc-deadline"``, no pending
+vector and ``deadline_in_ms`` far in the future (or ``armed: false``) is a guest whose next
+timer tick is lost; ``avail_idx != next_avail`` on a queue means the guest posted buffers the
+device has not taken; ``interrupt_status`` non-zero for long means an interrupt the driver
+has not acknowledged.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import kvm
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_ADJUST = 0x3B
+MSR_IA32_TSC_DEADLINE = 0x6E0
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+
+# LAPIC register offsets in struct kvm_lapic_state (the 1 KiB register page)
+APIC_TPR = 0x80
+APIC_ISR = 0x100
+APIC_IRR = 0x200
+APIC_LVTT = 0x320
+APIC_TMICT = 0x380
+APIC_TMCCT = 0x390
+APIC_TDCR = 0x3E0
+
+MP_STATES = {
+    kvm.KVM_MP_STATE_RUNNABLE: "runnable",
+    kvm.KVM_MP_STATE_UNINITIALIZED: "uninitialized",
+    kvm.KVM_MP_STATE_INIT_RECEIVED: "init_received",
+    kvm.KVM_MP_STATE_HALTED: "halted",
+    kvm.KVM_MP_STATE_SIPI_RECEIVED: "sipi_received",
+}
+TIMER_MODES = {0: "oneshot", 1: "periodic", 2: "tsc-deadline", 3: "reserved"}
+
+
+def _reg(page: bytes, off: int) -> int:
+    return struct.unpack_from("<I", page, off)[0]
+
+
+def vectors(page: bytes, base: int) -> list[int]:
+    """The vectors set in a 256-bit LAPIC bitmap (IRR, ISR): eight 32-bit words 16 bytes apart."""
+    out = []
+    for word in range(8):
+        bits = _reg(page, base + 16 * word)
+        out += [word * 32 + b for b in range(32) if bits >> b & 1]
+    return out
+
+
+def lapic_timer(page: bytes) -> dict[str, Any]:
+    """The LAPIC timer's registers, decoded."""
+    lvtt = _reg(page, APIC_LVTT)
+    return {
+        "lvtt": lvtt,
+        "vector": lvtt & 0xFF,
+        "masked": bool(lvtt >> 16 & 1),
+        "mode": TIMER_MODES[lvtt >> 17 & 3],
+        "tmict": _reg(page, APIC_TMICT),
+        "tmcct": _reg(page, APIC_TMCCT),
+        "tdcr": _reg(page, APIC_TDCR),
+    }
+
+
+def vcpu_timers(vcpu: kvm.Vcpu) -> dict[str, Any]:
+    """One (paused) vCPU's run state, TSC, timer and pending interrupts."""
+    msrs = kvm.readable_msrs(
+        vcpu, [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_IA32_TSC_ADJUST, MSR_KVM_SYSTEM_TIME_NEW]
+    )
+    page = vcpu.get_lapic()
+    regs = vcpu.get_regs()
+    khz = vcpu.get_tsc_khz()
+    tsc = msrs.get(MSR_IA32_TSC, 0)
+    deadline = msrs.get(MSR_IA32_TSC_DEADLINE, 0)
+    timer = lapic_timer(page)
+    out: dict[str, Any] = {
+        "mp_state": MP_STATES.get(vcpu.get_mp_state(), "?"),
+        "rip": hex(regs.rip),
+        "if": bool(regs.rflags & 0x200),
+        "tsc": tsc,
+        "tsc_khz": khz,
+        "tsc_deadline": deadline,
+        "tsc_adjust": msrs.get(MSR_IA32_TSC_ADJUST),
+        "kvmclock_msr": hex(msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0)),
+        "timer": timer,
+        "tpr": _reg(page, APIC_TPR),
+        "irr": vectors(page, APIC_IRR),
+        "isr": vectors(page, APIC_ISR),
+    }
+    if timer["mode"] == "tsc-deadline":
+        out["armed"] = deadline != 0
+        if deadline and khz:
+            out["deadline_in_ms"] = round((deadline - tsc) / khz, 3)
+    return out
+
+
+def queue_indices(mem: Any, q: Any) -> dict[str, Any]:
+    """A queue's device-side cursors and the guest-side ``idx`` of its avail and used rings."""
+    s = q.state
+    d: dict[str, Any] = {"ready": s.ready, "size": s.size}
+    if s.ready and mem is not None:
+        try:
+            d["avail_idx"] = struct.unpack("<H", mem.read(s.avail_ring + 2, 2))[0]
+            d["used_idx"] = struct.unpack("<H", mem.read(s.used_ring + 2, 2))[0]
+        except Exception as e:  # a guest address outside RAM: report, never fail the probe
+            d["error"] = str(e)
+        d["next_avail"] = s.next_avail
+        d["next_used"] = s.next_used
+    return d
+
+
+def probe(machine: Machine) -> dict[str, Any]:
+    """Pause ``machine`` for a moment and return its timer, interrupt and queue state."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"host_monotonic_ns": time.monotonic_ns()}
+    with machine._quiesced():
+        out["vcpus"] = [vcpu_timers(r.vcpu) for r in machine.runners]
+        c = machine.vm.get_clock()
+        out["kvmclock"] = {"clock_ns": c.clock, "flags": c.flags}
+        devs = []
+        for addr, irq, t in machine.virtio_devices:
+            dev = t.device
+            with dev.lock:
+                devs.append(
+                    {
+                        "addr": hex(addr),
+                        "irq": irq,
+                        "type": type(dev).__name__,
+                        "status": t.status,
+                        "interrupt_status": t.interrupt_status,
+                        "queues": [queue_indices(machine.mem, q) for q in dev.queues],
+                    }
+                )
+        out["virtio"] = devs
+    out["exits"] = {
+        r.name: {kvm.EXIT_NAMES.get(k, str(k)): v for k, v in r.exits.items()}
+        for r in machine.runners
+    }
+    out["loop_wakeups"] = machine.loop.wakeups
+    out["interrupts_reraised"] = machine.interrupts_reraised
+    out["probe_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    return out

@@ -208,6 +208,9 @@ class IgnitionSession:
     # ------------------------------------------------------------------ engine and guest
 
     def skip_or_fail(self, message: str) -> None:
+        from pytest_ignition.distributed import where
+
+        message = where(self.config) + message  # a remote xdist worker names its host
         if self.settings.require:
             pytest.fail(f"IGNITION_REQUIRE=1 but: {message}", pytrace=False)
         pytest.skip(message)
@@ -340,8 +343,15 @@ class IgnitionSession:
     def set_root(self, basetemp: Path) -> None:
         with self.lock:
             if self.root is None:
-                # xdist workers have basetemp/<parent>/popen-gwN: the parent is shared.
-                base = basetemp.parent if _worker_id(self.config) != "main" else basetemp
+                from pytest_ignition import distributed
+
+                if distributed.is_remote(self.config):
+                    # Another host: its basetemp is this process's own; the host's workers
+                    # share a run directory there instead.
+                    base = distributed.run_dir(self.config)
+                else:
+                    # Local xdist workers have basetemp/<parent>/popen-gwN: the parent is shared.
+                    base = basetemp.parent if _worker_id(self.config) != "main" else basetemp
                 self.root = base / SNAPSHOT_SUBDIR
                 self.root.mkdir(parents=True, exist_ok=True)
 

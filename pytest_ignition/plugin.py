@@ -26,6 +26,9 @@ from pytest_ignition.fixtures import (  # noqa: F401  (fixtures are found on thi
     ignition_vm_factory,
 )
 
+# pytest-xdist across hosts (remote workers' run directories, host names in reports).
+pytest_plugins = ["pytest_ignition.distributed"]
+
 HISTORY_LIMIT = 50
 TAIL_CHARS = 4000
 

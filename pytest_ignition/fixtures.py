@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 
 from pytest_ignition import config as cfgmod
 
@@ -333,10 +334,33 @@ class IgnitionSession:
 
     def vm_limits(self) -> dict[str, Any]:
         """The session's per-command limits as :class:`~pytest_ignition.vm.VM` keywords."""
+        src = self.settings.sources
         return {
             "max_output": self.settings.max_output,
-            "max_output_source": self.settings.sources.get("max_output", "default"),
+            "max_output_source": src.get("max_output", "default"),
+            "command_timeout": self.settings.command_timeout,
+            "command_timeout_source": src.get("command_timeout", "default"),
+            "max_transfer": self.settings.max_transfer,
+            "max_transfer_source": src.get("max_transfer", "default"),
         }
+
+    def apply_test_limits(self, vm: VM, overrides: cfgmod.Overrides, where: str) -> None:
+        """A test's own ``command_timeout`` (marker/factory key), else the session's, on ``vm``
+        (a VM rolled back in place serves several tests: always set afresh)."""
+        o = overrides.as_dict()
+        if "command_timeout" in o:
+            vm.command_timeout = o["command_timeout"]
+            vm.command_timeout_source = f"command_timeout={o['command_timeout']!r} of {where}"
+        else:
+            vm.command_timeout = self.settings.command_timeout
+            vm.command_timeout_source = self.settings.sources.get("command_timeout", "default")
+
+    def lock_timeout(self, vmcfg: VMConfig) -> float:
+        """How long to wait for another process making this snapshot (-1: for ever, when the
+        prepare hooks have no timeout): its boot, prepare hooks, snapshot, and slack."""
+        if self.settings.prepare_timeout is None:
+            return -1
+        return vmcfg.boot_timeout + self.settings.prepare_timeout + 600 + 600
 
     # ------------------------------------------------------------------ directories
 
@@ -379,7 +403,21 @@ class IgnitionSession:
             assert self.root is not None, "set_root() first"
             directory = self.root / key[:24]
             ready, failed = directory / "READY", directory / "FAILED"
-            with FileLock(str(self.root / f"{key[:24]}.lock")):
+            lock = FileLock(str(self.root / f"{key[:24]}.lock"), timeout=self.lock_timeout(vmcfg))
+            try:
+                lock.acquire()
+            except FileLockTimeout:
+                msg = (
+                    f"pytest-ignition: waited {self.lock_timeout(vmcfg):g} s for another pytest "
+                    f"process (an xdist worker) to make the snapshot of this configuration "
+                    f"({self._describe(vmcfg)}; lock {lock.lock_file}); it took longer than its "
+                    "boot timeout + prepare_timeout + the snapshot allow. Raise "
+                    "--ignition-prepare-timeout (0 = none) or look at that process"
+                )
+                self.failures[key] = msg
+                pytest.fail(msg, pytrace=False)
+            with contextlib.ExitStack() as held:
+                held.callback(lock.release)
                 if failed.exists():
                     msg = failed.read_text(errors="replace")
                     self.failures[key] = msg
@@ -435,6 +473,48 @@ class IgnitionSession:
             names = " ".join(line.split()[0] for line in failed.splitlines() if line.split())
             self._progress(f"systemd is up (degraded: failed units {names or '?'})")
 
+    def _run_prepare_hooks(self, vm: VM, vmcfg: VMConfig) -> None:
+        """``pytest_ignition_prepare(vm)`` with the ``prepare_timeout`` watchdog: past it the VM
+        is killed, so every guest call of the hooks fails at once, and the snapshot fails with
+        an error naming the setting (host-only code in a hook is not interrupted)."""
+        limit = self.settings.prepare_timeout
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            kill = getattr(vm.machine, "_kill", None) or vm.machine.close
+            with contextlib.suppress(Exception):
+                kill()
+
+        timer = threading.Timer(limit, expire) if limit is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        error: str | None = None
+        try:
+            self.config.hook.pytest_ignition_prepare(vm=vm)
+        except Exception as e:
+            error = _user_traceback(e)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if expired.is_set():
+            source = self.settings.sources.get("prepare_timeout", "default")
+            raise _SnapshotFailed(
+                f"pytest-ignition: pytest_ignition_prepare ran past prepare_timeout ({limit:g} s, "
+                f"from {source}) on the booted guest ({self._describe(vmcfg)}); the VM was killed "
+                "and every test of this configuration fails. Raise it with "
+                "--ignition-prepare-timeout, IGNITION_PREPARE_TIMEOUT or the ini key "
+                "ignition_prepare_timeout (0 = none)"
+                + (f"\n{error}" if error else "")
+                + f"\n--- console tail ---\n{_tail(vm)}"
+            )
+        if error is not None:
+            raise _SnapshotFailed(
+                f"pytest-ignition: pytest_ignition_prepare failed on the booted guest "
+                f"({self._describe(vmcfg)}):\n{error}\n--- console tail ---\n{_tail(vm)}"
+            )
+
     def _make_snapshot(self, engine: Engine, vmcfg: VMConfig, directory: Path) -> float:
         from pytest_ignition.budget import BudgetError
 
@@ -471,14 +551,7 @@ class IgnitionSession:
             if vmcfg.init == "systemd":
                 self._wait_system_up(vm, vmcfg, t0)
             boot_seconds = time.monotonic() - t0
-            try:
-                self.config.hook.pytest_ignition_prepare(vm=vm)
-            except Exception as e:
-                tb = _user_traceback(e)
-                raise _SnapshotFailed(
-                    f"pytest-ignition: pytest_ignition_prepare failed on the booted guest "
-                    f"({self._describe(vmcfg)}):\n{tb}\n--- console tail ---\n{_tail(vm)}"
-                ) from None
+            self._run_prepare_hooks(vm, vmcfg)
             try:
                 engine.snapshot(machine, directory)
             except EngineError as e:
@@ -627,9 +700,11 @@ class IgnitionSession:
         close()
 
     def release(self, vm: VM, pool: Pool | None) -> None:
-        """A test is done with ``vm``: roll it back for the next test, or close it."""
-        if pool is not None and pool.rolls_back and pool.give_back(vm):
-            return
+        """A test is done with ``vm``: roll it back for the next test, or close it. A VM found
+        broken (``vm.broken``: it died, or stopped answering) is always closed."""
+        if getattr(vm, "broken", None) is None and not _machine_dead(vm):
+            if pool is not None and pool.rolls_back and pool.give_back(vm):
+                return
         self.close_vm(vm)
 
     def close(self) -> None:
@@ -679,6 +754,14 @@ def _tail(vm: Any) -> str:
         return str(vm.console_tail())
     except Exception as e:
         return f"(console tail unavailable: {e!r})"
+
+
+def _machine_dead(vm: Any) -> bool:
+    """True when the VM's process has exited (a test may have powered it off unnoticed)."""
+    try:
+        return not vm.machine.is_alive()
+    except Exception:
+        return False
 
 
 def get_session(config: pytest.Config) -> IgnitionSession:
@@ -766,6 +849,7 @@ def ignition_vm(request: pytest.FixtureRequest, _ignition_session: IgnitionSessi
         session.remaining[overrides] -= 1
         more = session.prefetch and session.remaining[overrides] > 0
     vm, seconds = _map_restore_error(lambda: pool.acquire(prefetch=more))
+    session.apply_test_limits(vm, overrides, "the ignition marker")
     _record_restore(request, seconds)
     _track(request, "ignition_vm", vm)
     try:
@@ -788,6 +872,7 @@ class VMFactory:
         snap = self._session.snapshot_for(vmcfg)
         pool = self._session.pool(snap, reset)
         vm, seconds = _map_restore_error(lambda: pool.acquire(prefetch=False))
+        self._session.apply_test_limits(vm, overrides, "ignition_vm_factory(...)")
         self._vms.append(vm)
         _record_restore(self._request, seconds)
         _track(self._request, f"ignition_vm_factory #{len(self._vms)}", vm)

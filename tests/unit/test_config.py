@@ -264,7 +264,9 @@ def test_max_output_through_pytest(
     result = pytester.runpytest_subprocess("-s", "--ignition-max-output=3K")
     result.stdout.fnmatch_lines(
         [
-            "*MAXOUT 3072 --ignition-max-output {'max_output': 3072, 'max_output_source': '--ignition-max-output'}*"
+            "*MAXOUT 3072 --ignition-max-output {'max_output': 3072, "
+            "'max_output_source': '--ignition-max-output', 'command_timeout': 600.0, "
+            "'command_timeout_source': 'default', 'max_transfer': 268435456, *"
         ]
     )
     result = pytester.runpytest_subprocess("--ignition-max-output=lots")

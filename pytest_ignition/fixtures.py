@@ -382,8 +382,14 @@ class IgnitionSession:
     def tmp(self) -> Path:
         with self.lock:
             if self._tmp is None:
+                from pytest_ignition.engines import _process
+
+                # The first VM use of a session reclaims what SIGKILLed/crashed runs left.
+                kept = _kept_paths()
+                if kept is not None:
+                    _process.sweep_dead_runs(protect=kept)
                 # Short path: machine workdirs hold Unix sockets (108-byte path limit).
-                self._tmp = Path(tempfile.mkdtemp(prefix="ignition-"))
+                self._tmp = _process.owned_tempdir("ignition-")
             return self._tmp
 
     def workdir(self, prefix: str) -> Path:
@@ -736,6 +742,23 @@ class _SnapshotFailed(Exception):
 
 class RestoreFailed(Exception):
     """Restoring a VM from its snapshot failed."""
+
+
+def _kept_paths() -> tuple[str, ...] | None:
+    """The dirs of VMs kept past their run (--ignition-keep-failed), which the sweeper spares;
+    None when the registry cannot be read (then nothing is swept)."""
+    try:
+        from pytest_ignition import keep
+
+        paths: list[str] = []
+        for k in keep.list_kept():
+            entry = json.loads(k.path.read_text())
+            paths += [str(p) for p in entry.get("cleanup", [])]
+            if k.workdir:
+                paths.append(k.workdir)
+        return tuple(paths)
+    except Exception:
+        return None
 
 
 def _user_traceback(exc: BaseException) -> str:

@@ -1,17 +1,25 @@
 """What every engine's machine needs from the host, in one place: starting the VM process so
 that it dies with this one, killing its process group, a private directory (with a short
 socket directory where the workdir's path is too long for ``sun_path``), closing whatever is
-still open at exit, and the guest's default kernel command line."""
+still open at exit, and the guest's default kernel command line.
+
+Also the temp directories' owner files and the sweeper: every directory the plugin makes in the
+system temp dir (``ignition-*`` session dirs, ``ign-*`` socket dirs) gets an owner file (pid, the
+pid's start time, boot id, pid namespace, host); :func:`sweep_dead_runs` removes those whose owner
+is gone (a SIGKILLed or crashed run), never a live run's, never following symlinks."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import queue
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,6 +32,8 @@ from typing import Any
 __all__ = [
     "MachineDirs",
     "default_cmdline",
+    "owned_tempdir",
+    "sweep_dead_runs",
     "kill_process",
     "spawn",
     "track",
@@ -133,12 +143,140 @@ class MachineDirs:
         self.sockdir = self.dir
         self._sockdir_owned = len(str(self.dir / longest_socket)) > MAX_SOCK_PATH
         if self._sockdir_owned:
-            self.sockdir = Path(tempfile.mkdtemp(prefix="ign-"))
+            self.sockdir = owned_tempdir("ign-")
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         if self._sockdir_owned:
             shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- temp dirs of dead runs
+
+OWNER_FILE = ".ignition-owner"
+TMP_PREFIXES = ("ignition-", "ign-")  # session dirs (fixtures), short socket dirs (engines)
+
+
+def _proc_start(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of ``pid``, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19]), fields[0]  # stat fields 22 and 3; the name may hold spaces
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _pidns() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def owner_record(pid: int | None = None) -> dict[str, Any]:
+    """What identifies a running process across pid reuse, reboots and containers."""
+    pid = os.getpid() if pid is None else pid
+    start = _proc_start(pid)
+    return {
+        "pid": pid,
+        "start": start[0] if start else None,
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pidns": _pidns(),
+        "host": socket.gethostname(),
+    }
+
+
+def owned_tempdir(prefix: str, dir: Path | None = None) -> Path:
+    """``tempfile.mkdtemp(prefix=...)`` with an owner file naming this process."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    (d / OWNER_FILE).write_text(json.dumps(owner_record()))
+    return d
+
+
+def owner_alive(rec: dict[str, Any]) -> bool | None:
+    """True: the owner runs; False: it is gone for sure; None: cannot tell (keep the dir)."""
+    if rec.get("host") != socket.gethostname():
+        return None  # a temp dir shared with another host
+    boot_id = _read_text("/proc/sys/kernel/random/boot_id")
+    if rec.get("boot_id") and boot_id and rec["boot_id"] != boot_id:
+        return False  # made before the last reboot
+    if rec.get("pidns") != _pidns():
+        return None  # another container's pids mean nothing here
+    try:
+        pid = int(rec["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not os.path.isdir("/proc/self"):  # no procfs (macOS): the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
+    now = _proc_start(pid)
+    if now is None or now[1] in ("Z", "X"):
+        return False  # gone, or a zombie nobody reaped yet
+    return rec.get("start") is None or now[0] == rec["start"]  # else: the pid was reused
+
+
+def _read_owner(path: str) -> dict[str, Any] | None:
+    try:
+        fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size > 4096:
+            return None
+        rec = json.loads(os.read(fd, 4096))
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def sweep_dead_runs(tmpdir: str | Path | None = None, protect: tuple[str, ...] = ()) -> list[Path]:
+    """Remove this user's ``ignition-*`` / ``ign-*`` dirs in ``tmpdir`` whose owner is gone.
+
+    A dir with no owner file (older versions, or one being made right now), another user's, a
+    symlink, or one holding a ``protect`` path (a kept VM's) stays. Returns what was removed.
+    """
+    root = str(tmpdir if tmpdir is not None else tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.name.startswith(TMP_PREFIXES):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        rec = _read_owner(entry.path)
+        if rec is None or owner_alive(rec) is not False:
+            continue
+        if any(p == entry.path or p.startswith(entry.path + os.sep) for p in protect):
+            continue
+        # rmtree works through directory fds with O_NOFOLLOW (rmtree.avoids_symlink_attacks on
+        # Linux): a symlink inside is removed, never followed.
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            removed.append(Path(entry.path))
+    return removed
 
 
 _live: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -173,7 +173,7 @@ class IgnitionMachine(Machine):
         self._sockdir_owned = False
         sockdir = self.dir
         if len(str(sockdir / "control.sock")) > _MAX_SOCK_PATH - 8:
-            sockdir = Path(tempfile.mkdtemp(prefix="ign-"))
+            sockdir = _process.owned_tempdir("ign-")
             self._sockdir_owned = True
         self.sockdir = sockdir
         self.vsock_sock = sockdir / "vsock.sock"

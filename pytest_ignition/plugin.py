@@ -164,6 +164,23 @@ def _format_entry(entry: Any) -> str:
     return f"$ {str(cmd)[:500]}\n    -> {status}, {seconds:.3f} s"
 
 
+def _vm_status(vm: Any) -> str:
+    """Why a test's VM broke (None-ish when it is fine): its diagnosis, or a fresh one when
+    its process has exited without a request noticing."""
+    try:
+        broken = getattr(vm, "broken", None)
+        if broken is None and not fx._machine_dead(vm):
+            return ""
+        if broken is None:
+            from pytest_ignition.vm import diagnose
+
+            broken = diagnose(vm.machine, wait=0)
+            vm.broken = broken
+        return f"{broken}\n(this VM is discarded: the next test gets a fresh one)"
+    except Exception as e:
+        return f"(VM status unavailable: {e!r})"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -171,6 +188,9 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and report.when in ("setup", "call"):
         for label, vm in item.stash.get(fx.ITEM_VMS_KEY, []):
+            status = _vm_status(vm)
+            if status:
+                report.sections.append((f"ignition {label}: VM status", status))
             report.sections.append((f"ignition {label}: commands", _format_history(vm)))
             report.sections.append(
                 (f"ignition {label}: console tail", fx._tail(vm)[-TAIL_CHARS:] or "(empty)")

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ __all__ = [
     "default_cmdline",
     "owned_tempdir",
     "sweep_dead_runs",
+    "enable_keeper",
+    "keep_process",
     "kill_process",
     "spawn",
     "track",
@@ -109,8 +111,56 @@ class _Spawner:
 _spawner = _Spawner()
 
 
+# --ignition-keep-failed: VM processes start under a keeper (pytest_ignition.keeper) that
+# outlives this process, so that a failed test's VM can be kept; see enable_keeper().
+_keeper_mode = False
+
+
+def enable_keeper(on: bool = True) -> None:
+    """Start every later VM process under a keeper process (for ``--ignition-keep-failed``)."""
+    global _keeper_mode
+    _keeper_mode = on
+
+
+def _spawn_kept(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    # The keeper kills the VM when the pipe's write end closes (this process exited, or
+    # kill_process closed it) unless it was told to keep it (keep_process).
+    r, w = os.pipe2(os.O_CLOEXEC)
+    inner = tuple(kw.pop("pass_fds", ()))
+    keeper = [sys.executable, "-m", "pytest_ignition.keeper", str(r), ",".join(map(str, inner))]
+    try:
+        proc = _spawner.popen(
+            [*keeper, "--", *argv], start_new_session=True, pass_fds=(*inner, r), **kw
+        )
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    proc._ignition_ctl = w  # type: ignore[attr-defined]
+    return proc
+
+
+def keep_process(proc: subprocess.Popen[bytes], deadline: float, entry: Path) -> bool:
+    """Tell the keeper of ``proc`` to keep it until ``deadline`` (epoch seconds); False when
+    ``proc`` was not started under a keeper."""
+    w = getattr(proc, "_ignition_ctl", None)
+    if w is None or proc.poll() is not None:
+        return False
+    try:
+        os.write(w, f"keep {deadline:.3f} {entry}\n".encode())
+    except OSError:
+        return False
+    os.close(w)
+    proc._ignition_ctl = None  # type: ignore[attr-defined]
+    return True
+
+
 def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen(argv, **kw)`` in its own session, SIGKILLed when this process dies."""
+    """``subprocess.Popen(argv, **kw)`` in its own session, SIGKILLed when this process dies
+    (with the keeper enabled: ended by its keeper then, unless kept)."""
+    if _keeper_mode:
+        return _spawn_kept(argv, **kw)
     return _spawner.popen(
         argv,
         start_new_session=True,
@@ -121,6 +171,11 @@ def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
 
 def kill_process(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL a process started by :func:`spawn` and its process group, and reap it."""
+    w = getattr(proc, "_ignition_ctl", None)
+    if w is not None:  # a keeper's pipe: closed with the machine
+        proc._ignition_ctl = None  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            os.close(w)
     if proc.poll() is None:
         # It leads its own process group (anything it forks is in it too). Signalled before
         # the leader is reaped, so the group id cannot have been reused.
@@ -282,9 +337,27 @@ def sweep_dead_runs(tmpdir: str | Path | None = None, protect: tuple[str, ...] =
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+_collector = threading.local()
+
+
 def track(machine: Any) -> None:
     """Close ``machine`` at interpreter exit if nobody has by then."""
     _live.add(machine)
+    made = getattr(_collector, "made", None)
+    if made is not None:
+        made.append(machine)
+
+
+@contextlib.contextmanager
+def collecting(made: list[Any]) -> Iterator[list[Any]]:
+    """Append every machine this thread creates meanwhile to ``made`` (so that another thread
+    can close one whose boot or restore is still in progress)."""
+    prev = getattr(_collector, "made", None)
+    _collector.made = made
+    try:
+        yield made
+    finally:
+        _collector.made = prev
 
 
 def untrack(machine: Any) -> None:

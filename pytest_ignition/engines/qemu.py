@@ -1,4 +1,4 @@
-"""The QEMU engine: ``qemu-system-x86_64 -M microvm`` driven over QMP.
+"""The QEMU engine: ``qemu-system-x86_64 -M microvm`` or ``qemu-system-aarch64 -M virt``, via QMP.
 
 Owns launching QEMU (one process per machine, its own session, SIGKILLed by the kernel
 when this process dies), the serial console (a chardev socket with a log file), the agent
@@ -18,6 +18,15 @@ overlays over a base that is never written, and snapshots:
 The kernel command line gets ``reboot=t``: microvm has no i8042, and a triple fault is
 the reset that ``-no-reboot`` turns into QEMU exiting (a panicking guest, ``panic=-1``).
 QEMU 7.2 has no ``file:`` migration URI; restore reads the state through an inherited fd.
+
+aarch64 guests (``VMConfig.arch``) run on ``-M virt,gic-version=3`` (arm64 has no microvm):
+``-nodefaults`` leaves the PL011 (``console=ttyAMA0``) and the 32 virtio-mmio transports, which
+the guest finds in the device tree QEMU generates (``-device virtio-*-device``, no PCI
+enumeration). Reset and power-off are PSCI calls, so no ``reboot=`` flag is needed; a panic's
+PSCI reset ends QEMU under ``-no-reboot`` as on x86. The engine's accelerator (hvf on macOS,
+kvm on Linux, chosen in ``engines/select.py``) serves guests of the host's architecture;
+another architecture's guest always runs under TCG, with ``-cpu max,pauth-impdef=on`` on arm64
+(QEMU's default QARMA pointer-auth emulation makes a boot ~3x slower).
 """
 
 from __future__ import annotations
@@ -55,11 +64,19 @@ from pytest_ignition.engines.base import (
     VMConfig,
 )
 
-__all__ = ["QemuEngine", "QemuMachine", "SNAPSHOT_FORMAT"]
+__all__ = ["QEMU_BINARIES", "QemuEngine", "QemuMachine", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = 1
 AGENT_PORT_NAME = "org.ignition.agent"
 QEMU_HINT = "apt-get install qemu-system-x86 (provides qemu-system-x86_64)"
+# guest architecture -> (QEMU binary, how to get it)
+QEMU_BINARIES = {
+    "x86_64": ("qemu-system-x86_64", QEMU_HINT),
+    "aarch64": (
+        "qemu-system-aarch64",
+        "apt-get install qemu-system-arm (provides qemu-system-aarch64), or brew install qemu",
+    ),
+}
 QEMU_IMG_HINT = "apt-get install qemu-utils (provides qemu-img; needed for a rootfs)"
 T = TypeVar("T")
 
@@ -136,6 +153,13 @@ class _Qmp:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             _qmp_loop.run(self._client.disconnect(), 5.0)
+
+
+def _host_arch() -> str:
+    import platform
+
+    machine = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
 
 
 # --------------------------------------------------------------------------- the machine
@@ -234,29 +258,52 @@ class QemuEngine(Engine):
     def __init__(
         self,
         accelerator: str = "tcg",
-        qemu: str = "qemu-system-x86_64",
+        qemu: str | None = None,
         qemu_img: str = "qemu-img",
+        arch: str | None = None,
     ) -> None:
+        """``accelerator`` is for guests of ``arch`` (default: the host's architecture);
+        ``qemu`` overrides that architecture's binary. Other architectures use TCG and
+        their own ``qemu-system-*``, looked up when first needed."""
         if accelerator not in ("kvm", "hvf", "tcg"):
             raise ValueError(f"unknown accelerator {accelerator!r}")
         self.accelerator = accelerator
-        found = shutil.which(qemu)
-        if found is None:
-            raise EngineUnavailable(f"{qemu} was not found on PATH", hint=QEMU_HINT)
-        self.qemu = found
+        self.arch = arch or _host_arch()
+        if self.arch not in QEMU_BINARIES:
+            raise EngineUnavailable(f"no QEMU machine for {self.arch} guests here")
+        self._binaries: dict[str, str] = {}
+        self._versions: dict[str, str] = {}
+        self.qemu = self.binary(self.arch, qemu)
         self.qemu_img = shutil.which(qemu_img)
-        self._version: str | None = None
+
+    def binary(self, arch: str, override: str | None = None) -> str:
+        """The ``qemu-system-*`` for ``arch`` guests; EngineUnavailable says what to install."""
+        if arch not in self._binaries:
+            name, hint = QEMU_BINARIES.get(arch, (f"qemu-system-{arch}", ""))
+            found = shutil.which(override or name)
+            if found is None:
+                raise EngineUnavailable(f"{override or name} was not found on PATH", hint=hint)
+            self._binaries[arch] = found
+        return self._binaries[arch]
+
+    def accelerator_for(self, arch: str) -> str:
+        """The engine's accelerator for the host's own architecture, TCG for any other."""
+        return self.accelerator if arch == self.arch else "tcg"
+
+    def version_of(self, arch: str) -> str:
+        """The version of ``arch``'s QEMU, e.g. ``7.2.22``."""
+        if arch not in self._versions:
+            out = subprocess.run(
+                [self.binary(arch), "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+            m = re.search(r"version (\S+)", out)
+            self._versions[arch] = m.group(1) if m else "unknown"
+        return self._versions[arch]
 
     @property
     def version(self) -> str:
-        """QEMU's version, e.g. ``7.2.22``."""
-        if self._version is None:
-            out = subprocess.run(
-                [self.qemu, "--version"], capture_output=True, text=True, timeout=30
-            ).stdout
-            m = re.search(r"version (\S+)", out)
-            self._version = m.group(1) if m else "unknown"
-        return self._version
+        """QEMU's version (of the host architecture's binary), e.g. ``7.2.22``."""
+        return self.version_of(self.arch)
 
     def describe(self) -> str:
         return f"qemu {self.version} ({self.accelerator})"
@@ -264,10 +311,15 @@ class QemuEngine(Engine):
     # -- argument building ----------------------------------------------------------------------
 
     def cmdline(self, config: VMConfig) -> str:
-        # microvm has no i8042, so the default reboot=k would fall through to a jump into
-        # the firmware, which boots the kernel again instead of resetting: a panicking
-        # guest would loop instead of exiting. A triple fault resets, and -no-reboot exits.
-        parts = [default_cmdline(), "reboot=t"]
+        if config.arch == "aarch64":
+            # virt's UART is a PL011 (ttyAMA0); reset and power-off go through PSCI.
+            base = default_cmdline().replace("console=ttyS0", "console=ttyAMA0")
+            parts = [" ".join(a for a in base.split() if not a.startswith("reboot="))]
+        else:
+            # microvm has no i8042, so the default reboot=k would fall through to a jump into
+            # the firmware, which boots the kernel again instead of resetting: a panicking
+            # guest would loop instead of exiting. A triple fault resets, and -no-reboot exits.
+            parts = [default_cmdline(), "reboot=t"]
         if config.image is not None:
             parts += ["ignition.image=1", f"ignition.init={config.init}"]
         if config.rootfs is not None:
@@ -276,16 +328,23 @@ class QemuEngine(Engine):
             parts.append(config.kernel_args.strip())
         return " ".join(parts)
 
+    def machine_args(self, config: VMConfig) -> list[str]:
+        """Machine, accelerator and CPU for the config's architecture."""
+        accel = self.accelerator_for(config.arch)
+        if config.arch == "aarch64":
+            # GICv3 as the bundled VMM's machine has (no GICv2 limit of 8 vCPUs); under KVM the
+            # host's own GIC version ("max": a GICv2-only host such as a Raspberry Pi 4).
+            gic = "max" if accel == "kvm" else "3"
+            cpu = "host" if accel in ("kvm", "hvf") else "max,pauth-impdef=on"
+            return ["-M", f"virt,gic-version={gic}", "-accel", accel, "-cpu", cpu]
+        args = ["-M", "microvm,acpi=off", "-accel", accel]
+        if accel in ("kvm", "hvf"):
+            args += ["-cpu", "host"]
+        return args
+
     def device_args(self, config: VMConfig) -> list[str]:
         """Everything but per-instance paths: identical between boot and restore."""
-        args = [
-            "-M",
-            "microvm,acpi=off",
-            "-accel",
-            self.accelerator,
-        ]
-        if self.accelerator in ("kvm", "hvf"):
-            args += ["-cpu", "host"]
+        args = self.machine_args(config)
         args += [
             "-nodefaults",
             "-no-user-config",
@@ -308,7 +367,7 @@ class QemuEngine(Engine):
             "-device",
             "virtio-rng-device,rng=rng0",
         ]
-        # Disks are found by serial in the guest: microvm's virtio-mmio slot order is not ours.
+        # Disks are found by serial in the guest: the virtio-mmio slot order is not ours.
         if config.image is not None:
             args += ["-device", "virtio-blk-device,drive=image,serial=ignition-image"]
         if config.rootfs is not None:
@@ -370,7 +429,8 @@ class QemuEngine(Engine):
     def _launch(
         self, m: QemuMachine, config: VMConfig, extra: list[str], pass_fds: tuple[int, ...] = ()
     ) -> float:
-        argv = [self.qemu, *self.device_args(config), *self._instance_args(m, config), *extra]
+        qemu = self.binary(config.arch)
+        argv = [qemu, *self.device_args(config), *self._instance_args(m, config), *extra]
         log = open(m.qemu_log, "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
             started = time.monotonic()
@@ -528,8 +588,9 @@ class QemuEngine(Engine):
                 "format": SNAPSHOT_FORMAT,
                 "engine": self.name,
                 "config_key": machine.config.key(),
-                "qemu_version": self.version,
-                "accelerator": self.accelerator,
+                "qemu_version": self.version_of(machine.config.arch),
+                "accelerator": self.accelerator_for(machine.config.arch),
+                "arch": machine.config.arch,
                 "args": self.device_args(machine.config),
                 "disk": machine.overlay is not None,
                 "state_bytes": state.stat().st_size,
@@ -569,8 +630,11 @@ class QemuEngine(Engine):
         problems = []
         if meta.get("args") != self.device_args(config):
             problems.append("QEMU device arguments differ (other accelerator or version)")
-        if meta.get("qemu_version") != self.version:
-            problems.append(f"taken with QEMU {meta.get('qemu_version')}, this is {self.version}")
+        version = self.version_of(config.arch)
+        if meta.get("qemu_version") != version:
+            problems.append(f"taken with QEMU {meta.get('qemu_version')}, this is {version}")
+        if meta.get("arch", "x86_64") != config.arch:
+            problems.append(f"an {meta.get('arch', 'x86_64')} snapshot, not {config.arch}")
         return problems
 
     def restore(self, config: VMConfig, directory: Path, workdir: Path) -> QemuMachine:

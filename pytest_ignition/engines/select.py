@@ -6,6 +6,11 @@ bundled VMM (``ignition``) only where KVM runs guest kernels at native speed: re
 AMD-V (``/dev/kvm`` usable and not PVM, which emulates guest CPL0 code instruction by
 instruction). Everywhere else it picks QEMU, whose accelerator is KVM under the same
 condition, HVF on macOS, else TCG.
+
+The guest's architecture (the ``arch`` setting, default the host's) takes part: hardware
+acceleration needs a guest of the host's own architecture (an aarch64 guest on an arm64 Mac gets
+HVF, on arm64 Linux KVM); any other guest runs under QEMU TCG, and the bundled VMM only runs
+guests of the host's architecture.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = ["Decision", "HostProbe", "decide", "probe_host", "select_engine"]
 
 ENGINE_NAMES = ("auto", "ignition", "qemu")
 QEMU_HINT = "apt-get install qemu-system-x86 (Debian/Ubuntu), or brew install qemu (macOS)"
+QEMU_AARCH64_HINT = "apt-get install qemu-system-arm (Debian/Ubuntu), or brew install qemu (macOS)"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class HostProbe:
     kvm_pvm: bool  # the KVM is PVM (/sys/module/kvm_pvm exists)
     qemu_path: str | None  # qemu-system-x86_64, if found
     ignition_available: bool  # pytest_ignition.engines.ignition can be imported
+    qemu_aarch64_path: str | None = None  # qemu-system-aarch64, if found
 
 
 @dataclass(frozen=True)
@@ -63,14 +70,24 @@ def probe_host() -> HostProbe:
         kvm_pvm=Path("/sys/module/kvm_pvm").exists(),
         qemu_path=shutil.which("qemu-system-x86_64"),
         ignition_available=importlib.util.find_spec("pytest_ignition.engines.ignition") is not None,
+        qemu_aarch64_path=shutil.which("qemu-system-aarch64"),
     )
+
+
+def probe_arch(p: HostProbe) -> str:
+    """The probed host's architecture in the ``arch`` setting's names."""
+    m = p.machine.lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(m, m)
 
 
 def _native_kvm(p: HostProbe) -> bool:
     return p.system == "Linux" and p.kvm_usable and not p.kvm_pvm
 
 
-def _qemu_accel(p: HostProbe) -> tuple[str, str]:
+def _qemu_accel(p: HostProbe, arch: str) -> tuple[str, str]:
+    host = probe_arch(p)
+    if arch != host:
+        return "tcg", f"an {arch} guest on an {host} host runs under TCG"
     if p.system == "Linux":
         if p.kvm_usable and p.kvm_pvm:
             return "tcg", "/dev/kvm is PVM (guest kernel code would be emulated), so TCG"
@@ -78,20 +95,27 @@ def _qemu_accel(p: HostProbe) -> tuple[str, str]:
             return "kvm", "/dev/kvm is usable"
         return "tcg", "no usable /dev/kvm, so TCG"
     if p.system == "Darwin":
-        if p.machine in ("x86_64", "AMD64"):
-            return "hvf", "macOS on x86_64: Hypervisor.framework"
-        return "tcg", f"macOS on {p.machine}: an x86_64 guest needs TCG"
+        return "hvf", f"macOS on {host}: Hypervisor.framework"
     return "tcg", f"{p.system}: no known hardware accelerator, so TCG"
 
 
-def decide(name: str, p: HostProbe) -> Decision:
-    """Choose the engine and accelerator for ``name`` (auto|ignition|qemu) on host ``p``.
+def decide(name: str, p: HostProbe, arch: str | None = None) -> Decision:
+    """Choose the engine and accelerator for ``name`` (auto|ignition|qemu) on host ``p`` for
+    guests of ``arch`` (default: the host's).
 
     Raises :class:`EngineUnavailable` when the requested engine cannot run here.
     """
     if name not in ENGINE_NAMES:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
-    native = _native_kvm(p)
+    host = probe_arch(p)
+    arch = arch or host
+    foreign = arch != host
+    native = _native_kvm(p) and not foreign
+    if name == "ignition" and foreign:
+        raise EngineUnavailable(
+            f"the bundled VMM runs guests of the host's architecture ({host}), not {arch}",
+            hint="use --ignition-engine=qemu (TCG) or auto for this guest",
+        )
     if name == "ignition":
         if not p.ignition_available:
             raise EngineUnavailable(
@@ -110,12 +134,19 @@ def decide(name: str, p: HostProbe) -> Decision:
         return Decision("ignition", "kvm", why)
     if name == "auto" and native and p.ignition_available:
         return Decision("ignition", "kvm", "auto: /dev/kvm runs guests natively (not PVM)")
-    if p.qemu_path is None:
+    if arch == "aarch64":
+        if p.qemu_aarch64_path is None:
+            raise EngineUnavailable(
+                "qemu-system-aarch64 was not found on PATH", hint=QEMU_AARCH64_HINT
+            )
+    elif p.qemu_path is None:
         raise EngineUnavailable("qemu-system-x86_64 was not found on PATH", hint=QEMU_HINT)
-    accel, accel_why = _qemu_accel(p)
+    accel, accel_why = _qemu_accel(p, arch)
     if name == "qemu":
         return Decision("qemu", accel, f"requested with --ignition-engine=qemu; {accel_why}")
-    if native:
+    if foreign:
+        why = f"auto: {accel_why}, in QEMU"
+    elif native:
         # Only reached when the bundled VMM is absent.
         why = "auto: the bundled VMM is not available; " + accel_why
     elif p.kvm_usable and p.kvm_pvm:
@@ -125,12 +156,19 @@ def decide(name: str, p: HostProbe) -> Decision:
     return Decision("qemu", accel, why)
 
 
-def select_engine(name: str = "auto", probe: HostProbe | None = None) -> tuple[Engine, str]:
-    """The engine to use and why it was chosen (for the pytest header)."""
-    d = decide(name, probe if probe is not None else probe_host())
+def select_engine(
+    name: str = "auto", probe: HostProbe | None = None, arch: str | None = None
+) -> tuple[Engine, str]:
+    """The engine to use for guests of ``arch`` and why it was chosen (for the pytest header)."""
+    p = probe if probe is not None else probe_host()
+    d = decide(name, p, arch)
     if d.engine == "ignition":
         mod = importlib.import_module("pytest_ignition.engines.ignition")
         return mod.IgnitionEngine(), d.reason
     from pytest_ignition.engines.qemu import QemuEngine
 
-    return QemuEngine(accelerator=d.accelerator), d.reason
+    host = probe_arch(p)
+    if arch is not None and arch != host:
+        # The engine's accelerator serves host-architecture guests; this guest gets TCG.
+        return QemuEngine(accelerator=_qemu_accel(p, host)[0], arch=host), d.reason
+    return QemuEngine(accelerator=d.accelerator, arch=host), d.reason

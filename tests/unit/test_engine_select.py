@@ -52,10 +52,38 @@ def test_qemu_accelerator_kvm_only_when_not_pvm() -> None:
     assert decide("qemu", LINUX).accelerator == "tcg"
 
 
-def test_qemu_on_macos_uses_hvf_on_intel_and_tcg_on_arm() -> None:
+def test_qemu_on_macos_uses_hvf_for_the_hosts_own_architecture() -> None:
     assert decide("qemu", MAC).accelerator == "hvf"
     assert decide("auto", MAC).engine == "qemu"
-    assert decide("qemu", replace(MAC, machine="arm64")).accelerator == "tcg"
+    arm_mac = replace(
+        MAC, machine="arm64", qemu_aarch64_path="/opt/homebrew/bin/qemu-system-aarch64"
+    )
+    # the default guest is the host's (aarch64): HVF; an x86_64 guest there needs TCG
+    assert decide("qemu", arm_mac).accelerator == "hvf"
+    assert decide("qemu", arm_mac, "x86_64").accelerator == "tcg"
+    assert decide("qemu", replace(MAC, qemu_aarch64_path="/q"), "aarch64").accelerator == "tcg"
+
+
+def test_aarch64_guests() -> None:
+    arm_linux = replace(
+        NATIVE_KVM, machine="aarch64", qemu_aarch64_path="/usr/bin/qemu-system-aarch64"
+    )
+    assert (decide("qemu", arm_linux).accelerator, decide("auto", arm_linux).engine) == (
+        "kvm",
+        "ignition",
+    )
+    # On an x86_64 host: QEMU TCG, whatever the KVM, and the reason says why.
+    for host in (LINUX, NATIVE_KVM, PVM):
+        d = decide(
+            "auto", replace(host, qemu_aarch64_path="/usr/bin/qemu-system-aarch64"), "aarch64"
+        )
+        assert (d.engine, d.accelerator) == ("qemu", "tcg") and "aarch64 guest" in d.reason
+    with pytest.raises(EngineUnavailable) as ei:
+        decide("ignition", replace(NATIVE_KVM, qemu_aarch64_path="/x"), "aarch64")
+    assert "host's architecture" in ei.value.reason and "qemu" in ei.value.hint
+    with pytest.raises(EngineUnavailable) as ei:
+        decide("auto", PVM, "aarch64")
+    assert "qemu-system-aarch64" in ei.value.reason and "qemu-system-arm" in ei.value.hint
 
 
 def test_no_qemu_binary_is_unavailable_with_install_hint() -> None:

@@ -10,6 +10,21 @@ ig_arg() {
     return 1
 }
 
+# ig_boot_timer: the boot-timer byte (123) to the VMM's MMIO page (Firecracker's convention).
+# x86_64: 0xd0000000, where nothing else lives (QEMU ignores the write). Elsewhere only at the
+# address a VMM names with ignition.boot_timer=ADDR: on arm64, 0xd0000000 may be guest RAM.
+ig_boot_timer() {
+    addr=$(ig_arg boot_timer) || { [ "$(uname -m)" = x86_64 ] && addr=0xd0000000; } || return 0
+    devmem "$addr" 8 123 2>/dev/null
+}
+
+# ig_console: the kernel's console tty: ttyS0, or ttyAMA0 (the PL011 of QEMU's arm64 virt).
+ig_console() {
+    c=$(cat /sys/class/tty/console/active 2>/dev/null)
+    c=${c##* }
+    echo "${c:-ttyS0}"
+}
+
 # ig_disk SERIAL FALLBACK: the /dev node of the virtio disk with that serial, else FALLBACK.
 ig_disk() {
     for s in /sys/block/vd*/serial; do

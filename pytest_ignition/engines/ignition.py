@@ -186,7 +186,9 @@ class IgnitionMachine(Machine):
         self.ready_seconds = 0.0
         self.restored_from: Path | None = None
         self._relay: _ConsoleRelay | None = None
-        self._console = SerialConsole(self.console_sock, self.console_log)
+        self._console = SerialConsole(
+            self.console_sock, self.console_log, other_logs=(self.vmm_log,)
+        )
         self._closed = False
         self._lock = threading.Lock()
         _process.track(self)
@@ -332,7 +334,7 @@ class IgnitionEngine(Engine):
 
     def _launch(self, m: IgnitionMachine, argv: list[str]) -> float:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        log = open(m.vmm_log, "wb")  # noqa: SIM115 - handed to the child, closed below
+        log = open(m.vmm_log, "ab")  # noqa: SIM115 - handed to the child (O_APPEND: capped)
         try:
             m._relay = _ConsoleRelay(ours, m.console_sock, m.console_log)
             started = time.monotonic()

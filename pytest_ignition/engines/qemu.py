@@ -186,7 +186,9 @@ class QemuMachine(Machine):
         self.agent: Any = None
         self.ready_seconds = 0.0
         self.restored_from: Path | None = None
-        self._console = SerialConsole(self.console_sock, self.console_log)
+        self._console = SerialConsole(
+            self.console_sock, self.console_log, other_logs=(self.qemu_log,)
+        )
         self._qmp: _Qmp | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -380,7 +382,9 @@ class QemuEngine(Engine):
             args += ["-initrd", str(Path(config.initrd).resolve())]
         args += [
             "-chardev",
-            f"socket,id=con,path={m.console_sock},server=on,wait=off,logfile={m.console_log}",
+            # logappend: QEMU writes O_APPEND, so the log guard can truncate the log under it
+            f"socket,id=con,path={m.console_sock},server=on,wait=off,logfile={m.console_log},"
+            "logappend=on",
             "-chardev",
             f"socket,id=agent,path={m.agent_sock},server=on,wait=off",
             "-qmp",
@@ -431,7 +435,7 @@ class QemuEngine(Engine):
     ) -> float:
         qemu = self.binary(config.arch)
         argv = [qemu, *self.device_args(config), *self._instance_args(m, config), *extra]
-        log = open(m.qemu_log, "wb")  # noqa: SIM115 - handed to the child, closed below
+        log = open(m.qemu_log, "ab")  # noqa: SIM115 - handed to the child (O_APPEND: capped)
         try:
             started = time.monotonic()
             m.proc = spawn(

@@ -425,9 +425,13 @@ class BootTimer:
     ``Guest-boot-time = <us> us <ms> ms``, measured from ``start_ns`` (a
     ``time.monotonic_ns()`` reading taken when the VM was launched; default: construction).
 
-    ``boot_time_us`` keeps the first measurement, ``boot_times_us`` all of them, ``booted``
-    is set on the first one, and ``on_boot(us)`` (if given) is called each time.
+    ``boot_time_us`` keeps the first measurement, ``boot_times_us`` the first
+    ``MAX_KEPT`` of them, ``booted`` is set on the first one, and ``on_boot(us)`` (if given)
+    is called each time. A guest writing the magic in a loop must not grow host memory or the
+    VMM's log: the list is capped and the log line rate-limited (``count`` counts them all).
     """
+
+    MAX_KEPT = 64
 
     def __init__(
         self,
@@ -440,6 +444,7 @@ class BootTimer:
         self.log = logger or log
         self.boot_time_us: int | None = None
         self.boot_times_us: list[int] = []
+        self.count = 0
         self.booted = threading.Event()
 
     def read(self, offset: int, data: bytearray) -> None:
@@ -449,11 +454,16 @@ class BootTimer:
         if offset != 0 or len(data) != 1 or data[0] != BOOT_TIMER_MAGIC:
             return
         us = (time.monotonic_ns() - self.start_ns) // 1000
-        self.boot_times_us.append(us)
+        self.count += 1
+        if len(self.boot_times_us) < self.MAX_KEPT:
+            self.boot_times_us.append(us)
         if self.boot_time_us is None:
             self.boot_time_us = us
             self.booted.set()
-        self.log.info("Guest-boot-time = %d us %d ms", us, us // 1000)
+        n = self.count
+        if n <= 16 or n & (n - 1) == 0:  # the first 16, then the 32nd, 64th, ...
+            more = f" (boot-timer write #{n})" if n > 1 else ""
+            self.log.info("Guest-boot-time = %d us %d ms%s", us, us // 1000, more)
         if self.on_boot is not None:
             try:
                 self.on_boot(us)

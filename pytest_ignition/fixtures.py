@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 SESSION_KEY = pytest.StashKey["IgnitionSession"]()
 ITEM_VMS_KEY = pytest.StashKey[list]()  # [(label, VM)] used by the failure report
+FAILED_KEY = pytest.StashKey[bool]()  # set by the plugin when a test's setup or call failed
+KEPT_PROPERTY = "ignition_kept"  # user_properties entry per kept VM (reaches xdist's controller)
 RESTORE_PROPERTY = "ignition_restore_seconds"
 BOOT_PROPERTY = "ignition_boot_seconds"
 SNAPSHOT_SUBDIR = "ignition-snapshots"
@@ -172,8 +174,10 @@ class IgnitionSession:
         self._engine: Engine | None = None
         self._engine_reason = ""
         self._engine_error: str | None = None
-        self._guest: Any = None
+        self._guests: dict[str, Any] = {}  # arch -> the bundled guest image
         self._images: dict[Any, Any] = {}
+        # VMConfig.key() -> prepare function used instead of the users' hooks (the browser)
+        self.preparers: dict[str, Callable[[VM], None]] = {}
         self._image_failures: dict[Any, str] = {}
         self.root: Path | None = None  # snapshots, shared by xdist workers
         self._budget: Any = None  # budget.HostBudget, made on first use
@@ -182,6 +186,8 @@ class IgnitionSession:
         self.failures: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.live: set[Any] = set()
+        self.kept_dirs: list[Path] = []  # work dirs of kept VMs (--ignition-keep-failed)
+        self._inflight: list[list[Any]] = []  # machines of restores still in progress
         self.boots: list[tuple[str, float]] = []
         self._boots_reported = 0  # boots already attached to a test report
         # Tests per marker signature still to run: prefetching for a configuration no test
@@ -225,7 +231,9 @@ class IgnitionSession:
                 try:
                     from pytest_ignition.engines.select import select_engine
 
-                    self._engine, self._engine_reason = select_engine(self.settings.engine)
+                    self._engine, self._engine_reason = select_engine(
+                        self.settings.engine, arch=self.settings.arch
+                    )
                 except ImportError as e:
                     self._engine_error = f"the engine modules failed to import: {e}"
                 except EngineUnavailable as e:
@@ -248,15 +256,16 @@ class IgnitionSession:
         if s.kernel is not None:
             return f"{s.kernel}" + (f" + {s.initrd}" if s.initrd else "")
         try:
-            from pytest_ignition.guest import find_guest
+            from pytest_ignition.guest import find_guest, host_arch
 
-            g = find_guest()
+            g = find_guest(s.arch)
         except Exception as e:  # a broken pipeline must not break the header
             return f"default guest (unavailable: {e})"
+        arch = "" if s.arch == host_arch() else f" --arch {s.arch}"
         if g is None:
             return (
-                "default guest (not built yet: built on first use, "
-                "or now with `python -m pytest_ignition.guest build`)"
+                f"default {s.arch} guest (not built yet: built on first use, "
+                f"or now with `python -m pytest_ignition.guest build{arch}`)"
             )
         return f"default guest {g.kernel}"
 
@@ -270,40 +279,47 @@ class IgnitionSession:
         else:
             print(line, file=sys.__stderr__, flush=True)
 
-    def default_guest(self) -> Any:
-        """The bundled guest image, built (under the pipeline's file lock) on first use."""
+    def default_guest(self, arch: str | None = None) -> Any:
+        """The bundled guest image for ``arch`` (default: the session's), built (under the
+        pipeline's file lock) on first use."""
+        arch = arch or self.settings.arch
         with self.lock:
-            if self._guest is not None:
-                return self._guest
+            if arch in self._guests:
+                return self._guests[arch]
             from pytest_ignition.guest import GuestBuildError, build_guest, find_guest
 
-            guest = find_guest()
+            guest = find_guest(arch)
             if guest is None:
                 self._progress(
-                    "building the default guest (kernel + initramfs; minutes the first time)"
+                    f"building the default {arch} guest (kernel + initramfs; minutes the first time)"
                 )
                 failure = None
                 try:
-                    guest = build_guest(progress=self._progress)
+                    guest = build_guest(progress=self._progress, arch=arch)
                 except GuestBuildError as e:
                     failure = f"the default guest could not be built: {e}"
                 if failure is not None:
                     self.skip_or_fail(failure)
                 self._progress("default guest ready")
-            self._guest = guest
+            self._guests[arch] = guest
             return guest
 
     def vm_config(self, overrides: cfgmod.Overrides) -> tuple[VMConfig, str]:
         """The VMConfig and reset mode for the session settings plus ``overrides``."""
         s = cfgmod.apply_overrides(self.settings, overrides)
-        self.engine()  # no engine: skip (or fail) before building a guest for nothing
+        engine = self.engine()  # no engine: skip (or fail) before building a guest for nothing
+        if engine.name == "ignition" and s.arch != cfgmod.host_arch():
+            self.skip_or_fail(
+                f"the bundled VMM runs {cfgmod.host_arch()} guests only, not arch={s.arch}: "
+                "use --ignition-engine=qemu (or auto) for it"
+            )
         problem = cfgmod.image_problem(s)
         if problem is not None:
             raise pytest.UsageError(f"pytest-ignition: {problem}")
         if s.kernel is not None:
             kernel, initrd = s.kernel, s.initrd
         else:
-            g = self.default_guest()
+            g = self.default_guest(s.arch)
             kernel, initrd = g.kernel, g.initrd
         image = self.image(s) if s.image is not None else None
         return cfgmod.vm_config(s, kernel, initrd, image), s.reset
@@ -498,7 +514,11 @@ class IgnitionSession:
             timer.start()
         error: str | None = None
         try:
-            self.config.hook.pytest_ignition_prepare(vm=vm)
+            own = self.preparers.get(vmcfg.key())
+            if own is not None:  # a built-in guest (the browser) prepares itself
+                own(vm)
+            else:
+                self.config.hook.pytest_ignition_prepare(vm=vm)
         except Exception as e:
             error = _user_traceback(e)
         finally:
@@ -634,10 +654,16 @@ class IgnitionSession:
             reservation = self.reserve(snap.engine, snap.config, "restore", wait=wait)
         except BudgetError as e:
             raise RestoreFailed(f"pytest-ignition: {e}") from None
+        from pytest_ignition.engines import _process
+
         workdir = self.workdir("vm-")
         t0 = time.monotonic()
+        made: list[Any] = []  # the machine, as soon as it exists: close() may kill it early
+        with self.lock:
+            self._inflight.append(made)
         try:
-            machine = snap.engine.restore(snap.config, snap.directory, workdir)
+            with _process.collecting(made):
+                machine = snap.engine.restore(snap.config, snap.directory, workdir)
         except (BootError, EngineError) as e:
             shutil.rmtree(workdir, ignore_errors=True)
             reservation.release()
@@ -649,6 +675,9 @@ class IgnitionSession:
             shutil.rmtree(workdir, ignore_errors=True)
             reservation.release()
             raise
+        finally:
+            with self.lock:
+                self._inflight.remove(made)
         seconds = getattr(machine, "ready_seconds", None)
         if not isinstance(seconds, (int, float)):
             seconds = time.monotonic() - t0
@@ -705,6 +734,30 @@ class IgnitionSession:
                 pass
         close()
 
+    def keep_if_failed(self, request: pytest.FixtureRequest, vm: VM) -> bool:
+        """With --ignition-keep-failed, keep the VM of a failed test running (never rolled back
+        or closed); True if it was kept."""
+        if not self.settings.keep_failed or not request.node.stash.get(FAILED_KEY, False):
+            return False
+        from pytest_ignition import keep
+
+        wd = getattr(vm, "_ignition_workdir", None)
+        try:
+            kept = keep.keep_vm(vm, request.node.nodeid, self.settings.keep_failed_for, wd)
+        except keep.KeepError as e:
+            self._progress(f"{request.node.nodeid}: its VM is not kept: {e}")
+            return False
+        reservation = getattr(vm, "_ignition_reservation", None)
+        if reservation is not None:  # its memory is no longer this session's to count
+            reservation.release()
+        with self.lock:
+            self.live.discard(vm)
+            if wd is not None:
+                self.kept_dirs.append(Path(wd))
+        info = {"id": kept.id, "test": kept.test, "expires": kept.expires, "engine": kept.engine}
+        request.node.user_properties.append((KEPT_PROPERTY, json.dumps(info)))
+        return True
+
     def release(self, vm: VM, pool: Pool | None) -> None:
         """A test is done with ``vm``: roll it back for the next test, or close it. A VM found
         broken (``vm.broken``: it died, or stopped answering) is always closed."""
@@ -720,6 +773,15 @@ class IgnitionSession:
                 return
             self.closed = True
             pools = list(self.pools.values())
+            inflight = [m for made in self._inflight for m in made]
+            live = list(self.live)
+        # Ctrl-C during a background restore: kill the VM being restored (and every other one)
+        # now, so that the restore thread fails at once instead of waiting for its guest.
+        for m in inflight:
+            with contextlib.suppress(Exception):
+                m.close()
+        for vm in live:
+            self.close_vm(vm, background=False)
         for p in pools:
             p.close()
         self.restorer.shutdown(wait=True, cancel_futures=True)
@@ -730,7 +792,12 @@ class IgnitionSession:
             leftovers = list(self.live)
         for vm in leftovers:
             self.close_vm(vm, background=False)
-        if self._tmp is not None:
+        if self._tmp is not None and self.kept_dirs:
+            # Kept VMs' work dirs hold their sockets: their keepers remove them at the end.
+            for child in self._tmp.iterdir():
+                if child not in self.kept_dirs and child.name != _process_owner_file():
+                    shutil.rmtree(child, ignore_errors=True)
+        elif self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
@@ -742,6 +809,12 @@ class _SnapshotFailed(Exception):
 
 class RestoreFailed(Exception):
     """Restoring a VM from its snapshot failed."""
+
+
+def _process_owner_file() -> str:
+    from pytest_ignition.engines._process import OWNER_FILE
+
+    return OWNER_FILE
 
 
 def _kept_paths() -> tuple[str, ...] | None:
@@ -878,7 +951,8 @@ def ignition_vm(request: pytest.FixtureRequest, _ignition_session: IgnitionSessi
     try:
         yield vm
     finally:
-        session.release(vm, pool)
+        if not session.keep_if_failed(request, vm):
+            session.release(vm, pool)
 
 
 class VMFactory:
@@ -903,7 +977,8 @@ class VMFactory:
 
     def close(self) -> None:
         for vm in self._vms:
-            self._session.close_vm(vm)
+            if not self._session.keep_if_failed(self._request, vm):
+                self._session.close_vm(vm)
         self._vms.clear()
 
 

@@ -17,8 +17,13 @@ from typing import Any
 
 import pytest
 
+from pytest_ignition import browser
 from pytest_ignition import config as cfgmod
 from pytest_ignition import fixtures as fx
+from pytest_ignition.browser import (  # noqa: F401  (fixtures are found on this module)
+    ignition_browser,
+    ignition_browser_factory,
+)
 from pytest_ignition.fixtures import (  # noqa: F401  (fixtures are found on this module)
     _ignition_session,
     ignition_snapshot,
@@ -195,6 +200,9 @@ def pytest_runtest_makereport(
             report.sections.append(
                 (f"ignition {label}: console tail", fx._tail(vm)[-TAIL_CHARS:] or "(empty)")
             )
+        if report.when == "call" and item.stash.get(browser.BROWSERS_KEY, None):
+            shots = item.config._tmp_path_factory.getbasetemp() / "ignition-browser"  # type: ignore[attr-defined]
+            report.sections.extend(browser.failure_sections(item, shots))
     return report
 
 

@@ -923,6 +923,9 @@ def plan_clean(
         for e in entries:
             if e.name == "locks":
                 continue
+            if e.name == "images" and e.is_dir():
+                _plan_images(plan, level)
+                continue
             if e.name in fragments:
                 locks: tuple[str, ...] = (f"kernel-{e.name}",)
             elif e.name == "src" or e.name.startswith(_CLEAN_PREFIX):
@@ -1002,6 +1005,8 @@ def plan_clean(
             continue
         if name in fragments and e.is_dir():
             _plan_kernels(plan, e, name, kkeys[name])
+        elif name == "images" and e.is_dir():
+            _plan_images(plan, level)
         elif name == "src" and e.is_dir():
             for t in sorted(e.iterdir()):
                 if t.name.startswith("."):
@@ -1068,6 +1073,16 @@ def plan_clean(
         if key is not None and not (root / flavour / key / "config").is_file():
             plan.notes.append(f"the current {flavour} kernel (key {key}) is not built yet")
     return plan
+
+
+def _plan_images(plan: CleanPlan, level: str) -> None:
+    """Root images (``images/<key>``): no current key, so stale means unusable or unused for
+    long; see ``image.plan_images``."""
+    from .image import plan_images
+
+    remove, keep = plan_images(level)
+    plan.remove += [CleanItem(p, why, locks) for p, why, locks in remove]
+    plan.keep += keep
 
 
 def _plan_kernels(plan: CleanPlan, d: Path, flavour: str, key: str | None) -> None:
@@ -1190,7 +1205,9 @@ def clean_cache(
     """
     root = cache_dir()
     result = CleanResult()
-    all_locks = ("initrd", "src", *(f"kernel-{f}" for f in fragments))
+    from .image import image_locks
+
+    all_locks = ("initrd", "src", *(f"kernel-{f}" for f in fragments), *image_locks())
     with _try_locks(all_locks, create=not dry_run) as busy:
         plan = plan_clean(fragments, level, kernel_source)
         for name, why in busy.items():

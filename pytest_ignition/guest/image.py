@@ -41,7 +41,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -616,6 +616,7 @@ def _build(
             "size": size,
             "env": [],
             "workdir": None,
+            "tools": _tools_meta(spec),
             **meta,
         }
         (tmp / USED_FILE).touch()
@@ -631,6 +632,14 @@ def _build(
     if hit is None:
         raise ImageBuildError(f"image {label}: {out} vanished right after it was built")
     return hit
+
+
+def _tools_meta(spec: str) -> dict[str, str]:
+    """The tool versions in an image's key (clean compares them with the installed ones)."""
+    tools = [("mke2fs", ("-V",))]
+    if spec.startswith("debian:"):
+        tools.append(("mmdebstrap", ("--version",)))
+    return {t: _version(t, a) for t, a in tools if shutil.which(t)}
 
 
 def _ensure_mountpoints(root: Path) -> None:
@@ -1257,23 +1266,91 @@ def _set_meta(path: Path, m: tarfile.TarInfo) -> None:
 # --------------------------------------------------------------------------- clean
 
 
-def image_entries(root: Path) -> Iterator[Path]:
-    d = root / IMAGES_DIR
-    if d.is_dir():
-        yield from sorted(d.iterdir())
+def _max_age_days() -> float:
+    try:
+        return float(os.environ.get("IGNITION_IMAGE_MAX_AGE_DAYS", IMAGE_MAX_AGE_DAYS))
+    except ValueError:
+        return float(IMAGE_MAX_AGE_DAYS)
 
 
-def last_used(entry: Path) -> float:
+def _entry_lock(entry: Path) -> str:
+    """The build lock guarding an entry (a ``.KEY-xxxx`` temp dir: the same KEY's lock)."""
+    return "image-" + entry.name.lstrip(".").split("-", 1)[0]
+
+
+def image_locks() -> tuple[str, ...]:
+    """The build locks of every entry under ``images/`` (for clean to try)."""
+    d = images_root()
+    try:
+        return tuple(sorted({_entry_lock(e) for e in d.iterdir()}))
+    except OSError:
+        return ()
+
+
+def _stale_reason(entry: Path, meta: dict[str, Any], now: float) -> str | None:
+    """Why an image can never be a cache hit again (or has gone unused too long), or None.
+
+    Images have no single current key (any spec may be asked for), so an entry is stale when
+    the inputs recorded in its image.json can no longer produce its key (another pipeline
+    version or tool version, an OCI archive that is gone), or when no ensure_image touched
+    it for IGNITION_IMAGE_MAX_AGE_DAYS (default 30) days.
+    """
+    if meta.get("pipeline") != IMAGE_PIPELINE_VERSION:
+        return f"built by image pipeline {meta.get('pipeline')}, now {IMAGE_PIPELINE_VERSION}"
+    for tool, args in (("mmdebstrap", ("--version",)), ("mke2fs", ("-V",))):
+        was = (meta.get("tools") or {}).get(tool)
+        if was and shutil.which(tool) and was != _version(tool, args):
+            return f"built with {was}, now {_version(tool, args)}"
+    archive = meta.get("archive")
+    if archive and not os.path.exists(archive):
+        return f"its archive {archive} is gone"
+    used = None
     for name in (USED_FILE, META_FILE):
         with contextlib.suppress(OSError):
-            return (entry / name).stat().st_mtime
-    return entry.lstat().st_mtime
+            used = (entry / name).stat().st_mtime
+            break
+    days = _max_age_days()
+    if used is not None and now - used > days * 86400:
+        return f"unused for {(now - used) / 86400:.0f} days (more than {days:g})"
+    return None
 
 
-def lock_name(entry: Path) -> str:
-    """The build lock guarding an entry (``.KEY-xxxx`` temp dirs: the same KEY's lock)."""
-    name = entry.name.lstrip(".")
-    return f"image-{name.split('-', 1)[0]}"
+def plan_images(
+    level: str,
+) -> tuple[list[tuple[Path, str, tuple[str, ...]]], list[tuple[Path, str]]]:
+    """(remove, keep) for the entries under ``images/``: (path, why, locks) / (path, why)."""
+    remove: list[tuple[Path, str, tuple[str, ...]]] = []
+    keep: list[tuple[Path, str]] = []
+    d = images_root()
+    now = time.time()
+    try:
+        items = sorted(d.iterdir())
+    except OSError:
+        return remove, keep
+    for e in items:
+        locks = (_entry_lock(e),)
+        if e.name.startswith("."):
+            remove.append((e, "leftover of an interrupted image build", locks))
+            continue
+        if level in ("all", "everything"):
+            remove.append((e, f"image (--{level})", locks))
+            continue
+        try:
+            meta = json.loads((e / META_FILE).read_text())
+            if not isinstance(meta, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            remove.append((e, "incomplete image (no image.json)", locks))
+            continue
+        why = _stale_reason(e, meta, now)
+        label = meta.get("spec", "?") + (
+            f" +{','.join(meta['packages'])}" if meta.get("packages") else ""
+        )
+        if why is not None:
+            remove.append((e, f"stale image {label}: {why}", locks))
+        else:
+            keep.append((e, f"image {label}; --all removes it"))
+    return remove, keep
 
 
 def main_image(argv_spec: str, packages: str, arch: str, quiet: bool) -> int:

@@ -514,3 +514,58 @@ def test_foreign_arch_without_emulation_is_explained(
     with pytest.raises(ImageBuildError, match="apt-get install qemu-user-static binfmt-support"):
         ensure_image("debian:bookworm", arch="aarch64")
     assert entries(cache) == []
+
+
+# --------------------------------------------------------------------------- clean
+
+
+def _fake_image(cache: Path, key: str, *, used_days_ago: float = 0, **meta: object) -> Path:
+    d = cache / "images" / key
+    d.mkdir(parents=True)
+    (d / "rootfs.ext4").write_bytes(b"\0" * 8192)
+    info = {"spec": "debian:bookworm", "packages": ["python3"], "key": key,
+            "pipeline": gimage.IMAGE_PIPELINE_VERSION, **meta}  # fmt: skip
+    (d / "image.json").write_text(json.dumps(info))
+    (d / "last-used").touch()
+    t = time.time() - used_days_ago * 86400
+    for name in ("image.json", "last-used"):
+        os.utime(d / name, (t, t))
+    return d
+
+
+def _clean(cache: Path, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest_ignition.guest", "clean", *args],
+        env={**os.environ, "IGNITION_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_clean_knows_images(cache: Path, tmp_path: Path) -> None:
+    fresh = _fake_image(cache, "a" * 20, used_days_ago=1)
+    old = _fake_image(cache, "b" * 20, used_days_ago=45)
+    older_pipeline = _fake_image(cache, "c" * 20, pipeline="0")
+    gone = _fake_image(cache, "d" * 20, spec="oci-archive:/nonexistent/x.tar",
+                       archive="/nonexistent/x.tar")  # fmt: skip
+    incomplete = cache / "images" / ("e" * 20)
+    incomplete.mkdir()
+    (incomplete / "rootfs.ext4").write_bytes(b"x")
+    leftover = cache / "images" / (".f" + "f" * 19 + "-abc123")
+    (leftover / "root").mkdir(parents=True)
+    busy = cache / "images" / (".9" + "9" * 19 + "-xyz")
+    busy.mkdir()
+    (cache / "locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(gbuild._lock_path("image-" + "9" * 20))):  # a build in progress
+        out = _clean(cache)
+    assert fresh.is_dir() and busy.is_dir()
+    for p in (old, older_pipeline, gone, incomplete, leftover):
+        assert not p.exists(), out
+    assert "unused for 45 days" in out and "image pipeline 0" in out and "is gone" in out
+    assert f"skip     images/{busy.name}/" in out
+    assert f"keep     images/{fresh.name}/" in out
+    _clean(cache, "--all")
+    assert sorted(p.name for p in (cache / "images").iterdir()) == []

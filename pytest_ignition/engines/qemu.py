@@ -45,6 +45,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pytest_ignition import netdev
 from pytest_ignition.console import SerialConsole, read_tail
 from pytest_ignition.engines._process import (
     MachineDirs,
@@ -186,6 +187,9 @@ class QemuMachine(Machine):
         self.agent: Any = None
         self.ready_seconds = 0.0
         self.restored_from: Path | None = None
+        self.passt: netdev.Passt | None = None  # network=user: this VM's passt
+        # network=segment: QEMU listens here for the ignition_network switch
+        self.net_socket = sockdir / "net.sock" if config.network == "segment" else None
         self._console = SerialConsole(
             self.console_sock, self.console_log, other_logs=(self.qemu_log,)
         )
@@ -239,6 +243,8 @@ class QemuMachine(Machine):
     def _kill(self) -> None:
         if self.proc is not None:
             kill_process(self.proc)
+        if self.passt is not None:
+            self.passt.close()
 
     def qemu_stderr(self, max_chars: int = 2000) -> str:
         return read_tail(self.qemu_log, max_chars)
@@ -326,6 +332,8 @@ class QemuEngine(Engine):
             parts += ["ignition.image=1", f"ignition.init={config.init}"]
         if config.rootfs is not None:
             parts.append("ignition.rootfs=serial:ignition-rootfs")
+        if config.network != "none":
+            parts.append(netdev.cmdline_arg(config.network))
         if config.kernel_args.strip():
             parts.append(config.kernel_args.strip())
         return " ".join(parts)
@@ -374,6 +382,8 @@ class QemuEngine(Engine):
             args += ["-device", "virtio-blk-device,drive=image,serial=ignition-image"]
         if config.rootfs is not None:
             args += ["-device", "virtio-blk-device,drive=root,serial=ignition-rootfs"]
+        if config.network != "none":
+            args += ["-device", f"virtio-net-device,netdev=net0,mac={netdev.GUEST_MAC}"]
         return args
 
     def _instance_args(self, m: QemuMachine, config: VMConfig) -> list[str]:
@@ -396,6 +406,15 @@ class QemuEngine(Engine):
             args += ["-drive", f"if=none,id=image,file={image},format=raw,readonly=on"]
         if m.overlay is not None:
             args += ["-drive", f"if=none,id=root,file={m.overlay},format=qcow2,cache=unsafe"]
+        # passt's stream protocol both ways: QEMU connects to passt (user), or listens for the
+        # ignition_network switch (segment); see pytest_ignition/netdev.py.
+        if m.passt is not None:
+            args += [
+                "-netdev",
+                f"stream,id=net0,server=off,addr.type=unix,addr.path={m.passt.socket}",
+            ]
+        elif m.net_socket is not None:
+            args += ["-netdev", f"stream,id=net0,server=on,addr.type=unix,addr.path={m.net_socket}"]
         return args
 
     def _overlay(self, m: QemuMachine, base: Path, base_format: str) -> None:
@@ -434,6 +453,8 @@ class QemuEngine(Engine):
         self, m: QemuMachine, config: VMConfig, extra: list[str], pass_fds: tuple[int, ...] = ()
     ) -> float:
         qemu = self.binary(config.arch)
+        if config.network == "user" and m.passt is None:
+            m.passt = netdev.Passt(m.sockdir, m.dir)
         argv = [qemu, *self.device_args(config), *self._instance_args(m, config), *extra]
         log = open(m.qemu_log, "ab")  # noqa: SIM115 - handed to the child (O_APPEND: capped)
         try:

@@ -11,7 +11,11 @@ Setting precedence: command line > ``IGNITION_*`` environment variable > ini key
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import statistics
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -54,6 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             default=None,  # None = not given, so env and ini can apply
             metavar=opt.metavar,
             help=f"{opt.help}{default}; env {opt.env}, ini {opt.ini}",
+            # yes/no settings also work as bare flags: --ignition-keep-failed
+            **({"nargs": "?", "const": "1"} if opt.metavar == "BOOL" else {}),
         )
         parser.addini(opt.ini, f"{opt.help} (same as {opt.flag})", type="string", default="")
 
@@ -77,6 +83,13 @@ def pytest_configure(config: pytest.Config) -> None:
             raise
         error = str(e)
     config.stash[fx.SESSION_KEY] = fx.IgnitionSession(config, settings, settings_error=error)
+    from pytest_ignition import terminal
+
+    terminal.capture_suspender = terminal.pytest_capture_suspender(config)  # for vm.shell()
+    if settings is not None and settings.keep_failed:
+        from pytest_ignition.engines import _process
+
+        _process.enable_keeper()  # VM processes that can outlive pytest when their test fails
     collector = _RestoreTimes()
     config.stash[RESTORE_TIMES_KEY] = collector
     config.pluginmanager.register(collector, "ignition-restore-times")
@@ -126,7 +139,28 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
         lines.append(
             f"ignition: {engine.name} cannot roll back in place; restoring per test instead"
         )
+    lines.append("ignition: " + keep_failed_line(s))
     return lines
+
+
+def keep_failed_line(s: cfgmod.Settings) -> str:
+    """The header's keep-failed line: on or off, and why."""
+    source = s.sources.get("keep_failed", "default")
+    if s.keep_failed:
+        return (
+            f"keep-failed on ({source}): a failed test's VM is kept for {s.keep_failed_for:g} s "
+            "(`python -m pytest_ignition list`)"
+        )
+    if source == "default" and os.environ.get("CI", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    ):
+        return "keep-failed off: CI is set (--ignition-keep-failed turns it on anyway)"
+    if source == "default":
+        return "keep-failed off (default; --ignition-keep-failed keeps a failed test's VM)"
+    return f"keep-failed off ({source})"
 
 
 def pytest_collection_modifyitems(
@@ -192,6 +226,7 @@ def pytest_runtest_makereport(
 ) -> Generator[None, Any, Any]:
     report = yield
     if report.failed and report.when in ("setup", "call"):
+        item.stash[fx.FAILED_KEY] = True  # read by the VM fixtures' teardown (keep-failed)
         for label, vm in item.stash.get(fx.ITEM_VMS_KEY, []):
             status = _vm_status(vm)
             if status:
@@ -213,6 +248,7 @@ class _RestoreTimes:
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.boots: list[float] = []
+        self.kept: list[dict[str, Any]] = []  # VMs kept by --ignition-keep-failed
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # The teardown report carries every property the test gathered (factory VMs are
@@ -220,6 +256,10 @@ class _RestoreTimes:
         if report.when != "teardown":
             return
         for name, value in report.user_properties:
+            if name == fx.KEPT_PROPERTY and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    self.kept.append(json.loads(value))
+                continue
             if not isinstance(value, (int, float)):
                 continue
             if name == fx.RESTORE_PROPERTY:
@@ -233,6 +273,17 @@ RESTORE_TIMES_KEY = pytest.StashKey[_RestoreTimes]()
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     collector = config.stash.get(RESTORE_TIMES_KEY, None)
+    if collector is not None and collector.kept:
+        terminalreporter.write_sep("-", "pytest-ignition: kept VMs of failed tests")
+        for k in collector.kept:
+            left = max(0, int(float(k.get("expires", 0)) - time.time()))
+            terminalreporter.write_line(
+                f"{k.get('id')}  {k.get('test')}  (ends in {left} s)  "
+                f"enter: python -m pytest_ignition attach {k.get('id')}"
+            )
+        terminalreporter.write_line(
+            "end them: python -m pytest_ignition kill ID (or --all); list: python -m pytest_ignition list"
+        )
     times = list(collector.seconds) if collector is not None else []
     if not times:
         return

@@ -617,6 +617,25 @@ class VM:
 
     # -- console, reset, lifecycle ----------------------------------------------------------
 
+    def shell(self, argv: Sequence[str] | None = None, *, cwd: str | None = None) -> int:
+        """An interactive root shell in this VM on your terminal; returns its exit code.
+
+        For debugging: call it from a test under ``--pdb`` or a breakpoint. pytest's capture is
+        suspended while it runs; the terminal is real (job control, Ctrl-C goes to the guest,
+        window size passed on). ``argv`` defaults to ``/bin/sh -l``. Needs a terminal: under
+        xdist or with stdin redirected it raises RuntimeError.
+        """
+        self._check_open()
+        from pytest_ignition import terminal
+
+        with terminal.suspended_capture():
+            if not (os.isatty(0) and os.isatty(1)):
+                raise RuntimeError(
+                    "vm.shell() needs a terminal on stdin and stdout (run pytest in a terminal, "
+                    "without xdist: -p no:xdist or -n0)"
+                )
+            return terminal.interact(self.machine.agent, argv or terminal.DEFAULT_SHELL, cwd=cwd)
+
     @property
     def console(self) -> Any:
         """A pexpect spawn on the serial console: ``sendline``/``expect`` reach a root shell."""

@@ -291,7 +291,8 @@ class IgnitionSession:
             guest = find_guest(arch)
             if guest is None:
                 self._progress(
-                    f"building the default {arch} guest (kernel + initramfs; minutes the first time)"
+                    f"building the default {arch} guest "
+                    "(kernel + initramfs; minutes the first time)"
                 )
                 failure = None
                 try:

@@ -1,7 +1,8 @@
 """Command line for the guest pipeline.
 
 ``python -m pytest_ignition.guest build [--kernel-source DIR] [--host] [--arch ARCH] [--quiet]``
-builds (or finds) the guest (``--arch aarch64`` cross-builds the arm64 one); ``python -m pytest_ignition.guest clean [--all | --everything] [--dry-run]``
+builds (or finds) the guest (``--arch aarch64`` cross-builds the arm64 one);
+``python -m pytest_ignition.guest clean [--all | --everything] [--dry-run]``
 removes cached artefacts the current checkout would not use;
 ``python -m pytest_ignition.guest image SPEC [--packages P] [--arch A]`` builds (or finds) a
 root image (``debian:SUITE``, ``oci-archive:PATH`` or an ext4 path) and prints its path.

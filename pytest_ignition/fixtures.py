@@ -186,7 +186,6 @@ class IgnitionSession:
         self.failures: dict[str, str] = {}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.live: set[Any] = set()
-        self._inflight: list[list[Any]] = []  # machines of restores still in progress
         self.kept_dirs: list[Path] = []  # work dirs of kept VMs (--ignition-keep-failed)
         self._inflight: list[list[Any]] = []  # machines of restores still in progress
         self.boots: list[tuple[str, float]] = []

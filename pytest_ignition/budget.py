@@ -97,6 +97,14 @@ def describe(text: str, source: str = "default", host_mib: int | None = None) ->
     return f"{mib} MiB ({how}; {source}) for all VMs on this host"
 
 
+def header_line(setting: str, source: str = "default") -> str:
+    """The report header's line for the budget (never raises)."""
+    try:
+        return f"memory budget {describe(setting, source)}: a VM waits for room past it"
+    except (OSError, ValueError, BudgetError) as e:
+        return f"memory budget unknown ({e})"
+
+
 def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()

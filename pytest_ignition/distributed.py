@@ -75,6 +75,34 @@ def run_dir(config: pytest.Config) -> Path:
     return run
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """On an xdist controller (which collects nothing, so shows no collection lines): where
+    the workers' limits come from."""
+    if workerinput(config) or not _distributing(config):
+        return []
+    from pytest_ignition.budget import header_line
+    from pytest_ignition.fixtures import SESSION_KEY
+
+    state = config.stash.get(SESSION_KEY, None)
+    settings = getattr(state, "_settings", None) if state is not None else None
+    lines = []
+    if settings is not None and (getattr(config.option, "numprocesses", None) or 0):
+        line = header_line(settings.memory_budget, settings.sources.get("memory_budget", "default"))
+        lines.append(f"ignition: {line} (all -n workers on this host share it)")
+    if any(not str(tx).startswith("popen") for tx in getattr(config.option, "tx", None) or ()):
+        lines.append(
+            "ignition: --tx workers on other hosts use their own host's engine, guest cache "
+            "(IGNITION_CACHE_DIR there) and memory budget; IGNITION_* variables are not sent"
+        )
+    return lines
+
+
+def _distributing(config: pytest.Config) -> bool:
+    return getattr(config.option, "dist", "no") != "no" or bool(
+        getattr(config.option, "numprocesses", None)
+    )
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """Controller side: tell each worker whether it is on another host, and how it is reached."""

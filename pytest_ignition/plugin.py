@@ -140,7 +140,14 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
             f"ignition: {engine.name} cannot roll back in place; restoring per test instead"
         )
     lines.append("ignition: " + keep_failed_line(s))
+    lines.append("ignition: " + budget_line(s))
     return lines
+
+
+def budget_line(s: cfgmod.Settings) -> str:
+    from pytest_ignition.budget import header_line
+
+    return header_line(s.memory_budget, s.sources.get("memory_budget", "default"))
 
 
 def keep_failed_line(s: cfgmod.Settings) -> str:

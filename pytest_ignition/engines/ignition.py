@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytest_ignition import netdev
 from pytest_ignition.console import SerialConsole, read_tail
 from pytest_ignition.engines import _process
 from pytest_ignition.engines.base import (
@@ -185,6 +186,9 @@ class IgnitionMachine(Machine):
         self.agent: Any = None
         self.ready_seconds = 0.0
         self.restored_from: Path | None = None
+        self.passt: netdev.Passt | None = None  # network=user: this VM's passt
+        # network=segment: the VMM listens here for the ignition_network switch
+        self.net_socket = sockdir / "net.sock" if config.network == "segment" else None
         self._relay: _ConsoleRelay | None = None
         self._console = SerialConsole(
             self.console_sock, self.console_log, other_logs=(self.vmm_log,)
@@ -264,6 +268,8 @@ class IgnitionMachine(Machine):
             _process.untrack(self)
 
     def _kill(self) -> None:
+        if self.passt is not None:
+            self.passt.close()
         proc = self.proc
         if proc is None:
             return
@@ -304,11 +310,18 @@ class IgnitionEngine(Engine):
         if config.rootfs is not None:
             # disks appear in --disk order: the image (when there is one) is vda
             parts.append(f"ignition.rootfs=/dev/vd{'b' if config.image is not None else 'a'}")
+        if config.network != "none":
+            parts.append(netdev.cmdline_arg(config.network))
         if config.kernel_args.strip():
             parts.append(config.kernel_args.strip())
         return " ".join(parts)
 
     def _common(self, m: IgnitionMachine) -> list[str]:
+        net = []  # passt's stream protocol: to this VM's passt, or a listener for a segment
+        if m.passt is not None:
+            net = ["--net", f"connect:{m.passt.socket}"]
+        elif m.net_socket is not None:
+            net = ["--net", f"listen:{m.net_socket}"]
         return [
             "--vsock",
             str(m.vsock_sock),
@@ -316,6 +329,7 @@ class IgnitionEngine(Engine):
             str(m.control_sock),
             "--console",
             "stdio",
+            *net,
         ]
 
     def boot_argv(self, m: IgnitionMachine, config: VMConfig) -> list[str]:
@@ -331,6 +345,10 @@ class IgnitionEngine(Engine):
         if config.rootfs is not None:
             argv += ["--disk", str(Path(config.rootfs).resolve())]
         return argv + self._common(m)
+
+    def _start_net(self, m: IgnitionMachine) -> None:
+        if m.config.network == "user" and m.passt is None:
+            m.passt = netdev.Passt(m.sockdir, m.dir)
 
     def _launch(self, m: IgnitionMachine, argv: list[str]) -> float:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -412,6 +430,7 @@ class IgnitionEngine(Engine):
         self._check_files(config)
         m = IgnitionMachine(self, config, workdir)
         try:
+            self._start_net(m)
             started = self._launch(m, self.boot_argv(m, config))
             deadline = started + config.boot_timeout
             self._connect_agent(m, deadline, config.boot_timeout, "booted")
@@ -459,6 +478,7 @@ class IgnitionEngine(Engine):
             argv += ["--store", str(directory.parent), "--name", directory.name]
             # meta.json already tied the snapshot to ``config``; the VMM checks its own
             # checksums, so the kernel need not be hashed again on every restore.
+            self._start_net(m)
             started = self._launch(m, argv + self._common(m))
             deadline = started + config.boot_timeout
             self._connect_agent(m, deadline, config.boot_timeout, "was restored")

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vsock", metavar="PATH", help="virtio-vsock over this Unix socket path")
     b.add_argument("--vsock-cid", type=int, default=3, help="guest CID (default 3)")
     b.add_argument(
+        "--net",
+        metavar="connect:PATH|listen:PATH",
+        help="virtio-net over passt's stream protocol (connect to passt, or listen for a switch)",
+    )
+    b.add_argument(
         "--disk",
         action="append",
         default=[],
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _store_args(r, required=True)
     r.add_argument("--vsock", metavar="PATH", help="vsock socket path (default: the snapshot's)")
+    r.add_argument("--net", metavar="connect:PATH|listen:PATH", help="virtio-net backend")
     r.add_argument("--console", default="stdio", metavar="stdio|PATH|none", help="serial console")
     r.add_argument("--control", metavar="PATH", help="JSON-lines control socket path")
     r.add_argument("--paused", action="store_true", help="restore, but run only on 'resume'")
@@ -341,6 +347,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 os.path.join(args.store, args.name),
                 expected=_expected_fingerprint(args),
                 vsock=args.vsock,
+                net=args.net,
                 console_out=console.out,
                 console_in=console_in,
                 kvm_device=args.kvm_device,
@@ -358,6 +365,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 cmdline=args.cmdline,
                 vsock=args.vsock,
                 vsock_cid=args.vsock_cid,
+                net=args.net,
                 disks=list(args.disk),
                 disk_read_only=args.disk_read_only,
                 rng=not args.no_rng,

@@ -93,6 +93,7 @@ class MachineSpec:
     cmdline: str | None = None  # None: pytest_ignition.guest.DEFAULT_CMDLINE
     vsock: str | None = None  # Unix socket path (Firecracker convention)
     vsock_cid: int = 3
+    net: str | None = None  # virtio-net backend: connect:PATH (passt) or listen:PATH (a switch)
     disks: list[str] = field(default_factory=list)
     disk_read_only: bool = False
     rng: bool = True
@@ -369,6 +370,13 @@ class Machine:
             from .devices.virtio.rng import VirtioRng
 
             devices.append(VirtioRng())
+        if spec.net:  # last: configurations without it keep their slots and IRQs
+            from .devices.virtio.net import VirtioNet
+
+            try:
+                devices.append(VirtioNet(spec.net, self.loop))
+            except (OSError, ValueError) as e:
+                raise MachineError(str(e)) from None
         for dev in devices:
             self.add_virtio(dev)
 
@@ -443,6 +451,7 @@ class Machine:
             "base_cmdline": spec.cmdline,
             "vsock": spec.vsock,
             "vsock_cid": spec.vsock_cid,
+            "net": spec.net,
             "disks": [os.path.abspath(d) for d in spec.disks],
             "disk_read_only": spec.disk_read_only,
             "rng": spec.rng,
@@ -607,6 +616,7 @@ class Machine:
         *,
         expected: dict[str, Any] | None = None,
         vsock: str | None = None,
+        net: str | None = None,
         console_out: BinaryIO | Callable[[bytes], object] | None = None,
         console_in: int | None = None,
         kvm_device: str = kvm.KVM_DEVICE,
@@ -619,7 +629,8 @@ class Machine:
         With ``start`` the vCPUs are handed to their run loops before this returns.
 
         ``expected`` is a :func:`snapshot.fingerprint` (or part of one) the snapshot must
-        match; ``vsock`` overrides the vsock socket path the snapshot recorded."""
+        match; ``vsock`` overrides the vsock socket path the snapshot recorded, ``net`` the
+        virtio-net backend (a snapshot without virtio-net ignores it)."""
         from . import snapshot as snap
 
         t0 = time.perf_counter_ns()
@@ -638,6 +649,7 @@ class Machine:
                 cmdline=cfg["base_cmdline"],
                 vsock=(vsock or cfg["vsock"]) if cfg["vsock"] else None,
                 vsock_cid=int(cfg["vsock_cid"]),
+                net=(net or cfg.get("net")) if cfg.get("net") else None,
                 disks=list(cfg["disks"]),
                 disk_read_only=bool(cfg["disk_read_only"]),
                 rng=bool(cfg["rng"]),

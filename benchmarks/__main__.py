@@ -201,6 +201,24 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             600,
         )
     )
+    # Root images: build (cold) and cache hit, host-side only.
+    units.append(
+        Unit(
+            "images",
+            "images",
+            "images",
+            "images.json",
+            [],
+            [],
+            [
+                Expect("image_build_time", "builder", "direct", {"image": i, "cache": c})
+                for i in ("debian:bookworm", "oci-archive")
+                for c in ("cold", "hit")
+            ],
+            1200,
+            pass_quick_flag=True,
+        )
+    )
     units.append(
         Unit(
             "pytest_per_test",

@@ -34,6 +34,7 @@ METRICS = (
     "restore_to_ready",
     "rollback_time",
     "pytest_per_test",
+    "image_build_time",
 )
 WHERE = ("direct", "nested", "tcg")
 ENGINES = ("ignition", "qemu")

@@ -59,6 +59,12 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "pytest wall time per trivial test (setup + call + teardown of "
         '`ignition_vm.run("true")`), session setup excluded.',
     ),
+    "image_build_time": (
+        "image build",
+        "host wall clock of `ensure_image` for a root image: `cache=cold` builds it into an "
+        "empty cache (mmdebstrap + mke2fs for debian:, layers + mke2fs for an OCI archive), "
+        "`cache=hit` finds it (key probes, image.json; an OCI hit hashes the archive).",
+    ),
 }
 
 WHERE_TEXT = {

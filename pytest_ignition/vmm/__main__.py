@@ -17,6 +17,10 @@ Exit status: 0 when the guest rebooted or powered off or a shutdown was requeste
 the VM broke (KVM internal error, failed entry, crash), 2 when it could not be set up (bad
 arguments or paths, no /dev/kvm, a kernel that cannot be loaded): one line on stderr, never
 a traceback (set ``IGNITION_VMM_DEBUG=1`` to get one).
+
+Test hook: ``IGNITION_VMM_FAULT=boot`` (or ``restore``) makes that command fail on purpose with
+status 1 after the VM is set up and before any vCPU runs (KVM_RUN), as a broken VMM would; the
+plugin's engine fallback is tested with it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from typing import Any, NoReturn
 LAUNCH_NS = time.monotonic_ns()
 
 PROG = "python -m pytest_ignition.vmm"
+# Snapshots the fork server (.forkserver) loaded and checked before forking this process, by
+# store/name path: a restore uses them instead of reading the state file again.
+PRELOADED: dict[str, Any] = {}
 EXIT_SETUP = 2
 PR_SET_PDEATHSIG = 1
 
@@ -343,8 +350,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
         # a raw terminal is read here (for the Ctrl-A x escape); anything else by the VM
         console_in = None if console.raw else console.in_fd
         if restoring:
+            where = os.path.join(args.store, args.name)
             machine = Machine.restore(
-                os.path.join(args.store, args.name),
+                PRELOADED.get(where, where),
                 expected=_expected_fingerprint(args),
                 vsock=args.vsock,
                 net=args.net,
@@ -378,6 +386,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
             machine = Machine.create(spec)
             if args.vsock:
                 sockets.append(args.vsock)
+        fault = os.environ.get("IGNITION_VMM_FAULT", "")
+        if fault == args.command:
+            sys.stderr.write(f"{PROG}: IGNITION_VMM_FAULT={fault}: failing before KVM_RUN\n")
+            return 1
         if console.raw and console.in_fd is not None:
             _attach_tty(machine, console.in_fd, _EscapeFilter(stop.set))
             log.info("console: Ctrl-A x quits")

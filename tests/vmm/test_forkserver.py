@@ -1,0 +1,186 @@
+"""The VMM fork server on this machine's KVM: children are real VMM processes (tiny synthetic
+bzImages whose few CPL0 instructions PVM emulates quickly), and every way a child, the
+server or the client can go away leaves no process, socket or fd behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_machine_cli import HALT, PRINT_OK, RESET, bzimage, need_kvm
+
+from pytest_ignition.vmm.control import request
+from pytest_ignition.vmm.forkserver import ForkServer, ForkServerError
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def children_of(pid: int) -> set[int]:
+    out = set()
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(p.name))
+    return out
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            st = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if st.rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def server():
+    need_kvm()
+    fds = open_fds()
+    fs = ForkServer()
+    yield fs
+    fs.stop()
+    assert open_fds() <= fds, "fds leaked"
+
+
+def spawn(fs: ForkServer, tmp_path: Path, code: bytes, *extra: str):
+    k = bzimage(tmp_path, code)
+    argv = ["boot", "--kernel", str(k), "--mem", "64M", "--console", "stdio", *extra]
+    return spawn_argv(fs, tmp_path, argv)
+
+
+def spawn_argv(fs: ForkServer, tmp_path: Path, argv: list[str]):
+    """Fork ``argv`` with stdin /dev/null and stdout/stderr to tmp_path/out, err (the fds
+    are the server's child's own after the call: closed here)."""
+    fds = [
+        os.open(os.devnull, os.O_RDONLY),
+        os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        os.open(tmp_path / "err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    ]
+    try:
+        return fs.spawn(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_child_is_a_vmm_process_with_its_exit_code(server, tmp_path):
+    p = spawn(server, tmp_path, PRINT_OK + RESET + HALT)
+    assert p.wait(60) == 0  # the guest reset itself: a clean stop
+    assert (tmp_path / "out").read_bytes() == b"OK\n"
+    assert b"reset" in (tmp_path / "err").read_bytes()
+    # a setup error is exit status 2 with its one line, as for a spawned VMM
+    q = spawn_argv(server, tmp_path, ["boot", "--kernel", str(tmp_path / "nope")])
+    assert q.wait(60) == 2
+    assert b"no such file" in (tmp_path / "err").read_bytes()
+    assert server.starts == 1  # one warm server for both
+
+
+def test_control_socket_and_killed_child(server, tmp_path):
+    ctl = tmp_path / "c.sock"
+    p = spawn(server, tmp_path, HALT, "--control", str(ctl))
+    end = time.monotonic() + 60
+    while not ctl.exists():
+        assert p.poll() is None and time.monotonic() < end
+        time.sleep(0.02)
+    assert request(ctl, "status")["state"] == "running"
+    assert os.getpgid(p.pid) == p.pid  # its own session and group, as spawned VMMs
+    os.kill(p.pid, signal.SIGKILL)
+    assert p.wait(30) == -signal.SIGKILL
+    assert gone(p.pid)
+    assert server.alive()  # a child's death does not touch the server
+
+
+def test_server_killed_takes_children_and_restarts(server, tmp_path):
+    p = spawn(server, tmp_path, HALT)
+    first = server.proc.pid
+    os.kill(first, signal.SIGKILL)
+    assert p.wait(30) is not None
+    assert gone(p.pid), "the child outlived its server"
+    q = spawn(server, tmp_path, PRINT_OK + RESET + HALT)  # restarted on demand
+    assert q.wait(60) == 0 and server.proc.pid != first and server.starts == 2
+
+
+def test_client_going_away_kills_its_child(server, tmp_path):
+    p = spawn(server, tmp_path, HALT)
+    p._conn.close()  # what a dead or interrupted client leaves: a closed connection
+    assert gone(p.pid, 15), "a child without its client kept running"
+    assert children_of(server.proc.pid) == set()
+
+
+def test_ctrl_c_during_a_fork_leaves_nothing(server, tmp_path):
+    server.start()
+    before = children_of(server.proc.pid)
+    k = bzimage(tmp_path, HALT)
+    t = threading.Timer(
+        0.001, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    )
+    t.start()
+    try:
+        for _ in range(200):  # until the interrupt lands inside spawn()
+            p = server.spawn(
+                ["boot", "--kernel", str(k), "--mem", "64M", "--console", "none"],
+                stdin=0,
+                stdout=1,
+                stderr=2,
+            )
+            p.kill()
+            p.wait(30)
+    except KeyboardInterrupt:
+        pass
+    t.join()
+    end = time.monotonic() + 15
+    while children_of(server.proc.pid) - before and time.monotonic() < end:
+        time.sleep(0.05)
+    assert children_of(server.proc.pid) - before == set()
+
+
+def test_server_in_a_broken_environment(tmp_path):
+    """No usable /dev/kvm (here: a Python that cannot import the VMM is the same path): a
+    clear error, at once, never a hang."""
+    fs = ForkServer(python=sys.executable)
+    env_broken = tmp_path / "py"
+    env_broken.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.stderr.write(\"no kvm here\\\\n\"); sys.exit(2)'\n"
+    )
+    env_broken.chmod(0o755)
+    fs.python = str(env_broken)
+    t0 = time.monotonic()
+    with pytest.raises(ForkServerError, match="exited with 2 before it was ready: no kvm here"):
+        fs.spawn(["boot"], stdin=0, stdout=1, stderr=2)
+    assert time.monotonic() - t0 < 30
+    fs.stop()
+
+
+def test_server_dies_with_its_parent(tmp_path):
+    need_kvm()
+    code = (
+        "import sys, time\n"
+        "from pytest_ignition.vmm.forkserver import ForkServer\n"
+        "fs = ForkServer(); fs.start(); print(fs.proc.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        pid = int(parent.stdout.readline())
+        # the server's PDEATHSIG is relative to the thread that forked it: the main one here
+        parent.kill()
+        parent.wait(10)
+        assert gone(pid, 10), "the fork server outlived its parent"
+    finally:
+        parent.kill()
+        parent.stdout.close()

@@ -362,6 +362,8 @@ class IgnitionEngine(Engine):
                 stdout=theirs.fileno(),
                 stderr=log,
                 close_fds=True,
+                # the virtio-blk overlay (an unlinked sparse file) lands in the machine's dir
+                env={**os.environ, "TMPDIR": str(m.dir)},
             )
         finally:
             log.close()

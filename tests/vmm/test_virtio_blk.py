@@ -184,3 +184,60 @@ def test_indirect_table_needs_only_8_byte_alignment(rig, image):
     assert [u[0] for u in rig.q.take_used()] == [head]
     assert rig.mem.read_u8(rig.status) == VIRTIO_BLK_S_OK
     assert rig.mem.read(rig.data, 512) == base[2 * 512 : 3 * 512]
+
+
+# --------------------------------------------------------------------------- the overlay on disk
+
+
+def test_overlay_lives_in_a_sparse_unlinked_file_not_ram(image, tmp_path):
+    odir = tmp_path / "ov"
+    odir.mkdir()
+    r = BlkRig(image, overlay_dir=str(odir))
+    try:
+        before = sha(image)
+        payload = os.urandom(256 * 1024)
+        for sector in range(0, SECTORS, 512):  # the whole 1 MiB disk, 256 KiB at a time
+            assert r.request(VIRTIO_BLK_T_OUT, sector, payload=payload)[0] == VIRTIO_BLK_S_OK
+        assert r.dev.overlay_bytes == SECTORS * 512
+        st = os.fstat(r.dev._store.fd)
+        assert st.st_nlink == 0  # unlinked: nothing is left behind if the VMM dies
+        assert st.st_blocks * 512 >= SECTORS * 512  # the data is on disk
+        assert all(isinstance(v, int) for v in r.dev.overlay.values())  # RAM holds an index
+        assert os.listdir(odir) == []
+        assert r.request(VIRTIO_BLK_T_IN, 512, read_len=4096)[1] == payload[:4096]
+        assert sha(image) == before
+    finally:
+        r.close()
+
+
+def test_overlay_cap_gives_the_guest_an_io_error(image, caplog):
+    r = BlkRig(image, max_overlay=16 * 4096)
+    try:
+        base = image.read_bytes()
+        assert r.request(VIRTIO_BLK_T_OUT, 0, payload=b"a" * (16 * 4096))[0] == VIRTIO_BLK_S_OK
+        # rewriting blocks already in the overlay needs no new room
+        assert r.request(VIRTIO_BLK_T_OUT, 8, payload=b"b" * 4096)[0] == VIRTIO_BLK_S_OK
+        with caplog.at_level("WARNING"):
+            assert r.request(VIRTIO_BLK_T_OUT, 200, payload=b"c" * 512)[0] == VIRTIO_BLK_S_IOERR
+        assert "reached its cap" in caplog.text
+        assert r.dev.overlay_full_errors == 1 and r.dev.overlay_bytes == 16 * 4096
+        status, data, _ = r.request(VIRTIO_BLK_T_IN, 200, read_len=512)
+        assert status == VIRTIO_BLK_S_OK and data == base[200 * 512 : 201 * 512]
+    finally:
+        r.close()
+
+
+def test_rewrites_after_a_saved_state_stay_bounded_and_revert_frees(image):
+    r = BlkRig(image)
+    try:
+        r.request(VIRTIO_BLK_T_OUT, 0, payload=b"A" * 4096)
+        saved = r.dev.state()
+        for i in range(200):  # the same block again and again: one new slot, then in place
+            r.request(VIRTIO_BLK_T_OUT, 0, payload=bytes([i]) * 4096)
+        assert r.dev.overlay_bytes == 2 * 4096
+        r.dev.revert_to(saved)
+        assert r.dev.overlay_bytes == 4096
+        assert os.fstat(r.dev._store.fd).st_size == 4096  # the reverted slot is freed on disk
+        assert r.request(VIRTIO_BLK_T_IN, 0, read_len=512)[1] == b"A" * 512
+    finally:
+        r.close()

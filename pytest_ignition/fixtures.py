@@ -48,7 +48,9 @@ FAILED_KEY = pytest.StashKey[bool]()  # set by the plugin when a test's setup or
 KEPT_PROPERTY = "ignition_kept"  # user_properties entry per kept VM (reaches xdist's controller)
 RESTORE_PROPERTY = "ignition_restore_seconds"
 BOOT_PROPERTY = "ignition_boot_seconds"
+FALLBACK_PROPERTY = "ignition_engine_fallback"
 SNAPSHOT_SUBDIR = "ignition-snapshots"
+FALLBACK_MARKER = "ENGINE_FALLBACK"  # in the shared snapshot root: why `auto` left the VMM
 MARKER = "ignition"
 
 
@@ -167,6 +169,8 @@ class IgnitionSession:
     ) -> None:
         self.config = config
         self._settings = settings
+        self.fallback: str | None = None  # why `auto` fell back from the bundled VMM to QEMU
+        self._fallback_reported = False
         # Why the IGNITION_* / ini settings are invalid: raised at the first VM use, not before.
         self.settings_error = settings_error
         self.vm_items = 0  # collected tests that use a VM fixture or the marker
@@ -187,6 +191,8 @@ class IgnitionSession:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.live: set[Any] = set()
         self.kept_dirs: list[Path] = []  # work dirs of kept VMs (--ignition-keep-failed)
+        self.reuse_states: dict[str, tuple[Any, str, str]] = {}  # config key -> reuse_info()
+        self.reuse_shown: set[str] = set()  # config keys whose reused/new the header showed
         self._inflight: list[list[Any]] = []  # machines of restores still in progress
         self.boots: list[tuple[str, float]] = []
         self._boots_reported = 0  # boots already attached to a test report
@@ -250,6 +256,29 @@ class IgnitionSession:
             self.skip_or_fail(reason)
         assert engine is not None
         return engine
+
+    def fall_back(self, engine: Engine, reason: str | None) -> bool:
+        """Under ``auto``, switch this session from the bundled VMM to QEMU because of ``reason``
+        (a failure of the VMM, see ``select.vmm_fault``); False when that does not apply."""
+        if reason is None or engine.name != "ignition" or self.settings.engine != "auto":
+            return False
+        from pytest_ignition.engines.select import select_engine
+
+        try:
+            new, _ = select_engine("qemu", arch=self.settings.arch)
+        except Exception as e:  # no QEMU either: the VMM's error stands
+            self._progress(f"the bundled VMM failed ({reason}); no QEMU to fall back to: {e}")
+            return False
+        with self.lock:
+            if self._engine is engine:
+                self._engine = new
+                self._engine_reason = f"auto: fell back from the bundled VMM to QEMU: {reason}"
+                self.fallback = reason
+        if self.root is not None:  # the other xdist workers fall back without trying again
+            with contextlib.suppress(OSError):
+                (self.root / FALLBACK_MARKER).write_text(reason)
+        self._progress(f"the bundled VMM failed: {reason}; falling back to QEMU for this run")
+        return True
 
     def describe_kernel(self) -> str:
         s = self.settings
@@ -424,9 +453,14 @@ class IgnitionSession:
                 pytest.fail(self.failures[key], pytrace=False)
             engine = self.engine()
             assert self.root is not None, "set_root() first"
-            directory = self.root / key[:24]
-            ready, failed = directory / "READY", directory / "FAILED"
-            lock = FileLock(str(self.root / f"{key[:24]}.lock"), timeout=self.lock_timeout(vmcfg))
+            marker = self.root / FALLBACK_MARKER
+            if engine.name == "ignition" and marker.exists():  # another worker fell back
+                with contextlib.suppress(OSError):
+                    if self.fall_back(engine, marker.read_text(errors="replace")):
+                        engine = self.engine()
+            directory, failed, lockpath, rk = self._snapshot_paths(engine, vmcfg)
+            ready = directory / "READY"
+            lock = FileLock(str(lockpath), timeout=self.lock_timeout(vmcfg))
             try:
                 lock.acquire()
             except FileLockTimeout:
@@ -446,6 +480,7 @@ class IgnitionSession:
                     self.failures[key] = msg
                     pytest.fail(msg, pytrace=False)
                 boot_seconds = None
+                fell_back = False
                 if not ready.exists():
                     if directory.exists():
                         shutil.rmtree(directory)  # a half-made snapshot of an interrupted run
@@ -455,14 +490,51 @@ class IgnitionSession:
                         boot_seconds = self._make_snapshot(engine, vmcfg, directory)
                     except _SnapshotFailed as e:
                         failure = str(e)
-                    if failure is not None:
+                        fell_back = self.fall_back(engine, e.fallback)
+                    if fell_back:
+                        failure = None  # retried below with QEMU, once the lock is released
+                    elif failure is not None:
                         failed.write_text(failure)
                         self.failures[key] = failure
                         pytest.fail(failure, pytrace=False)
-                    ready.write_text(json.dumps({"key": key, "engine": engine.name}))
+                    if not fell_back:
+                        if rk is not None:
+                            from pytest_ignition import reuse
+
+                            reuse.write_inputs(rk)
+                        ready.write_text(json.dumps({"key": key, "engine": engine.name}))
+            if fell_back:
+                return self.snapshot_for(vmcfg)  # again, with QEMU
             snap = Snapshot(key, vmcfg, directory, engine, boot_seconds)
             self.snapshots[key] = snap
             return snap
+
+    def _snapshot_paths(self, engine: Engine, vmcfg: VMConfig) -> tuple[Path, Path, Path, Any]:
+        """(directory, failure marker, lock file, reuse key or None) of ``vmcfg``'s snapshot:
+        this run's (shared by its xdist workers), or with --ignition-reuse the cache's."""
+        assert self.root is not None
+        key = vmcfg.key()
+        if not self.settings.reuse:
+            d = self.root / key[:24]
+            return d, d / "FAILED", self.root / f"{key[:24]}.lock", None
+
+        rk, state, why = self.reuse_info(engine, vmcfg)
+        if vmcfg.key() not in self.reuse_shown:
+            self._progress(f"snapshot {rk.key[:12]} ({self._describe(vmcfg)}): {state} ({why})")
+        rk.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        # A failed prepare is this run's news, not the cache's: its marker stays in the run dir.
+        return rk.directory, self.root / f"{key[:24]}.FAILED", rk.lock_path, rk
+
+    def reuse_info(self, engine: Engine, vmcfg: VMConfig) -> tuple[Any, str, str]:
+        """(reuse key, "reused" | "new", why) of ``vmcfg``'s cached snapshot; once per config."""
+        from pytest_ignition import reuse
+
+        key = vmcfg.key()
+        with self.lock:
+            if key not in self.reuse_states:
+                rk = reuse.compute(self.config, engine, vmcfg)
+                self.reuse_states[key] = (rk, *reuse.explain(rk))
+            return self.reuse_states[key]
 
     def _describe(self, vmcfg: VMConfig) -> str:
         args = f", kernel args {vmcfg.kernel_args!r}" if vmcfg.kernel_args else ""
@@ -561,18 +633,28 @@ class IgnitionSession:
 
         workdir = self.workdir("boot-")
         t0 = time.monotonic()
+        from pytest_ignition.engines.select import vmm_fault
+
+        failed: _SnapshotFailed | None = None
         try:
             machine = engine.boot(vmcfg, workdir)
         except BootError as e:
-            raise _SnapshotFailed(
+            failed = _SnapshotFailed(
                 f"pytest-ignition: the guest did not boot ({engine.describe()}; "
                 f"{self._describe(vmcfg)}; timeout {vmcfg.boot_timeout:g} s): {e}"
-            ) from None
+            )
+            failed.fallback = vmm_fault(getattr(e, "vmm_exit", None), e.console_tail, e.message)
         except EngineError as e:
-            raise _SnapshotFailed(
+            failed = _SnapshotFailed(
                 f"pytest-ignition: {engine.name} could not start the guest "
                 f"({self._describe(vmcfg)}): {e}"
-            ) from None
+            )
+            failed.fallback = f"the bundled VMM could not start the guest: {e}"
+        if failed is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+            if engine.name != "ignition":
+                failed.fallback = None
+            raise failed
         vm = VM(engine, machine, vmcfg, **self.vm_limits())
         try:
             if vmcfg.init == "systemd":
@@ -805,7 +887,8 @@ class IgnitionSession:
 
 
 class _SnapshotFailed(Exception):
-    pass
+    # Why the bundled VMM (not the guest) failed the boot: `auto` then falls back to QEMU.
+    fallback: str | None = None
 
 
 class RestoreFailed(Exception):
@@ -905,6 +988,9 @@ def _record_restore(request: pytest.FixtureRequest, seconds: float) -> None:
         session._boots_reported = len(session.boots)
     for _, boot_seconds in new_boots:
         props.append((BOOT_PROPERTY, round(boot_seconds, 3)))
+    if session.fallback is not None and not session._fallback_reported:
+        session._fallback_reported = True  # once per process: the xdist controller shows it
+        props.append((FALLBACK_PROPERTY, session.fallback))
 
 
 def _map_restore_error(fn: Callable[[], Any]) -> Any:

@@ -48,11 +48,28 @@ def _cleanup(entry_path: str | None) -> None:
     for path in entry.get("cleanup", []):
         if isinstance(path, str) and path.startswith("/") and path != "/":
             shutil.rmtree(path, ignore_errors=True)
-            # The session's temp dir is left behind empty when this was its last VM.
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(path))
+            _remove_session_dir(os.path.dirname(path))
     with contextlib.suppress(OSError):
         os.unlink(entry_path)
+
+
+def _remove_session_dir(parent: str) -> None:
+    """The pytest session's temp dir, once this was its last VM and that pytest has exited
+    (nothing left in it but its owner file)."""
+    from pytest_ignition.engines import _process
+
+    try:
+        names = set(os.listdir(parent))
+    except OSError:
+        return
+    if not os.path.basename(parent).startswith(_process.TMP_PREFIXES):
+        return
+    if names - {_process.OWNER_FILE}:
+        return
+    rec = _process._read_owner(parent) if names else None
+    if rec is not None and _process.owner_alive(rec) is not False:
+        return  # the session still runs and will remove it itself
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

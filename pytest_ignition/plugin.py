@@ -140,6 +140,7 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
             f"ignition: {engine.name} cannot roll back in place; restoring per test instead"
         )
     lines.append("ignition: " + keep_failed_line(s))
+    lines.append("ignition: " + reuse_line(state, engine))
     lines.append("ignition: " + budget_line(s))
     return lines
 
@@ -148,6 +149,26 @@ def budget_line(s: cfgmod.Settings) -> str:
     from pytest_ignition.budget import header_line
 
     return header_line(s.memory_budget, s.sources.get("memory_budget", "default"))
+
+
+def reuse_line(state: fx.IgnitionSession, engine: Any) -> str:
+    """The header's reuse line: off, or whether the default configuration's snapshot is reused
+    from the cache or made new, and why (other configurations say so when first used)."""
+    s = state.settings
+    if not s.reuse:
+        return "reuse off (default; --ignition-reuse keeps prepared snapshots between runs)"
+    where = f"reuse on ({s.sources.get('reuse', 'default')})"
+    from pytest_ignition.guest import find_guest
+
+    if s.image is not None or (s.kernel is None and find_guest() is None):
+        return f"{where}: the default configuration's snapshot is decided on first use"
+    try:
+        vmcfg, _ = state.vm_config(cfgmod.Overrides())
+        rk, verdict, why = state.reuse_info(engine, vmcfg)
+    except (Exception, pytest.skip.Exception, pytest.fail.Exception) as e:
+        return f"{where}: cannot tell yet ({e})"
+    state.reuse_shown.add(vmcfg.key())
+    return f"{where}: snapshot {rk.key[:12]} of the default configuration: {verdict} ({why})"
 
 
 def keep_failed_line(s: cfgmod.Settings) -> str:
@@ -256,6 +277,7 @@ class _RestoreTimes:
         self.seconds: list[float] = []
         self.boots: list[float] = []
         self.kept: list[dict[str, Any]] = []  # VMs kept by --ignition-keep-failed
+        self.fallbacks: set[str] = set()  # why `auto` left the bundled VMM (any worker)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # The teardown report carries every property the test gathered (factory VMs are
@@ -266,6 +288,9 @@ class _RestoreTimes:
             if name == fx.KEPT_PROPERTY and isinstance(value, str):
                 with contextlib.suppress(ValueError):
                     self.kept.append(json.loads(value))
+                continue
+            if name == fx.FALLBACK_PROPERTY and isinstance(value, str):
+                self.fallbacks.add(value)
                 continue
             if not isinstance(value, (int, float)):
                 continue
@@ -291,15 +316,27 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             "end them: python -m pytest_ignition kill ID (or --all); list: python -m pytest_ignition list"
         )
+    state = config.stash.get(fx.SESSION_KEY, None)
+    fallbacks = set(collector.fallbacks) if collector is not None else set()
+    if state is not None and state.fallback is not None:
+        fallbacks.add(state.fallback)
+    if fallbacks:
+        terminalreporter.write_sep("-", "pytest-ignition: engine fallback")
+        for reason in sorted(fallbacks):
+            terminalreporter.write_line(f"auto fell back from the bundled VMM to QEMU: {reason}")
+        terminalreporter.write_line(
+            "(--ignition-engine=ignition never falls back: use it to see the VMM's own error)"
+        )
     times = list(collector.seconds) if collector is not None else []
     if not times:
         return
-    state = config.stash.get(fx.SESSION_KEY, None)
     engine = None
     if state is not None:
         engine, _ = state.engine_info()
     ms = sorted(t * 1000 for t in times)
     where = f" ({engine.describe()})" if engine is not None else ""
+    if fallbacks and engine is not None and engine.name == "ignition":
+        where = " (qemu, after the fallback)"  # xdist controller: its workers fell back
     terminalreporter.write_sep("-", "pytest-ignition")
     terminalreporter.write_line(
         f"{len(ms)} VM(s) restored{where}: per-test restore to agent-ready "

@@ -926,6 +926,9 @@ def plan_clean(
             if e.name == "images" and e.is_dir():
                 _plan_images(plan, level)
                 continue
+            if e.name == "snapshots" and e.is_dir():
+                _plan_snapshots(plan, level)
+                continue
             if e.name in fragments:
                 locks: tuple[str, ...] = (f"kernel-{e.name}",)
             elif e.name == "src" or e.name.startswith(_CLEAN_PREFIX):
@@ -1007,6 +1010,8 @@ def plan_clean(
             _plan_kernels(plan, e, name, kkeys[name])
         elif name == "images" and e.is_dir():
             _plan_images(plan, level)
+        elif name == "snapshots" and e.is_dir():
+            _plan_snapshots(plan, level)
         elif name == "src" and e.is_dir():
             for t in sorted(e.iterdir()):
                 if t.name.startswith("."):
@@ -1073,6 +1078,15 @@ def plan_clean(
         if key is not None and not (root / flavour / key / "config").is_file():
             plan.notes.append(f"the current {flavour} kernel (key {key}) is not built yet")
     return plan
+
+
+def _plan_snapshots(plan: CleanPlan, level: str) -> None:
+    """Prepared snapshots kept between runs (``--ignition-reuse``); see ``reuse.plan_snapshots``."""
+    from pytest_ignition.reuse import plan_snapshots
+
+    remove, keep = plan_snapshots(level)
+    plan.remove += [CleanItem(p, why, locks) for p, why, locks in remove]
+    plan.keep += keep
 
 
 def _plan_images(plan: CleanPlan, level: str) -> None:
@@ -1205,9 +1219,17 @@ def clean_cache(
     """
     root = cache_dir()
     result = CleanResult()
+    from pytest_ignition.reuse import snapshot_locks
+
     from .image import image_locks
 
-    all_locks = ("initrd", "src", *(f"kernel-{f}" for f in fragments), *image_locks())
+    all_locks = (
+        "initrd",
+        "src",
+        *(f"kernel-{f}" for f in fragments),
+        *image_locks(),
+        *snapshot_locks(),
+    )
     with _try_locks(all_locks, create=not dry_run) as busy:
         plan = plan_clean(fragments, level, kernel_source)
         for name, why in busy.items():

@@ -35,8 +35,15 @@ METRICS = (
     "rollback_time",
     "pytest_per_test",
     "image_build_time",
+    "browser_cold_to_cdp",
+    "browser_boot_to_ready",
+    "browser_restore_to_cdp",
+    "browser_restore_to_paint",
+    "host_chromium_cold_to_cdp",
+    "host_chromium_cold_to_paint",
 )
-WHERE = ("direct", "nested", "tcg")
+# "host": on this machine without any VM (e.g. Chromium started locally, for comparison)
+WHERE = ("direct", "nested", "tcg", "host")
 ENGINES = ("ignition", "qemu")
 REQUIRED_KEYS = (
     "metric",

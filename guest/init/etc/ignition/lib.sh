@@ -60,3 +60,14 @@ ig_mount_image() {
     echo ignition >/newroot/etc/hostname
     return 0
 }
+
+# ig_network: the network step of rcS (init=agent) and /init (init=systemd), see rcS's block.
+ig_network() {
+    if net=$(ig_arg net); then
+        ip link set eth0 up 2>/dev/null || echo "ignition: ignition.net=$net but no eth0"
+        if [ "$net" = user ]; then
+            udhcpc -i eth0 -f -q -n -t 20 -T 1 -s /etc/ignition/udhcpc.script >/dev/null 2>&1 ||
+                echo "ignition: no DHCP lease on eth0"
+        fi
+    fi
+}

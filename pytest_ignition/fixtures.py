@@ -826,7 +826,13 @@ class IgnitionSession:
 
         wd = getattr(vm, "_ignition_workdir", None)
         try:
-            kept = keep.keep_vm(vm, request.node.nodeid, self.settings.keep_failed_for, wd)
+            kept = keep.keep_vm(
+                vm,
+                request.node.nodeid,
+                self.settings.keep_failed_for,
+                wd,
+                rootdir=str(request.config.rootpath),
+            )
         except keep.KeepError as e:
             self._progress(f"{request.node.nodeid}: its VM is not kept: {e}")
             return False

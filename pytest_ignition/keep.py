@@ -70,7 +70,9 @@ def _agent_endpoint(machine: Any) -> dict[str, Any] | None:
     return None
 
 
-def keep_vm(vm: Any, test: str, seconds: float, workdir: Path | None) -> KeptVM:
+def keep_vm(
+    vm: Any, test: str, seconds: float, workdir: Path | None, rootdir: str | None = None
+) -> KeptVM:
     """Keep ``vm`` running for ``seconds`` after its test failed; raises KeepError if it cannot be.
 
     The caller stops tracking the VM (it must not be closed). pytest's agent connection is
@@ -105,6 +107,7 @@ def keep_vm(vm: Any, test: str, seconds: float, workdir: Path | None) -> KeptVM:
         "agent": endpoint,
         "expires": now + seconds,
         "test": test,
+        "rootdir": rootdir,
         "workdir": str(workdir) if workdir is not None else None,
         "console_log": str(console_log) if console_log is not None else None,
         "created": now,

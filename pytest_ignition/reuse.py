@@ -224,6 +224,7 @@ def key_inputs(config: Any, engine: Any, vmcfg: Any) -> dict[str, Any]:
         "accelerator": engine.accelerator,
         "snapshot_format": engine.snapshot_format,
         "pytest_ignition": pytest_ignition.__version__,
+        "rootdir": str(config.rootpath),  # projects never share (their sources are relative)
         "prepare_sources": project_sources(_hook_files(config), Path(config.rootpath)),
         "snapshot_key": _extra(config),
     }

@@ -6,7 +6,8 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := linux-source busybox-static musl-tools qemu-system-x86 qemu-utils e2fsprogs cpio \
-	socat flex bison bc libelf-dev libssl-dev xz-utils make gcc python3-venv mmdebstrap passt
+	socat flex bison bc libelf-dev libssl-dev xz-utils make gcc python3-venv mmdebstrap passt \
+	openssh-server openssh-client iproute2
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv bytecode guest host-kernel demo test test-nested bench lint clean

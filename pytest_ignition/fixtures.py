@@ -1057,7 +1057,14 @@ class VMFactory:
         self._vms: list[Any] = []
 
     def __call__(self, **config: Any) -> VM:
+        from pytest_ignition import network as netmod
+
+        # network=<Network> joins an ignition_network segment (a network=segment snapshot)
+        net, hostname = netmod.split_factory_kwargs(config)
         overrides = cfgmod.parse_overrides(config, where="ignition_vm_factory(...)")
+        if net is not None:
+            values = {**overrides.as_dict(), "network": "segment"}
+            overrides = cfgmod.Overrides(tuple(sorted(values.items())))
         vmcfg, reset = self._session.vm_config(overrides)
         snap = self._session.snapshot_for(vmcfg)
         pool = self._session.pool(snap, reset)
@@ -1066,6 +1073,10 @@ class VMFactory:
         self._vms.append(vm)
         _record_restore(self._request, seconds)
         _track(self._request, f"ignition_vm_factory #{len(self._vms)}", vm)
+        if net is not None:
+            net.add(vm, hostname or f"vm{len(net.members) + 1}")
+        elif hostname is not None:
+            netmod.set_hostname(vm, hostname)
         return vm
 
     def close(self) -> None:
@@ -1085,3 +1096,16 @@ def ignition_vm_factory(
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def ignition_network() -> Iterator[Any]:
+    """``ignition_network() -> Network``: a private L2 segment for VMs made with
+    ``ignition_vm_factory(network=net, hostname="a")``; closed at teardown."""
+    from pytest_ignition.network import NetworkFactory
+
+    nets = NetworkFactory()
+    try:
+        yield nets
+    finally:
+        nets.close()

@@ -30,6 +30,7 @@ from pytest_ignition.browser import (  # noqa: F401  (fixtures are found on this
 )
 from pytest_ignition.fixtures import (  # noqa: F401  (fixtures are found on this module)
     _ignition_session,
+    ignition_network,
     ignition_snapshot,
     ignition_vm,
     ignition_vm_factory,

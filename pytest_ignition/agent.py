@@ -47,6 +47,7 @@ CHUNK = 64 * 1024  # payload size for STDIN and DATA frames the host sends
 
 DEFAULT_VSOCK_PORT = 52
 REQUEST_TIMEOUT = 120.0  # file transfers, sync: a guest that is alive answers well within this
+SEND_TIMEOUT = 120.0  # a guest that reads nothing for this long while the host sends is gone
 HOST_TIMEOUT_GRACE = 5.0  # past an exec's own timeout, before the host kills it itself
 KILL_GRACE = 5.0  # after the host's SIGKILL, for the EXIT to arrive
 # After a SIGKILL for too much output, the agent still flushes what it had queued (up to ~1 MiB
@@ -314,6 +315,12 @@ class AgentClient:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.settimeout(None)
+        # A guest that stops reading must not block a sender for ever: past SEND_TIMEOUT a
+        # send fails, and a half-sent frame means the stream is given up (see _send).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0)
+            )
         self._sock = sock
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -441,6 +448,14 @@ class AgentClient:
             with self._send_lock:
                 self._sock.sendall(frame)
         except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                # Part of a frame may have gone: the stream cannot be trusted any more.
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                raise AgentDisconnected(
+                    f"the agent read nothing for {SEND_TIMEOUT:g} s (sending a frame); "
+                    "connection given up"
+                ) from e
             raise AgentDisconnected(f"sending to the agent failed: {e}") from e
 
     def send_raw(self, data: bytes) -> None:

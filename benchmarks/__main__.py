@@ -231,6 +231,21 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             420,
         )
     )
+    units.append(
+        Unit(
+            "session_setup",
+            "session_setup",
+            "session_setup",
+            "session_setup.json",
+            ["--rounds", "3"],
+            ["--rounds", "1"],
+            [
+                Expect("session_setup", "qemu", qwhere, {"mode": m})
+                for m in ("off", "reuse_new", "reuse_hit")
+            ],
+            600,
+        )
+    )
     nested_timeout = 720
     units.append(
         Unit(

@@ -295,6 +295,8 @@ class IgnitionEngine(Engine):
 
     def __init__(self, python: str | None = None, check: bool = False) -> None:
         self.python = python or sys.executable
+        self._fs: Any = None  # the fork server (pytest_ignition.vmm.forkserver), on first use
+        self._fs_lock = threading.Lock()
         if check:
             ok, why = available()
             if not ok:
@@ -356,19 +358,48 @@ class IgnitionEngine(Engine):
         try:
             m._relay = _ConsoleRelay(ours, m.console_sock, m.console_log)
             started = time.monotonic()
-            m.proc = _process.spawn(
-                argv,
-                stdin=theirs.fileno(),
-                stdout=theirs.fileno(),
-                stderr=log,
-                close_fds=True,
-                # the virtio-blk overlay (an unlinked sparse file) lands in the machine's dir
-                env={**os.environ, "TMPDIR": str(m.dir)},
-            )
+            # the virtio-blk overlay (an unlinked sparse file) lands in the machine's dir
+            env = {**os.environ, "TMPDIR": str(m.dir)}
+            fs = self._fork_server(argv)
+            if fs is not None:
+                m.proc = fs.spawn(  # type: ignore[assignment]
+                    argv[3:],
+                    stdin=theirs.fileno(),
+                    stdout=theirs.fileno(),
+                    stderr=log.fileno(),
+                    env=env,
+                )
+            else:
+                m.proc = _process.spawn(
+                    argv,
+                    stdin=theirs.fileno(),
+                    stdout=theirs.fileno(),
+                    stderr=log,
+                    close_fds=True,
+                    env=env,
+                )
         finally:
             log.close()
             theirs.close()
         return started
+
+    def _fork_server(self, argv: list[str]) -> Any:
+        """The session's warm VMM process (started on first use, restarted if it died), or
+        None where VM processes are spawned one by one: ``IGNITION_VMM_FORKSERVER=0``, the
+        keep-failed keeper (it wraps each VM process), or a VMM other than this Python's."""
+        if os.environ.get("IGNITION_VMM_FORKSERVER", "1") == "0" or _process._keeper_mode:
+            return None
+        if argv[:3] != [self.python, "-m", "pytest_ignition.vmm"]:
+            return None
+        with self._fs_lock:
+            if self._fs is None:
+                import atexit
+
+                from pytest_ignition.vmm.forkserver import ForkServer
+
+                self._fs = ForkServer(self.python, spawn=_process.spawn)
+                atexit.register(self._fs.stop)
+        return self._fs
 
     def _fail(self, m: IgnitionMachine, what: str) -> BootError:
         if m.proc is not None:

@@ -93,7 +93,7 @@ def _preload(argv: list[str]) -> None:
     vmm_main.PRELOADED[path] = cached[1]
 
 
-def _recv_request(conn: socket.socket) -> tuple[list[str], list[int]]:
+def _recv_request(conn: socket.socket) -> tuple[list[str], dict[str, str] | None, list[int]]:
     fds = array.array("i")
     buf = b""
     while not buf.endswith(b"\n"):
@@ -111,6 +111,12 @@ def _recv_request(conn: socket.socket) -> tuple[list[str], list[int]]:
         argv = req["argv"]
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a list of strings")
+        env = req.get("env")
+        if env is not None and not (
+            isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            raise ValueError("env must map strings to strings")
     except (ValueError, KeyError, TypeError) as e:
         for fd in fds:
             os.close(fd)
@@ -119,14 +125,19 @@ def _recv_request(conn: socket.socket) -> tuple[list[str], list[int]]:
         for fd in fds:
             os.close(fd)
         raise ValueError(f"bad request: {len(fds)} fds passed, need stdin, stdout, stderr")
-    return argv, list(fds)
+    return argv, env, list(fds)
 
 
-def _child(argv: list[str], fds: list[int]) -> None:
-    """In the forked child: become the VMM process of ``argv``; never returns."""
+def _child(argv: list[str], env: dict[str, str] | None, fds: list[int]) -> None:
+    """In the forked child: become the VMM process of ``argv`` (in ``env``, if given: the
+    whole environment); never returns."""
     rc = 1
     try:
         os.setsid()
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+            tempfile.tempdir = None  # gettempdir() caches; TMPDIR may have changed
         for i, fd in enumerate(fds):
             os.dup2(fd, i)
         for fd in fds:
@@ -204,7 +215,7 @@ def serve(path: str) -> int:
                     conn.set_inheritable(False)
                     c = _Client(conn)
                     try:
-                        argv, fds = _recv_request(conn)
+                        argv, env, fds = _recv_request(conn)
                     except (ValueError, OSError) as e:
                         c.send({"error": str(e)})
                         conn.close()
@@ -229,7 +240,7 @@ def serve(path: str) -> int:
                         from .__main__ import set_parent_death_signal as pds
 
                         pds(signal.SIGTERM)  # dies with the server
-                        _child(argv, fds)
+                        _child(argv, env, fds)
                     for fd in fds:
                         os.close(fd)
                     c.pid = pid
@@ -390,8 +401,17 @@ class ForkServer:
             finally:
                 sel.close()
 
-    def spawn(self, argv: list[str], *, stdin: int, stdout: int, stderr: int) -> ForkedVmm:
-        """Fork a VMM process running ``python -m pytest_ignition.vmm ARGV`` with these fds."""
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        env: dict[str, str] | None = None,
+    ) -> ForkedVmm:
+        """Fork a VMM process running ``python -m pytest_ignition.vmm ARGV`` with these fds
+        (and ``env`` as its whole environment; default: the server's)."""
         for attempt in (0, 1):
             if not self.alive():
                 self.start()
@@ -399,7 +419,10 @@ class ForkServer:
             try:
                 conn.settimeout(START_TIMEOUT)
                 conn.connect(str(self.sock))
-                data = json.dumps({"argv": argv}).encode() + b"\n"
+                req: dict[str, Any] = {"argv": argv}
+                if env is not None:
+                    req["env"] = dict(env)
+                data = json.dumps(req).encode() + b"\n"
                 fds = array.array("i", [stdin, stdout, stderr])
                 conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 buf = b""

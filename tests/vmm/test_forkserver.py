@@ -184,3 +184,36 @@ def test_server_dies_with_its_parent(tmp_path):
     finally:
         parent.kill()
         parent.stdout.close()
+
+
+def test_engine_launches_through_the_fork_server(tmp_path, monkeypatch):
+    """The ignition engine's VMs come from its fork server: console relay, exit status and
+    the error report work as with a spawned VMM, and closing leaves no fd open."""
+    need_kvm()
+    from pytest_ignition.engines.base import BootError, VMConfig
+    from pytest_ignition.engines.ignition import IgnitionEngine
+    from pytest_ignition.vmm.forkserver import ForkedVmm
+
+    monkeypatch.delenv("IGNITION_VMM_FORKSERVER", raising=False)
+    k = bzimage(tmp_path, PRINT_OK + RESET + HALT)
+    config = VMConfig(kernel=k, initrd=None, memory_mib=64, boot_timeout=60)
+    eng = IgnitionEngine()
+    eng.boot  # noqa: B018 - the engine exists before the fds are counted
+    fds = open_fds()
+    seen = []
+    real = eng._launch
+
+    def launch(m, argv):
+        started = real(m, argv)
+        seen.append(m.proc)
+        return started
+
+    monkeypatch.setattr(eng, "_launch", launch)
+    for _ in range(2):
+        with pytest.raises(BootError) as e:
+            eng.boot(config, tmp_path / "w")
+        assert "exited with 0" in str(e.value) and "OK" in e.value.console_tail
+    assert all(isinstance(p, ForkedVmm) for p in seen) and eng._fs.starts == 1
+    server_fds = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    eng._fs.stop()
+    assert open_fds() <= fds | server_fds and open_fds() <= fds, open_fds() - fds

@@ -17,6 +17,8 @@ __all__ = [
     "CommandOutputTooLarge",
     "CommandResult",
     "CommandTimeout",
+    "GuestFailure",
+    "TransferTooLarge",
 ]
 
 if TYPE_CHECKING:
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
         CommandOutputTooLarge,
         CommandResult,
         CommandTimeout,
+        GuestFailure,
+        TransferTooLarge,
     )
 
 

@@ -1253,16 +1253,20 @@ class PtyProcess:
         return None
 
     def _end(self, error: AgentError | None) -> None:
+        if self._ended:
+            return  # the first reason stands
         self._ended = True
         self.error = error
         self._client._close_chan(self.chan)
 
     def close(self) -> None:
-        """Kill the process group if it still runs, and free the channel."""
+        """Kill the process group if it still runs, and free the channel (a thread blocked in
+        :meth:`read` returns None)."""
         if not self._ended:
             with contextlib.suppress(AgentError):
                 self.signal(9)
             self._end(AgentError("closed by the host"))
+            self._q.put(_DISCONNECTED)
 
 
 class ChannelSink:

@@ -128,10 +128,14 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     if engine is None:
         what = "skipped" if not s.require else "errors (IGNITION_REQUIRE=1)"
         return [f"ignition: {reason}; VM tests will be {what}"]
+    # QEMU runs a guest of another architecture than the host's under TCG
+    accel_for = getattr(engine, "accelerator_for", None)
+    accel = accel_for(s.arch) if accel_for is not None else engine.accelerator
     lines = [
-        f"ignition: engine {engine.describe()}, accelerator {engine.accelerator}: {reason}",
+        f"ignition: engine {engine.describe()}, accelerator {accel}: {reason}",
         f"ignition: kernel {state.describe_kernel()}",
-        f"ignition: {s.memory_mib} MiB, {s.cpus} CPU(s), reset {s.reset}, timeout {s.timeout:g} s"
+        f"ignition: {s.arch}, {s.memory_mib} MiB, {s.cpus} CPU(s), reset {s.reset}, "
+        f"timeout {s.timeout:g} s"
         + f", max output {_size(s.max_output)}"
         + (f", kernel args {s.kernel_args!r}" if s.kernel_args else "")
         + (f", rootfs {s.rootfs}" if s.rootfs else ""),

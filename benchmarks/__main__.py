@@ -211,7 +211,7 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             [],
             [],
             [
-                Expect("image_build_time", "builder", "direct", {"image": i, "cache": c})
+                Expect("image_build_time", "builder", "host", {"image": i, "cache": c})
                 for i in ("debian:bookworm", "oci-archive")
                 for c in ("cold", "hit")
             ],

@@ -1,7 +1,7 @@
 """Benchmark: root image build time, cold and on a cache hit (``pytest_ignition.guest.image``).
 
 Records (``benchmarks/results/images.json``, rewritten by each run), metric ``image_build_time``,
-engine ``builder``, where ``direct`` (this machine), params ``image`` and ``cache``:
+engine ``builder``, where ``host`` (this machine, no VM), params ``image`` and ``cache``:
 
 * ``debian:bookworm`` + ``python3``, ``cache=cold``: ``ensure_image`` into an empty cache dir
   (mmdebstrap from the mirror, then mke2fs -d). Minutes; ``--debian-cold`` repeats (default 1).
@@ -136,17 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                     common.record(
                         METRIC,
                         "builder",
-                        "direct",
+                        "host",
                         {**p, "cache": kind},
                         [s * 1000 for s in samples],
-                    )  # fmt: skip
+                    )
                 )
         shutil.rmtree(tmp / "oci", ignore_errors=True)
         dp = {"image": "debian:bookworm", "packages": "python3"}
         if shutil.which("mmdebstrap") is None:
             why = "mmdebstrap is not installed (apt-get install mmdebstrap)"
             records += [
-                common.absent_record(METRIC, "builder", "direct", why, **dp, cache=k)
+                common.absent_record(METRIC, "builder", "host", why, **dp, cache=k)
                 for k in ("cold", "hit")
             ]
         else:
@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                     common.absent_record(
                         METRIC,
                         "builder",
-                        "direct",
+                        "host",
                         "no cold build under --quick",
                         **dp,
                         cache="cold",
-                    )  # fmt: skip
+                    )
                 )
             for kind, samples in (("cold", cold), ("hit", hit)):
                 if samples:
@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                         common.record(
                             METRIC,
                             "builder",
-                            "direct",
+                            "host",
                             {**dp, "cache": kind},
                             [s * 1000 for s in samples],
-                        )  # fmt: skip
+                        )
                     )
     for r in records:
         print(json.dumps(r))

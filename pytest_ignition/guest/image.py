@@ -154,7 +154,15 @@ def _normalise(spec: str, packages: Sequence[str] | str) -> tuple[str, tuple[str
     try:
         spec = parse_image(spec)
     except ValueError as e:
-        raise ImageBuildError(f"image {spec!r}: {e}") from None
+        msg = str(e)
+        if "not an ext2/3/4" in msg:
+            msg += (
+                ": give an ext4 file (e.g. made with `mke2fs -t ext4 -d DIR img.ext4 512M`), "
+                "debian:SUITE or oci-archive:PATH"
+            )
+        if str(spec).strip() not in msg:
+            msg = f"{spec!r}: {msg}"
+        raise ImageBuildError(msg if msg.startswith(("image", "OCI")) else f"image {msg}") from None
     try:
         pkgs = parse_packages(packages if isinstance(packages, str) else tuple(packages))
     except ValueError as e:

@@ -102,6 +102,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_CHAN = 1006
     CHAN_BUSY = 1007
     LIMIT = 1008
+    STARTED = 1009  # on channel 0: an agent (re)opened its virtio-serial port
 
 
 EXEC_SHELL = 0x1
@@ -329,6 +330,7 @@ class AgentClient:
         self._next_chan = int.from_bytes(os.urandom(4), "little") % 0x7FFFFFFF + 1
         self._closed = False
         self._disconnected: str | None = None
+        self._session = False  # set once wait_ready succeeded: an agent restart is then fatal
         self.request_timeout = REQUEST_TIMEOUT
         # ERROR frames nobody waits for (garbage, late replies): (chan, code, message), newest last
         self.protocol_errors: deque[tuple[int, int, str]] = deque(maxlen=100)
@@ -397,8 +399,18 @@ class AgentClient:
                         q.put(item)
                     elif item.type == FrameType.ERROR:
                         err = _error_from(item, "agent")
+                        if item.chan == 0 and err.code == ErrorCode.STARTED and self._session:
+                            # virtio-serial: the agent this session talked to died and init
+                            # started another; whatever was in flight is lost.
+                            reason = (
+                                "the guest agent restarted (the agent serving this connection died)"
+                            )
+                            break
                         self.protocol_errors.append((item.chan, err.code or 0, str(err)))
                         log.debug("agent error on idle channel %d: %s", item.chan, err)
+                else:
+                    continue
+                break
         except OSError as e:
             reason = f"connection to the agent failed: {e}"
         with self._lock:
@@ -517,6 +529,7 @@ class AgentClient:
                 raise AgentTimeout(f"agent not ready after {timeout:.1f} s")
             try:
                 self._ping(FrameType.RESET, b"", timeout=min(attempt, remaining))
+                self._session = True
                 return
             except AgentTimeout:
                 attempt = min(attempt * 1.5, 2.0)

@@ -14,10 +14,12 @@ fixtures discard it instead of handing it to the next test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -311,7 +313,12 @@ def diagnose(machine: Any, cause: str = "", wait: float = 2.0) -> str:
     else:
         if panic is not None:
             parts.append(f"the guest kernel reported: {panic}")
-        if cause.startswith("disconnected"):
+        if _halted(tail):
+            parts.append(
+                "the guest powered off or halted (its VM process was still running; the VM is "
+                "discarded)"
+            )
+        elif cause.startswith("disconnected"):
             parts.append(
                 "the guest agent died (its connection closed; the VM process is still running)"
             )
@@ -320,6 +327,71 @@ def diagnose(machine: Any, cause: str = "", wait: float = 2.0) -> str:
     if oom:
         parts.append(f"OOM killer: {oom[-1]}")
     return "; ".join(parts)
+
+
+def _halted(tail: str) -> bool:
+    return "reboot: Power down" in tail or "reboot: System halted" in tail
+
+
+class _Watchdog:
+    """One daemon thread that looks at every VM with a request in flight, every ``interval``
+    seconds: a VM process that exited, or a guest that printed a kernel panic or powered off
+    (under QEMU's microvm a powered-off guest halts and its process stays), gets its agent
+    connection closed, so the request fails at once with a diagnosis instead of waiting for
+    its timeout."""
+
+    interval = 0.5
+
+    def __init__(self) -> None:
+        self._active: dict[int, tuple[VM, int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, vm: VM) -> Iterator[None]:
+        key = id(vm)
+        with self._lock:
+            _, n = self._active.get(key, (vm, 0))
+            self._active[key] = (vm, n + 1)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="ignition-vm-watchdog", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                _, n = self._active.get(key, (vm, 1))
+                if n <= 1:
+                    self._active.pop(key, None)
+                else:
+                    self._active[key] = (vm, n - 1)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                vms = [vm for vm, _ in self._active.values()]
+            for vm in vms:
+                with contextlib.suppress(Exception):
+                    self._check(vm)
+
+    @staticmethod
+    def _check(vm: VM) -> None:
+        m = vm.machine
+        alive = getattr(m, "is_alive", None)
+        dead = alive is not None and not alive()
+        if not dead:
+            tail = str(m.console_tail(3000))
+            dead = _halted(tail) or _PANIC_MARKERS[0] in tail
+        if dead:
+            agent = getattr(m, "agent", None)
+            if agent is not None and getattr(agent, "connected", False):
+                agent.close()  # requests in flight raise AgentDisconnected
+
+
+_watchdog = _Watchdog()
 
 
 class VM:
@@ -426,14 +498,15 @@ class VM:
         data = input.encode() if isinstance(input, str) else input
         started = time.monotonic()
         try:
-            res = self.machine.agent.exec(
-                payload,
-                env=self._env(env),
-                cwd=cwd if cwd is not None else getattr(self.config, "guest_cwd", None),
-                input=data,
-                timeout=limit,
-                max_output=cap,
-            )
+            with _watchdog.watching(self):
+                res = self.machine.agent.exec(
+                    payload,
+                    env=self._env(env),
+                    cwd=cwd if cwd is not None else getattr(self.config, "guest_cwd", None),
+                    input=data,
+                    timeout=limit,
+                    max_output=cap,
+                )
         except AgentOutputLimit as exc:
             self.history.append((shown, None, time.monotonic() - started))
             raise CommandOutputTooLarge(
@@ -557,7 +630,8 @@ class VM:
     def _agent_call(self, what: str, fn: Any) -> Any:
         """``fn()``, with a lost agent connection or a request past its deadline diagnosed."""
         try:
-            return fn()
+            with _watchdog.watching(self):
+                return fn()
         except (AgentDisconnected, AgentTimeout) as exc:
             raise self._failure(what, exc) from None
 

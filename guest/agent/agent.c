@@ -1530,6 +1530,9 @@ static void serial_open(void) {
         serial_retry_at = now_ms() + RETRY_MS;
         return;
     }
+    /* A virtio-serial host never sees the guest end close: tell it an agent (re)started, so a
+     * host waiting on the dead agent's requests knows at once. */
+    send_error(serial_conn, 0, E_STARTED, "agent started");
     INFO("serving on %s", path);
 }
 

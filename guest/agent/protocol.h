@@ -65,5 +65,6 @@
 #define E_UNKNOWN_CHAN 1006
 #define E_CHAN_BUSY 1007
 #define E_LIMIT 1008
+#define E_STARTED 1009 /* sent on channel 0 when the agent opens a virtio-serial port */
 
 #endif

@@ -322,7 +322,11 @@ _BUILDER = """
 import sys
 from pytest_ignition.guest.image import ensure_image
 said = []
-img = ensure_image(sys.argv[1], progress=said.append)
+def progress(msg):
+    said.append(msg)
+    with open(sys.argv[2], "a") as f:
+        f.write(msg + "\\n")
+img = ensure_image(sys.argv[1], progress=progress)
 print(img.path)
 print("BUILT" if any(s.startswith("building image") for s in said) else "FOUND")
 print("WAITED" if any(s.startswith("waiting for another") for s in said) else "NOWAIT")
@@ -337,14 +341,18 @@ def test_concurrent_builders_one_builds_one_waits(cache: Path, tmp_path: Path) -
     lock = FileLock(str(gbuild._lock_path(f"image-{key}")))
     (cache / "locks").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "IGNITION_CACHE_DIR": str(cache)}
+    said = [tmp_path / f"said{i}" for i in range(2)]
     with lock:  # both builders start while "someone" builds: they must wait, not build
         procs = [
-            subprocess.Popen([sys.executable, "-c", _BUILDER, spec], env=env,
+            subprocess.Popen([sys.executable, "-c", _BUILDER, spec, str(s)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)
+            for s in said
         ]  # fmt: skip
-        time.sleep(3)
-        assert all(p.poll() is None for p in procs), "a builder did not wait for the lock"
+        deadline = time.monotonic() + 120  # a busy machine starts Python slowly
+        while not all(s.exists() and "waiting for another" in s.read_text() for s in said):
+            assert all(p.poll() is None for p in procs), "a builder did not wait for the lock"
+            assert time.monotonic() < deadline, "the builders never said they were waiting"
+            time.sleep(0.1)
         assert entries(cache) == []
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -412,8 +412,12 @@ class IgnitionEngine(Engine):
         if out:
             msg += f"\nthe VMM said: {out}"
         tail = m.console_tail()
+        # None while still running (gave up waiting); read by the auto engine's fallback rule
+        exit_code = m.proc.poll() if m.proc is not None else None
         m.close()
-        return BootError(msg, tail)
+        err = BootError(msg, tail)
+        err.vmm_exit = exit_code  # type: ignore[attr-defined]
+        return err
 
     def _connect_agent(
         self, m: IgnitionMachine, deadline: float, timeout: float, what: str

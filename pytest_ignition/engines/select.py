@@ -11,6 +11,10 @@ The guest's architecture (the ``arch`` setting, default the host's) takes part: 
 acceleration needs a guest of the host's own architecture (an aarch64 guest on an arm64 Mac gets
 HVF, on arm64 Linux KVM); any other guest runs under QEMU TCG, and the bundled VMM only runs
 guests of the host's architecture.
+
+Also the fallback rule (:func:`vmm_fault`): under ``auto``, a bundled-VMM boot that fails for a
+reason of the VMM (it exited 1/2, crashed, or never got the guest to answer) rather than of the
+guest (a kernel panic on the console, which QEMU would hit too) makes the run switch to QEMU.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from pytest_ignition.engines.base import Engine, EngineUnavailable
 
-__all__ = ["Decision", "HostProbe", "decide", "probe_host", "select_engine"]
+__all__ = ["Decision", "HostProbe", "decide", "probe_host", "select_engine", "vmm_fault"]
 
 ENGINE_NAMES = ("auto", "ignition", "qemu")
 QEMU_HINT = "apt-get install qemu-system-x86 (Debian/Ubuntu), or brew install qemu (macOS)"
@@ -67,11 +71,45 @@ def probe_host() -> HostProbe:
         system=platform.system(),
         machine=platform.machine(),
         kvm_usable=kvm_usable,
-        kvm_pvm=Path("/sys/module/kvm_pvm").exists(),
+        # Test hook: IGNITION_ASSUME_NATIVE_KVM=1 makes a PVM host look native, so that `auto`
+        # picks the bundled VMM (tests/e2e/test_engine_fallback.py).
+        kvm_pvm=Path("/sys/module/kvm_pvm").exists()
+        and os.environ.get("IGNITION_ASSUME_NATIVE_KVM", "") != "1",
         qemu_path=shutil.which("qemu-system-x86_64"),
         ignition_available=importlib.util.find_spec("pytest_ignition.engines.ignition") is not None,
         qemu_aarch64_path=shutil.which("qemu-system-aarch64"),
     )
+
+
+GUEST_PANIC_MARKERS = ("Kernel panic - not syncing", "Kernel panic")
+
+
+def vmm_fault(exit_code: int | None, console_tail: str, message: str = "") -> str | None:
+    """Why a failed bundled-VMM boot is the VMM's fault (the reason ``auto`` falls back to QEMU),
+    or None when the guest itself failed and QEMU would fail the same way.
+
+    ``exit_code`` is the VMM process's status (None: still running when the boot gave up;
+    negative: killed by that signal); ``message`` the engine's error text.
+    """
+    if any(m in console_tail for m in GUEST_PANIC_MARKERS):
+        return None  # the guest kernel panicked: not the VMM's doing
+    said = ""
+    if "the VMM said:" in message:
+        said = message.split("the VMM said:", 1)[1].strip().splitlines()[0][:300]
+    if exit_code is None:
+        return "the guest never answered under the bundled VMM (no kernel panic on its console)"
+    if exit_code == 0:
+        return None  # the guest rebooted or powered off by itself
+    if exit_code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        return f"the bundled VMM crashed ({name})" + (f": {said}" if said else "")
+    what = {1: "the VM broke", 2: "it could not set the VM up"}.get(exit_code, "it failed")
+    return f"the bundled VMM exited with {exit_code} ({what})" + (f": {said}" if said else "")
 
 
 def probe_arch(p: HostProbe) -> str:

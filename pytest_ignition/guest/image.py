@@ -551,6 +551,7 @@ def _run(
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop it cleanly
+            preexec_fn=_term_with_parent,
         )
         try:
             while True:
@@ -574,6 +575,15 @@ def _run(
             raise
     if rc != 0:
         raise _StepFailed(step, rc, _read_from(log, start), str(log))
+
+
+def _term_with_parent() -> None:  # in the child, between fork and exec
+    """SIGTERM the step if we die (SIGKILL, SIGTERM): mmdebstrap then unmounts its chroot's
+    mounts and exits instead of building on as an orphan."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGTERM
 
 
 def _read_from(log: Path, start: int) -> str:
@@ -611,6 +621,8 @@ def _build(
     base = images_root()
     base.mkdir(parents=True, exist_ok=True)
     out = base / key
+    for dead in base.glob(f".{key}-*"):  # we hold the key's lock: a killed build's leftovers
+        _rmtree(dead)
     t0 = time.monotonic()
     _emit(progress, f"building image {label} ({arch}) -> {out}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=base))

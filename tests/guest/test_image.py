@@ -311,11 +311,18 @@ def test_interrupted_build_leaves_nothing(
     def ctrl_c(*a: object, **k: object) -> int:
         raise KeyboardInterrupt
 
+    real = gimage._make_ext4
     monkeypatch.setattr(gimage, "_make_ext4", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         ensure_image(f"oci-archive:{arc}")
     assert entries(cache) == []
-    monkeypatch.undo()
+    monkeypatch.setattr(gimage, "_make_ext4", real)
+    # a build killed with SIGKILL leaves its temp dir: the next build of that key removes it
+    key = gimage.image_key(f"oci-archive:{arc}")
+    dead = cache / "images" / f".{key}-killed"
+    (dead / "root" / "etc").mkdir(parents=True)
+    img = ensure_image(f"oci-archive:{arc}")
+    assert entries(cache) == [img.key] == [key]
 
 
 _BUILDER = """

@@ -10,6 +10,10 @@ Metrics (records in ``benchmarks/results/vmm.json``, which this script rewrites)
 * ``snapshot_time``: ``Machine.snapshot`` of the source VM, ``kind`` ``first`` (booted VM:
   anonymous RAM scanned, zero chunks left as holes) and ``again`` (RAM is a private mapping
   of the last ``memory.bin``: a reflink/copy of it plus the changed pages; 5 samples).
+* ``process_restore``: a restore request -> the new VMM process's vCPU running (its control
+  socket appears only after the vCPUs were started), 512 MiB CPL3 guest: ``via`` ``fork``
+  (a fork of the warm fork server, :mod:`pytest_ignition.vmm.forkserver`, as the ignition
+  engine does) or ``spawn`` (a new ``python -m pytest_ignition.vmm restore`` process).
 * ``rollback_time``: ``Machine.rollback`` on a running VM whose guest dirtied N pages
   (1, 1k, 10k, 100k) since the snapshot: pause, dirty log, MADV_DONTNEED per run of
   adjacent pages, vCPU/VM/device state, resume. ``memory_ms`` is the page-revert part.
@@ -93,6 +97,64 @@ def bench_restore(system, tmp: Path, size_mib: int, reps: int) -> list[dict]:
     ]
 
 
+def bench_process_restore(tmp: Path, reps: int) -> list[dict]:
+    import subprocess
+
+    from pytest_ignition.vmm.forkserver import ForkServer
+
+    g = _guest_helpers()
+    m = g.cpl3_machine(tmp, [g.counter_loop(g.data_page(0))], mem_size=512 * MiB)
+    try:
+        path = m.snapshot(tmp / "store", "process")
+    finally:
+        m.close()
+    fs = ForkServer()
+    fs.start()
+    out: dict[str, list[float]] = {"fork": [], "spawn": []}
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for i in range(reps + 1):
+            for via in ("fork", "spawn"):
+                ctl = tmp / f"c-{via}-{i}.sock"
+                argv = ["restore", "--store", str(path.parent), "--name", path.name]
+                argv += ["--console", "none", "--control", str(ctl)]
+                t0 = time.perf_counter_ns()
+                if via == "fork":
+                    p = fs.spawn(argv, stdin=null, stdout=null, stderr=null)
+                else:
+                    p = subprocess.Popen(
+                        [sys.executable, "-m", "pytest_ignition.vmm", *argv],
+                        stdin=null,
+                        stdout=null,
+                        stderr=null,
+                    )
+                while not ctl.exists():
+                    if p.poll() is not None:
+                        raise RuntimeError(f"restore via {via} exited with {p.returncode}")
+                    time.sleep(0.0002)
+                took = (time.perf_counter_ns() - t0) / 1e6
+                if i:  # the first of each warms caches (and loads the state in the server)
+                    out[via].append(took)
+                p.kill()
+                p.wait(30)
+    finally:
+        os.close(null)
+        fs.stop()
+    # not one of common.METRICS (the report's table): a figure of its own for the fork server
+    return [
+        common.unchecked_record(
+            "process_restore",
+            "ignition",
+            "direct",
+            {"memory_mib": 512, "cpus": 1, "via": via},
+            ms,
+            digits=3,
+            loadavg_1m=round(os.getloadavg()[0], 2),
+        )
+        for via, ms in out.items()
+    ]
+
+
 def bench_rollback(system, tmp: Path, pages: int, reps: int) -> dict:
     g = _guest_helpers()
     mem = 512 * MiB
@@ -146,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             for rec in bench_restore(system, tmp, size, args.restores):
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
+        for rec in bench_process_restore(tmp, args.restores):
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
         for pages in (int(x) for x in args.pages.split(",") if x):
             rec = bench_rollback(system, tmp, pages, args.rollbacks)
             print(json.dumps(rec), flush=True)

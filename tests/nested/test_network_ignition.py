@@ -1,0 +1,149 @@
+"""Inside the nested harness: networking on the bundled VMM (engines/ignition.py + its virtio-net).
+
+TCP over the agent channel (vm.forward / vm.connect / vm.expose) on a restored VM; two restored
+VMs of one network=segment snapshot on an ignition_network (the VMM's virtio-net listening for
+the switch: real frames through the device model both ways); network=user through a real passt,
+where passt can run (it needs an interface with a default route on the harness host).
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pytest_ignition._testing import require
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from pytest_ignition.engines.ignition import IgnitionEngine, available
+
+    ok, why = available()
+    require(ok, why)
+    return IgnitionEngine()
+
+
+@pytest.fixture(scope="module")
+def base():
+    from pytest_ignition.engines.base import VMConfig
+    from pytest_ignition.guest import find_guest
+
+    g = find_guest()
+    require(g is not None, "guest not built (python -m pytest_ignition.guest build)")
+    return VMConfig(kernel=g.kernel, initrd=g.initrd, memory_mib=256, boot_timeout=300)
+
+
+def _snapshot(engine, config, tmp: Path) -> Path:  # type: ignore[no-untyped-def]
+    m = engine.boot(config, tmp / "boot")
+    try:
+        engine.snapshot(m, tmp / "snap")
+    finally:
+        m.close()
+    return tmp / "snap"
+
+
+def _vm(engine, config, snap: Path, work: Path):  # type: ignore[no-untyped-def]
+    from pytest_ignition.vm import VM
+
+    return VM(engine, engine.restore(config, snap, work), config, snapshot_dir=snap)
+
+
+class _Host:
+    def __init__(self) -> None:
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = f"host saw {self.path}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_forward_and_expose_on_a_restored_vm(engine, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    snap = _snapshot(engine, base, tmp_path)
+    vm = _vm(engine, base, snap, tmp_path / "w")
+    host = _Host()
+    try:
+        vm.write_file("/tmp/www/index.html", "nested httpd\n")
+        vm.run(["httpd", "-p", "127.0.0.1:8080", "-h", "/tmp/www"], timeout=60).check()
+        port = vm.forward(8080)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=120) as r:
+            assert r.read() == b"nested httpd\n"
+        with pytest.raises(ConnectionRefusedError):
+            vm.connect(8081, timeout=60)
+        vm.expose(host.port, 9000)
+        out = vm.check_output(["wget", "-q", "-O", "-", "http://127.0.0.1:9000/n"], timeout=120)
+        assert out == "host saw /n\n"
+    finally:
+        host.close()
+        vm.close()
+
+
+def test_segment_between_two_restored_vms(engine, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pytest_ignition.network import Network
+
+    cfg = replace(base, network="segment")
+    snap = _snapshot(engine, cfg, tmp_path)
+    net = Network("nested")
+    vms = []
+    try:
+        for h in ("a", "b"):
+            vm = _vm(engine, cfg, snap, tmp_path / h)
+            vms.append(vm)
+            net.add(vm, h)
+        a, b = vms
+        b.write_file("/tmp/www/index.html", "I am b\n")
+        b.run(["httpd", "-p", "80", "-h", "/tmp/www"], timeout=60).check()
+        out = a.check_output(["timeout", "30", "wget", "-q", "-O", "-", "http://b/"], timeout=120)
+        assert out == "I am b\n"
+        net.partition(["a"], ["b"])
+        assert (
+            a.run(["timeout", "3", "wget", "-q", "-O", "-", "http://b/"], timeout=120).exit_code
+            != 0
+        )
+        net.heal()
+        assert a.check_output(["timeout", "30", "wget", "-q", "-O", "-", "http://b/"], timeout=120)
+    finally:
+        for vm in vms:
+            vm.close()
+        net.close()
+
+
+def test_user_network_through_passt(engine, base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from pytest_ignition.engines.base import EngineError
+    from pytest_ignition.netdev import Passt
+
+    require(shutil.which("passt") is not None, "passt is not installed (apt-get install passt)")
+    try:
+        Passt(tmp_path).close()
+    except EngineError as e:
+        require(False, f"passt cannot run on this harness host: {e}")
+    cfg = replace(base, network="user")
+    snap = _snapshot(engine, cfg, tmp_path)
+    vm = _vm(engine, cfg, snap, tmp_path / "w")
+    host = _Host()
+    try:
+        url = f"http://host.ignition.internal:{host.port}/user"
+        out = vm.check_output(["timeout", "30", "wget", "-q", "-O", "-", url], timeout=120)
+        assert out == "host saw /user\n"
+    finally:
+        host.close()
+        vm.close()

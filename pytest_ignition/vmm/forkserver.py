@@ -53,12 +53,13 @@ class ForkServerError(Exception):
 # -- server ---------------------------------------------------------------------------------
 def _warm() -> None:
     """Import what a boot or restore needs, so that children start with it loaded."""
-    from . import __main__ as vmm_main  # noqa: F401
+    from . import __main__ as vmm_main
     from . import control, kvm, machine, snapshot  # noqa: F401
     from .devices import legacy  # noqa: F401
     from .devices.virtio import blk, mmio, rng, vsock  # noqa: F401
     from .x86_64 import boot, loader  # noqa: F401
 
+    vmm_main.parser()
     kvm.System().close()  # /dev/kvm opens and speaks our API version, or this raises
 
 

@@ -448,3 +448,54 @@ def test_diagnose_vm_process_exit_and_panic_line() -> None:
     )
     d4 = diagnose(m4, "disconnected", wait=0)
     assert "agent died" in d4 and "OOM killer: Out of memory: Killed process 77" in d4
+
+
+def test_agent_restart_announcement_fails_requests_in_flight() -> None:
+    """virtio-serial never shows the guest end closing: a restarted agent's STARTED frame
+    (ERROR 1009 on channel 0) must end the requests the dead agent had, at once."""
+    host, guest = socket.socketpair()
+    client = AgentClient(host)
+    dec = FrameDecoder()
+
+    def fake() -> None:
+        while True:
+            data = guest.recv(65536)
+            if not data:
+                return
+            for f in dec.feed(data):
+                if f.type == FrameType.RESET:
+                    # a STARTED before the session began (the agent booting) is ignored
+                    guest.sendall(encode_frame(FrameType.ERROR, 0, struct.pack("<I", 1009)))
+                    guest.sendall(encode_frame(FrameType.PONG, f.chan, f.payload))
+                elif f.type == FrameType.EXEC:
+                    time.sleep(0.3)
+                    guest.sendall(
+                        encode_frame(FrameType.ERROR, 0, struct.pack("<I", 1009) + b"started")
+                    )
+
+    threading.Thread(target=fake, daemon=True).start()
+    try:
+        client.wait_ready(5)
+        assert client.connected
+        t0 = time.monotonic()
+        with pytest.raises(AgentError, match="the guest agent restarted"):
+            client.exec("sleep 100", timeout=60)
+        assert time.monotonic() - t0 < 5
+        assert not client.connected
+    finally:
+        client.close()
+        guest.close()
+
+
+def test_watchdog_fails_a_request_when_the_guest_halts(client: AgentClient) -> None:
+    started = time.monotonic()
+
+    def tail(n: int = 0) -> str:
+        return "reboot: System halted\n" if time.monotonic() - started > 1.0 else "booted\n"
+
+    m = SimpleNamespace(agent=client, close=lambda: None, is_alive=lambda: True, console_tail=tail)
+    vm = _vm_on(client, machine=m, command_timeout=60)
+    with pytest.raises(GuestFailure) as ei:
+        vm.run("sleep 100")
+    assert time.monotonic() - started < 6
+    assert "powered off or halted" in str(ei.value) and vm.broken

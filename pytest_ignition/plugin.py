@@ -49,6 +49,24 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
 
 
+_YES_NO = ("1", "0", "true", "false", "yes", "no", "on", "off")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(
+    early_config: pytest.Config, parser: Any, args: list[str]
+) -> None:
+    """Yes/no settings also work as bare flags (``--ignition-keep-failed tests/``): one not
+    followed by a yes/no word is rewritten to ``FLAG=1`` before the command line is parsed
+    (argparse's optional values would take the next path as the value)."""
+    flags = {o.flag for o in cfgmod.OPTIONS if o.metavar == "BOOL"}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in flags and (i + 1 == len(args) or args[i + 1].strip().lower() not in _YES_NO):
+            args[i] = f"{arg}=1"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ignition", f"pytest-ignition ({cfgmod.PRECEDENCE_HELP})")
     for opt in cfgmod.OPTIONS:
@@ -59,7 +77,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             default=None,  # None = not given, so env and ini can apply
             metavar=opt.metavar,
             help=f"{opt.help}{default}; env {opt.env}, ini {opt.ini}",
-            # yes/no settings also work as bare flags: --ignition-keep-failed
+            # yes/no settings also work as bare flags (see pytest_load_initial_conftests)
             **({"nargs": "?", "const": "1"} if opt.metavar == "BOOL" else {}),
         )
         parser.addini(opt.ini, f"{opt.help} (same as {opt.flag})", type="string", default="")
@@ -161,6 +179,9 @@ def reuse_line(state: fx.IgnitionSession, engine: Any) -> str:
     from the cache or made new, and why (other configurations say so when first used)."""
     s = state.settings
     if not s.reuse:
+        source = s.sources.get("reuse", "default")
+        if source != "default":
+            return f"reuse off ({source})"
         return "reuse off (default; --ignition-reuse keeps prepared snapshots between runs)"
     where = f"reuse on ({s.sources.get('reuse', 'default')})"
     from pytest_ignition.guest import find_guest

@@ -271,8 +271,8 @@ def explain(rk: ReuseKey) -> tuple[str, str]:
     d = rk.directory
     last = store_dir() / f"last-{rk.identity}.json"
     if (d / READY_FILE).exists():
-        try:
-            age = time.time() - (d / READY_FILE).stat().st_mtime
+        try:  # inputs.json is written when the snapshot is made; READY is touched on each use
+            age = time.time() - (d / INPUTS_FILE).stat().st_mtime
         except OSError:
             age = 0.0
         state, why = "reused", f"same key {rk.key[:12]}, made {_age(age)} ago"

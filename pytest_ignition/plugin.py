@@ -197,15 +197,16 @@ def reuse_line(state: fx.IgnitionSession, engine: Any) -> str:
     return f"{where}: snapshot {rk.key[:12]} of the default configuration: {verdict} ({why})"
 
 
-def keep_failed_line(s: cfgmod.Settings) -> str:
+def keep_failed_line(s: cfgmod.Settings, environ: Any = None) -> str:
     """The header's keep-failed line: on or off, and why."""
+    env = os.environ if environ is None else environ
     source = s.sources.get("keep_failed", "default")
     if s.keep_failed:
         return (
             f"keep-failed on ({source}): a failed test's VM is kept for {s.keep_failed_for:g} s "
             "(`python -m pytest_ignition list`)"
         )
-    if source == "default" and os.environ.get("CI", "").strip().lower() in (
+    if source == "default" and env.get("CI", "").strip().lower() in (
         "1",
         "true",
         "yes",

@@ -25,7 +25,8 @@ from pytest_ignition.guest import cache_dir
 
 QEMU = shutil.which("qemu-system-x86_64")
 DEBIAN = {"image": "debian:bookworm", "packages": "python3"}
-SYSTEMD = {**DEBIAN, "init": "systemd"}
+# systemd takes tens of seconds to start under QEMU TCG on a loaded machine
+SYSTEMD = {**DEBIAN, "init": "systemd", "timeout": 400}
 # pytester points HOME at a temporary directory; the inner runs must find the real cache.
 GUEST_CACHE = cache_dir()
 

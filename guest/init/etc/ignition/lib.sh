@@ -61,6 +61,12 @@ ig_mount_image() {
     return 0
 }
 
+# ig_unmount_image: undo ig_mount_image (init=systemd falling back to busybox init).
+ig_unmount_image() {
+    for m in /newroot/run /newroot /image/rw /image/lower; do umount "$m" 2>/dev/null; done
+    rm -f /run/ignition-root
+}
+
 # ig_network: the network step of rcS (init=agent) and /init (init=systemd), see rcS's block.
 ig_network() {
     if net=$(ig_arg net); then

@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -546,7 +547,7 @@ def _run(
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         fh.flush()
         proc = subprocess.Popen(
-            ["nice", "-n", "10", *cmd],
+            ["sh", "-c", _GROUP_WRAPPER, "sh", "nice", "-n", "10", *cmd],
             stdin=subprocess.DEVNULL,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -592,17 +593,42 @@ def _read_from(log: Path, start: int) -> str:
         return f.read().decode(errors="replace")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, 15)
+def _group_alive(pgid: int) -> bool:
     try:
-        proc.wait(timeout=TERMINATE_GRACE)
-    except subprocess.TimeoutExpired:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the step's whole process group (mmdebstrap's workers too: its main process
+    alone would wait for the current stage to finish), wait until every member is gone (they
+    unmount the chroot's mounts first), SIGKILL what is left after TERMINATE_GRACE."""
+    pgid = proc.pid  # start_new_session: the group is the step's own
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + TERMINATE_GRACE
+    while time.monotonic() < deadline:
+        proc.poll()
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.2)
+    else:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+
+
+# A builder killed by SIGKILL/SIGTERM cannot run _stop; PR_SET_PDEATHSIG sends this wrapper
+# SIGTERM instead, and it passes it on to its whole group, as _stop would.
+_GROUP_WRAPPER = (
+    "trap 'trap - TERM; kill -TERM 0' TERM; \"$@\" & pid=$!; "
+    "while :; do wait $pid; rc=$?; kill -0 $pid 2>/dev/null || exit $rc; done"
+)
 
 
 # --------------------------------------------------------------------------- building

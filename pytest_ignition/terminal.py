@@ -169,15 +169,21 @@ def pytest_capture_suspender(config: Any) -> Callable[[], contextlib.AbstractCon
         if capman is None:
             yield
             return
+        # Only what is capturing now: under pdb, pytest has suspended it already and resumes
+        # it itself when the debugger is left.
         fixture = getattr(capman, "_capture_fixture", None)
         fixture_on = bool(fixture is not None and fixture._is_started())
         if fixture_on:
             capman.suspend_fixture()
-        capman.suspend_global_capture(in_=True)
+        glob = getattr(capman, "_global_capturing", None)
+        global_on = bool(glob is not None and glob.is_started())
+        if global_on:
+            capman.suspend_global_capture(in_=True)
         try:
             yield
         finally:
-            capman.resume_global_capture()
+            if global_on:
+                capman.resume_global_capture()
             if fixture_on:
                 capman.resume_fixture()
 

@@ -3,6 +3,7 @@ prepare hook's module pulls in, and what an explanation says changed."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -59,3 +60,46 @@ def test_explanations_name_engine_and_key_changes() -> None:
     assert "the configuration or a kernel/initrd/rootfs/image file changed" in why
     assert "engine version '7.2' -> '8.0'" in why
     assert "pytest_ignition_snapshot_key returned other strings" in why
+
+
+def _entry(store: Path, name: str, files: dict[str, Path], ready: bool = True) -> Path:
+    d = store / name
+    d.mkdir(parents=True)
+    stamps = {}
+    for k, p in files.items():
+        st = p.stat()
+        stamps[k] = [st.st_size, st.st_mtime_ns]
+    inputs = {"files": {k: str(p) for k, p in files.items()}, "stamps": stamps}
+    (d / reuse.INPUTS_FILE).write_text(json.dumps(inputs))
+    if ready:
+        (d / reuse.READY_FILE).write_text("{}")
+    return d
+
+
+def test_clean_removes_stale_reusable_snapshots_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_ignition.guest.build import plan_clean
+
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(tmp_path / "cache"))
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k" * 10)
+    other = tmp_path / "initrd"
+    other.write_bytes(b"i")
+    store = reuse.store_dir()
+    good = _entry(store, "a" * 32, {"kernel": kernel})
+    changed = _entry(store, "b" * 32, {"kernel": kernel, "initrd": other})
+    half = _entry(store, "c" * 32, {"kernel": kernel}, ready=False)
+    other.write_bytes(b"changed")
+    remove, keep = reuse.plan_snapshots("stale")
+    assert {p for p, _, _ in remove} == {changed, half}
+    assert [p for p, _ in keep] == [good]
+    assert all(locks == (f"snapshot-{p.name}",) for p, _, locks in remove)
+    assert "changed" in dict((p, w) for p, w, _ in remove)[changed]
+    remove, keep = reuse.plan_snapshots("all")
+    assert {p for p, _, _ in remove} == {good, changed, half} and keep == []
+    # the guest pipeline's clean plan includes them
+    plan = plan_clean({}, "stale")
+    assert {i.path for i in plan.remove} >= {changed, half}
+    assert good in {p for p, _ in plan.keep}
+    assert reuse.snapshot_locks() == tuple(sorted(f"snapshot-{c * 32}" for c in "abc"))

@@ -715,8 +715,11 @@ def image_problem(settings: Settings) -> str | None:
 
 
 def image_packages(settings: Settings) -> tuple[str, ...]:
-    """The packages a ``debian:`` image is built with: the setting's, plus what init needs."""
-    extra = ("systemd-sysv",) if settings.init == "systemd" else ()
+    """The packages a ``debian:`` image is built with: the setting's, plus what init needs
+    (only for ``debian:``: an OCI archive or an ext4 file must bring its own systemd, and
+    ensure_image refuses packages for them)."""
+    debian = (settings.image or "").startswith("debian:")
+    extra = ("systemd-sysv",) if settings.init == "systemd" and debian else ()
     return tuple(sorted(set(settings.packages) | set(extra)))
 
 

@@ -1122,7 +1122,9 @@ static void tun_write(struct tun *t) {
     }
     if (t->dead) return;
     buf_trim(&t->inq);
-    if (t->written && (!buf_used(&t->inq) || t->written >= TUN_WINDOW / 4)) {
+    /* Credit in quarters of the window, not per write: one small message each way then costs
+     * one frame each way (the peer never waits: a full window means a quarter is written). */
+    if (t->written >= TUN_WINDOW / 4) {
         tun_send_u32(t, T_TCP_RCREDIT, t->written);
         t->written = 0;
     }

@@ -80,6 +80,10 @@ def test_first(ignition_vm):
 """
 
 
+class _Missed(RuntimeError):
+    """The reused run found no snapshot to reuse."""
+
+
 def _run_once(suite: Path, engine: str, mode: str, salt: str) -> tuple[float, str]:
     out = suite / f"out-{uuid.uuid4().hex[:8]}.json"
     env = {
@@ -104,7 +108,7 @@ def _run_once(suite: Path, engine: str, mode: str, salt: str) -> tuple[float, st
     if data["setup_s"] is None:
         raise RuntimeError(f"{mode}: the test never ran:\n{r.stdout[-3000:]}")
     if mode == "reuse_hit" and "reused (same key" not in r.stdout:
-        raise RuntimeError(f"reuse_hit did not reuse:\n{r.stdout[-3000:]}")
+        raise _Missed(f"reuse_hit did not reuse: {r.stdout[-1500:]}")
     return float(data["setup_s"]), str(data["describe"])
 
 
@@ -131,17 +135,30 @@ def main() -> int:
         (suite / "conftest.py").write_text(INNER_CONFTEST)
         (suite / "test_first.py").write_text(INNER_TESTS)
         try:
-            for i in range(ns.rounds):
+            retries = 2  # a guest rebuilt between two runs (its sources edited) misses the hit
+            i = 0
+            while i < ns.rounds:
                 salt = f"bench-{uuid.uuid4().hex}"
-                for mode in MODES:
-                    t0 = time.monotonic()
-                    secs, describe = _run_once(suite, ns.engine, mode, salt)
-                    samples[mode].append(secs * 1000)
-                    print(
-                        f"round {i + 1}/{ns.rounds} {mode:<10} setup to first VM {secs:7.2f} s "
-                        f"(run {time.monotonic() - t0:.1f} s)",
-                        flush=True,
-                    )
+                got: dict[str, float] = {}
+                try:
+                    for mode in MODES:
+                        t0 = time.monotonic()
+                        secs, describe = _run_once(suite, ns.engine, mode, salt)
+                        got[mode] = secs * 1000
+                        print(
+                            f"round {i + 1}/{ns.rounds} {mode:<10} setup to first VM "
+                            f"{secs:7.2f} s (run {time.monotonic() - t0:.1f} s)",
+                            flush=True,
+                        )
+                except _Missed as e:
+                    if retries == 0:
+                        raise
+                    retries -= 1
+                    print(f"round {i + 1}: {e}; the round is repeated", flush=True)
+                    continue
+                for mode, ms in got.items():
+                    samples[mode].append(ms)
+                i += 1
         finally:
             for p in (set(store.iterdir()) - before) if store.exists() else ():
                 if p.is_dir():

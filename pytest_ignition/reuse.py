@@ -233,7 +233,14 @@ def key_inputs(config: Any, engine: Any, vmcfg: Any) -> dict[str, Any]:
 def compute(config: Any, engine: Any, vmcfg: Any) -> ReuseKey:
     inputs = key_inputs(config, engine, vmcfg)
     blob = json.dumps(inputs, sort_keys=True).encode()
-    ident = json.dumps([str(config.rootpath), vmcfg.key(), engine.name]).encode()
+    # Whose "last snapshot" this is: the project, the engine and the machine's shape, not the
+    # file identities (a rebuilt initramfs is the same configuration, changed).
+    shape = {
+        k: v
+        for k, v in sorted(vars(vmcfg).items())
+        if k not in ("kernel", "initrd", "rootfs", "image", "boot_timeout")
+    }
+    ident = json.dumps([str(config.rootpath), engine.name, shape], default=str).encode()
     return ReuseKey(
         hashlib.sha256(blob).hexdigest()[:32], inputs, hashlib.sha256(ident).hexdigest()[:16]
     )

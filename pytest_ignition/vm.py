@@ -267,7 +267,7 @@ class GuestFailure(CommandError):
 _PANIC_MARKERS = ("Kernel panic - not syncing", "BUG: ", "Oops: ", "general protection fault")
 
 
-def diagnose(machine: Any, cause: str = "", wait: float = 2.0) -> str:
+def diagnose(machine: Any, cause: str = "", wait: float = 1.0) -> str:
     """What happened to a VM whose agent stopped answering, in one line.
 
     Waits up to ``wait`` seconds for a dying VM process to exit (a panicking guest exits its
@@ -611,7 +611,7 @@ class VM:
         def copy() -> list[str]:
             mode, _size = agent.stat(str(guest_path))
             target = dst
-            if not stat.S_ISDIR(mode) and dst.is_dir() and not dst.is_symlink():
+            if not stat.S_ISDIR(mode) and dst.is_dir():
                 target = dst / PurePosixPath(guest_path).name
             return agent.get_tree(str(guest_path), target, mode, limit=cap)
 

@@ -311,7 +311,7 @@ def _ensure_debian(spec: str, pkgs: tuple[str, ...], arch: str, progress: Progre
     if hit is not None:
         return hit
     _check_foreign_arch(arch, label)
-    _check_root(label)
+    fake = _needs_fakeroot(label, debian=True)
     with _lock(f"image-{key}", progress):
         hit = _cached(spec, key)
         if hit is not None:
@@ -319,22 +319,44 @@ def _ensure_debian(spec: str, pkgs: tuple[str, ...], arch: str, progress: Progre
         _precheck_packages(suite, pkgs, mirror, arch, label)
 
         def populate(root: Path, log: Path) -> dict[str, Any]:
-            _mmdebstrap(suite, pkgs, mirror, arch, root, log, label, progress)
+            if not fake:
+                _mmdebstrap(suite, pkgs, mirror, arch, root, log, label, progress)
+            else:
+                # Not root: mmdebstrap's fakechroot mode writes a tar with the real owners;
+                # fakeroot unpacks it and shows mke2fs (same state file) those owners.
+                tarball = root.parent / "rootfs.tar"
+                _mmdebstrap(suite, pkgs, mirror, arch, tarball, log, label, progress, fake=True)
+                root.mkdir(mode=0o755)
+                state = root.parent / FAKEROOT_STATE
+                cmd = ["fakeroot", "-s", str(state), "--", "tar", "-xpf", str(tarball),
+                       "--numeric-owner", "-C", str(root)]  # fmt: skip
+                try:
+                    _run(cmd, log, f"{label}: unpacking (fakeroot tar)", progress, MKE2FS_TIMEOUT)
+                except _StepFailed as e:
+                    raise ImageBuildError(
+                        f"image {label}: unpacking mmdebstrap's tar failed: {_last_line(e.output)}"
+                    ) from None
+                tarball.unlink()
             _finish_debian_tree(root)
             return {"suite": suite, "packages": list(pkgs), "mirror": mirror}
 
         return _build(spec, key, arch, label, populate, progress)
 
 
-def _check_root(label: str) -> None:
-    if os.geteuid() != 0:
-        # mmdebstrap's unshare mode and OCI layers as non-root would give every file the
-        # builder's uid (mke2fs -d copies owners); Debian's e2fsprogs 1.47.0 cannot read a tar.
-        raise ImageBuildError(
-            f"image {label}: building images needs root (files must be owned by root in the "
-            "image); build it once as root with `python -m pytest_ignition.guest image ...`, "
-            "or pass the path of an ext4 image"
-        )
+FAKEROOT_STATE = "fakeroot.state"  # in a build's temp dir: its fakeroot session's owners
+
+
+def _needs_fakeroot(label: str, *, debian: bool) -> bool:
+    """True when not root: the tree is then made and read under fakeroot, so that the image's
+    files are owned by root and device nodes are nodes (mke2fs -d copies what lstat says;
+    Debian 12's e2fsprogs 1.47.0 cannot read a tar itself)."""
+    if os.geteuid() == 0:
+        return False
+    tools = {"fakeroot": "fakeroot"}
+    if debian:
+        tools["fakechroot"] = "fakechroot"  # mmdebstrap --mode=fakechroot
+    _require(tools, f"image {label} (building as a user, not root)")
+    return True
 
 
 def _check_foreign_arch(arch: str, label: str) -> None:
@@ -424,12 +446,14 @@ def _mmdebstrap(
     log: Path,
     label: str,
     progress: Progress,
+    *,
+    fake: bool = False,
 ) -> None:
     cmd = [
         "mmdebstrap",
         "--variant=apt",
-        "--mode=root",
-        "--format=directory",
+        "--mode=fakechroot" if fake else "--mode=root",
+        "--format=tar" if fake else "--format=directory",
         f"--architectures={ARCHES[arch]}",
         "--components=main",
     ]
@@ -659,8 +683,12 @@ def _build(
         root = tmp / "root"
         meta = populate(root, log)
         _ensure_mountpoints(root)
-        size = _make_ext4(root, tmp / IMAGE_FILE, key, log, label, progress)
+        state = tmp / FAKEROOT_STATE
+        wrap = ["fakeroot", "-i", str(state), "--"] if state.exists() else []
+        size = _make_ext4(root, tmp / IMAGE_FILE, key, log, label, progress, wrap)
         _rmtree(root)
+        for scratch in (FAKEROOT_STATE, "unpack.json"):
+            (tmp / scratch).unlink(missing_ok=True)
         meta = {
             "spec": spec,
             "arch": arch,
@@ -729,7 +757,15 @@ def _tree_usage(root: Path) -> tuple[int, int]:
     return blocks * 4096, inodes
 
 
-def _make_ext4(root: Path, img: Path, key: str, log: Path, label: str, progress: Progress) -> int:
+def _make_ext4(
+    root: Path,
+    img: Path,
+    key: str,
+    log: Path,
+    label: str,
+    progress: Progress,
+    wrap: Sequence[str] = (),
+) -> int:
     """mke2fs -d into a sparse file sized to fit: content + 10% + fixed headroom for metadata
     and the journal (the image is a read-only lower layer, so it needs little free space).
     Retried once at twice the size if mke2fs runs out of room."""
@@ -744,7 +780,7 @@ def _make_ext4(root: Path, img: Path, key: str, log: Path, label: str, progress:
         with open(img, "wb") as f:
             f.truncate(size)
         cmd = [
-            "mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", str(n_inodes),
+            *wrap, "mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", str(n_inodes),
             "-L", "rootfs", "-U", uuid, "-E", "root_owner=0:0", "-d", str(root), str(img),
         ]  # fmt: skip
         try:
@@ -843,7 +879,7 @@ def _ensure_oci(spec: str, archive: Path, arch: str, progress: Progress) -> Imag
     hit = _cached(spec, key)
     if hit is not None:
         return hit
-    _check_root(label)
+    fake = _needs_fakeroot(label, debian=False)
     with _lock(f"image-{key}", progress):
         hit = _cached(spec, key)
         if hit is not None:
@@ -851,12 +887,34 @@ def _ensure_oci(spec: str, archive: Path, arch: str, progress: Progress) -> Imag
 
         def populate(root: Path, log: Path) -> dict[str, Any]:
             root.mkdir(mode=0o755)
-            info = unpack_oci(archive, root, arch, progress=progress, label=label)
+            if fake:
+                info = _unpack_under_fakeroot(archive, root, arch, label, log, progress)
+            else:
+                info = unpack_oci(archive, root, arch, progress=progress, label=label)
             with open(log, "a") as f:
                 f.write(f"unpacked {len(info['layers'])} layers from {archive}\n")
             return {"archive": str(archive), "archive_sha256": digest, **info}
 
         return _build(spec, key, arch, label, populate, progress)
+
+
+def _unpack_under_fakeroot(
+    archive: Path, root: Path, arch: str, label: str, log: Path, progress: Progress
+) -> dict[str, Any]:
+    """unpack_oci in a child under fakeroot (its chown/mknod are recorded, not refused)."""
+    state = root.parent / FAKEROOT_STATE
+    out = root.parent / "unpack.json"
+    cmd = ["fakeroot", "-s", str(state), "--", sys.executable, "-m", __name__, "unpack",
+           str(archive), str(root), arch, label, str(out)]  # fmt: skip
+    _emit(progress, f"{label}: applying layers (under fakeroot)")
+    try:
+        _run(cmd, log, f"{label}: unpacking", progress, MKE2FS_TIMEOUT)
+    except _StepFailed as e:
+        msg = [ln for ln in e.output.splitlines() if ln.startswith("ImageBuildError: ")]
+        if msg:
+            raise ImageBuildError(msg[-1][len("ImageBuildError: ") :]) from None
+        raise ImageBuildError(f"{label}: unpacking failed: {_last_line(e.output)}") from None
+    return json.loads(out.read_text())
 
 
 class _Corrupt(Exception):
@@ -1418,3 +1476,25 @@ def main_image(argv_spec: str, packages: str, arch: str, quiet: bool) -> int:
     img = ensure_image(argv_spec, packages, arch, progress)  # type: ignore[arg-type]
     print(img.path)
     return 0
+
+
+def _unpack_main(argv: list[str]) -> int:
+    """``python -m pytest_ignition.guest.image unpack ARCHIVE ROOT ARCH LABEL OUT``: run by
+    ``_unpack_under_fakeroot``; the result goes to OUT as JSON, an error to stderr."""
+    archive, root, arch, label, out = argv
+    try:
+        info = unpack_oci(Path(archive), Path(root), arch, label=label)
+    except ImageBuildError as e:
+        print(f"ImageBuildError: {e}", file=sys.stderr)
+        return 2
+    Path(out).write_text(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["unpack"]:
+        sys.exit(_unpack_main(sys.argv[2:]))
+    sys.exit(
+        "usage: python -m pytest_ignition.guest image SPEC (this module's own entry "
+        "point is internal)"
+    )

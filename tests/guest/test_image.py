@@ -584,3 +584,52 @@ def test_clean_knows_images(cache: Path, tmp_path: Path) -> None:
     assert f"keep     images/{fresh.name}/" in out
     _clean(cache, "--all")
     assert sorted(p.name for p in (cache / "images").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- not root
+
+
+NOBODY = 65534
+
+
+def test_oci_as_a_user_under_fakeroot(tmp_path: Path) -> None:
+    """Not root: layers are applied under fakeroot, so owners, setuid bits and device nodes
+    still reach the image. Run as ``nobody`` (needs root to switch, and fakeroot)."""
+    require(IS_ROOT and shutil.which("runuser"), "needs root to run a build as nobody")
+    require(shutil.which("fakeroot"), "fakeroot not installed (apt-get install fakeroot)")
+    require(shutil.which("mke2fs") and shutil.which("debugfs"), "e2fsprogs not installed")
+    work = tmp_path / "nobody"
+    work.mkdir()
+    os.chown(work, NOBODY, NOBODY)
+    for d in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
+        d.chmod(d.stat().st_mode | 0o711)  # nobody must reach its dir
+    extra = [("dev", "dir"), ("dev/null", "chr", (1, 3)), ("home/u", "dir")]
+    arc = docker_save(work / "img.tar", [layer(LOWER + extra), layer(UPPER)], ENV, "/data")
+    os.chown(arc, NOBODY, NOBODY)
+    cache = work / "cache"
+    # this interpreter may live where nobody cannot go (a pyenv under /root): use the system's
+    # with this checkout and the venv's packages on the path
+    py = shutil.which("python3", path="/usr/bin:/bin")
+    require(py, "no system python3 for nobody")
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "IGNITION_CACHE_DIR": str(cache), "HOME": str(work),
+           "PYTHONPATH": os.pathsep.join([str(root), *site])}  # fmt: skip
+    r = subprocess.run(
+        ["runuser", "-u", "nobody", "--", str(py), "-c", _BUILDER, f"oci-archive:{arc}",
+         str(work / "said")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=work,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.split()[0])
+    assert path.stat().st_uid == NOBODY  # built by nobody ...
+    img = Image(path=path, spec="", key=path.parent.name, env=tuple(
+        (k, v) for k, v in (e.split("=", 1) for e in ENV)), workdir="/data")  # fmt: skip
+    _check_layered(img)  # ... yet root owns the files (uid 0) and tool keeps its setuid bit
+    assert "Type: character special" in debugfs(path, "stat /dev/null")
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "build.log",
+        "image.json",
+        "last-used",
+        "rootfs.ext4",
+    ]

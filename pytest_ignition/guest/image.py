@@ -280,8 +280,8 @@ def _mirror() -> str:
 
 
 def _debian_key(suite: str, pkgs: tuple[str, ...], mirror: str, arch: str) -> str:
-    if shutil.which("mmdebstrap") is None:
-        require_tools(TOOLS_DEBIAN)  # raises, naming the package
+    if shutil.which("mmdebstrap") is None:  # its version is part of the key
+        _require({"mmdebstrap": "mmdebstrap"}, f"image debian:{suite}")
     return _sha(
         "debian",
         IMAGE_PIPELINE_VERSION,

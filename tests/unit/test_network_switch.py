@@ -142,3 +142,23 @@ def test_network_checks_without_vms() -> None:
             net.add(FakeVM(), "bad name!")  # type: ignore[arg-type]
     finally:
         net.close()
+
+
+def test_factory_keywords_split() -> None:
+    from pytest_ignition.network import NetworkFactory, split_factory_kwargs
+
+    nets = NetworkFactory()
+    try:
+        net = nets()
+        kw = {"network": net, "hostname": "a", "memory": "1G"}
+        assert split_factory_kwargs(kw) == (net, "a") and kw == {"memory": "1G"}
+        kw = {"network": nets}  # the fixture itself stands for its default segment
+        got, host = split_factory_kwargs(kw)
+        assert got is nets.default and host is None and kw == {}
+        kw = {"network": "user"}  # an ordinary setting stays
+        assert split_factory_kwargs(kw) == (None, None) and kw == {"network": "user"}
+        with pytest.raises(NetworkError, match="hostname"):
+            split_factory_kwargs({"hostname": "no spaces"})
+        assert nets.members == []  # attribute access goes to the default segment
+    finally:
+        nets.close()

@@ -731,12 +731,16 @@ class VM:
         if self.snapshot_dir is None:
             raise RuntimeError("this VM was not restored from a snapshot; nothing to reset to")
         self._close_tunnels()
-        if self.reset_mode == "rollback" and self.engine.supports_rollback:
+        alive = getattr(self.machine, "is_alive", None)
+        healthy = self.broken is None and (alive is None or alive())
+        if healthy and self.reset_mode == "rollback" and self.engine.supports_rollback:
             self.engine.rollback(self.machine)
             return
+        # A broken VM (GuestFailure) is never rolled back in place: a fresh restore instead.
         workdir = self.machine.workdir
         self.machine.close()
         self.machine = self.engine.restore(self.config, self.snapshot_dir, workdir)
+        self.broken = None
 
     def close(self) -> None:
         """Stop the guest and release everything. Idempotent."""

@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--control", metavar="PATH", help="JSON-lines control socket path")
     r.add_argument("--paused", action="store_true", help="restore, but run only on 'resume'")
     r.add_argument(
+        "--no-rollback",
+        action="store_true",
+        help="no dirty-page logging (faster first writes on AMD/nested hosts); "
+        "control 'rollback' is then refused until a 'snapshot'",
+    )
+    r.add_argument(
         "--sync-agent",
         action="store_true",
         help="after restoring, set the guest agent's clock and reseed its entropy (vsock)",
@@ -361,6 +367,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 kvm_device=args.kvm_device,
                 start=False,
                 launch_ns=LAUNCH_NS,
+                rollback=not args.no_rollback,
             )
             if machine.spec.vsock:
                 sockets.append(machine.spec.vsock)

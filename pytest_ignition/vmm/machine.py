@@ -272,8 +272,9 @@ class Machine:
             raise MachineError(
                 f"cannot map {spec.mem_size >> 20} MiB of guest memory: {e.strerror or e}"
             ) from None
-        # A restored VM can be rolled back in place, which needs KVM's dirty log.
-        self._log_dirty = spec.log_dirty or restoring
+        # Rollback in place needs KVM's dirty log (restores ask for it unless told not to);
+        # on AMD and nested hosts it makes every first write to a page trap.
+        self._log_dirty = spec.log_dirty
         for slot, r in enumerate(mem.regions):
             vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr, log_dirty=self._log_dirty)
 
@@ -571,7 +572,8 @@ class Machine:
             file_state["devices"]["virtio"] = virtio_entries
 
             # A VM mapped from a file needs only its changed pages written over a copy of it.
-            backing = self._backing
+            # (Only with KVM's dirty log: without it every page is written.)
+            backing = self._backing if self._log_dirty else None
             dirty_runs = self._dirty_runs() if backing is not None else None
 
             def fill(tmp: Path) -> None:
@@ -623,10 +625,13 @@ class Machine:
         system: kvm.System | None = None,
         start: bool = True,
         launch_ns: int | None = None,
+        rollback: bool = True,
     ) -> Machine:
         """Rebuild a VM from a snapshot: RAM mapped privately from its memory file (pages
         load on first touch), KVM and device state loaded, the vsock transport reset posted.
-        With ``start`` the vCPUs are handed to their run loops before this returns.
+        With ``start`` the vCPUs are handed to their run loops before this returns. Without
+        ``rollback`` KVM logs no dirty pages, and :meth:`rollback` is refused until a
+        :meth:`snapshot` (which turns the log on) made a new base.
 
         ``expected`` is a :func:`snapshot.fingerprint` (or part of one) the snapshot must
         match; ``vsock`` overrides the vsock socket path the snapshot recorded, ``net`` the
@@ -654,7 +659,7 @@ class Machine:
                 disk_read_only=bool(cfg["disk_read_only"]),
                 rng=bool(cfg["rng"]),
                 boot_timer=bool(cfg["boot_timer"]),
-                log_dirty=True,
+                log_dirty=rollback,
                 launch_ns=launch_ns,
                 kvm_device=kvm_device,
                 console_out=console_out,
@@ -759,6 +764,11 @@ class Machine:
         running resumes unless ``resume`` is False. Returns what was done and how long it took."""
         if self._base_state is None or self._base_memory is None:
             raise MachineError("no snapshot to roll back to: restore from one or take one first")
+        if not self._log_dirty:
+            raise MachineError(
+                "this VM was restored without dirty-page logging (restore --no-rollback), "
+                "so it cannot be rolled back; take a snapshot first or restore without it"
+            )
         t0 = time.perf_counter_ns()
         base = self._base_state
         with self._snap_lock, self._quiesced(resume is not False):

@@ -259,3 +259,36 @@ def test_two_vcpu_rollback(tmp_path, kvm_system):
         assert all(a > f for a, f in zip(again, first, strict=True))
     finally:
         m.close()
+
+
+def test_restore_without_rollback_logs_no_dirty_pages(tmp_path, kvm_system):
+    """``rollback=False`` (CLI ``restore --no-rollback``): no KVM dirty log, rollback refused
+    with a clear error; a snapshot of it is complete and turns the log on, then rollback works."""
+    from pytest_ignition.vmm.machine import Machine, MachineError
+
+    m = cpl3_machine(tmp_path, [dirty_pages(FIRST, 50)])
+    try:
+        path = m.snapshot(tmp_path / "store", "base")
+    finally:
+        m.close()
+    r = Machine.restore(path, start=False, system=kvm_system, rollback=False)
+    try:
+        r.pio.insert(_TickPort(), 0xF4, 1)
+        r.start()
+        while r.mem.read_u8(FIRST + 49 * 4096) != 0xAB:
+            r.runners[0].join(0.001)
+        with pytest.raises(MachineError, match="without dirty-page logging"):
+            r.rollback()
+        again = r.snapshot(tmp_path / "store", "again")
+        assert r.mem.read_u8(FIRST + 49 * 4096) == 0xAB
+        info = r.rollback()
+        assert info["pages"] <= 50
+        assert snap.Snapshot.load(again).state["vcpus"]
+    finally:
+        r.close()
+    # the second snapshot holds the guest's pages (written whole, not as a delta)
+    r2 = Machine.restore(again, start=False, system=kvm_system)
+    try:
+        assert r2.mem.read_u8(FIRST + 49 * 4096) == 0xAB
+    finally:
+        r2.close()

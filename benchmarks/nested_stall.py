@@ -177,13 +177,13 @@ def one(engine: Any, config: Any, kind: str, snap: Path, root: Path, i: int, arg
     return out
 
 
-def summarize(runs: list[dict], kind: str, load: str, limit_s: float | None) -> dict:
+def summarize(runs: list[dict], kind: str, load: str, limit_s: float | None, **extra: Any) -> dict:
     ready = [r["ready_s"] for r in runs if r["ready_s"] is not None]
     rec: dict[str, Any] = {
         "metric": "stall_ready",
         "engine": "ignition",
         "where": "nested",
-        "params": {"kind": kind, "load": load},
+        "params": {"kind": kind, "load": load, **extra},
         **(common.summarize_ms([s * 1000 for s in ready]) if ready else {"n": 0}),
         "max_ms": round(max(ready) * 1000, 1) if ready else None,
         "not_ready": sum(1 for r in runs if r["ready_s"] is None),
@@ -208,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-after", type=float, default=20.0, help="probe a VM this late (s)")
     p.add_argument("--probe-every", type=float, default=5.0)
     p.add_argument("--loads", default="quiet,busy", help="quiet,busy (default both)")
+    p.add_argument(
+        "--restore-arg",
+        action="append",
+        default=[],
+        help="extra argument for the VMM's restore command (e.g. --no-rollback; repeatable)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--log", type=Path, default=common.RESULTS_DIR / "nested_stall.log")
     p.add_argument("--force", action="store_true", help="run outside the nested harness too")
@@ -232,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         boot_timeout=args.timeout,
     )
     engine = IgnitionEngine()
+    if args.restore_arg:
+        launch = engine._launch
+
+        def launch_with(m: Any, argv: list[str]) -> float:
+            if argv[3:4] == ["restore"]:
+                argv = [*argv, *args.restore_arg]
+            return launch(m, argv)
+
+        engine._launch = launch_with  # type: ignore[method-assign]
     loads = [x for x in args.loads.split(",") if x]
     records: list[dict] = []
     quiet_median: dict[str, float] = {}
@@ -264,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                         quiet_median[kind] = statistics.median(ok)
                     med = quiet_median.get(kind)
                     limit = med * args.factor if med is not None else None
-                    rec = summarize(runs, kind, load, limit)
+                    more = {"fork_server": os.environ.get("IGNITION_VMM_FORKSERVER", "1") != "0"}
+                    if kind == "restore" and args.restore_arg:
+                        more["restore_args"] = args.restore_arg
+                    rec = summarize(runs, kind, load, limit, **more)
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
     common.write_json(args.out, records)

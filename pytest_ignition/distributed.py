@@ -97,6 +97,19 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+def defers_setting_errors(config: pytest.Config) -> bool:
+    """True on a remote worker, and on a controller whose workers are all on other hosts
+    (``-d --tx ssh=...``): a setting naming a path is checked where the VM runs."""
+    if is_remote(config):
+        return True
+    if workerinput(config) or getattr(config.option, "numprocesses", None):
+        return False
+    txs = [str(t) for t in getattr(config.option, "tx", None) or ()]
+    return bool(txs) and getattr(config.option, "dist", "no") != "no" and not any(
+        t.split("*", 1)[-1].startswith("popen") for t in txs
+    )
+
+
 def _distributing(config: pytest.Config) -> bool:
     return getattr(config.option, "dist", "no") != "no" or bool(
         getattr(config.option, "numprocesses", None)

@@ -98,9 +98,14 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = cfgmod.from_pytest_config(config)
     except pytest.UsageError as e:
-        if cfgmod.error_from_cli(e):
+        # A path valid on one host need not be on another: with remote xdist workers, each
+        # worker's VM tests report its own (naming the host), and the controller none.
+        from pytest_ignition import distributed  # (registered through pytest_plugins)
+
+        remote = distributed.defers_setting_errors(config)
+        if cfgmod.error_from_cli(e) and not remote:
             raise
-        error = str(e)
+        error = distributed.where(config) + str(e)
     config.stash[fx.SESSION_KEY] = fx.IgnitionSession(config, settings, settings_error=error)
     from pytest_ignition import terminal
 
@@ -141,6 +146,8 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     state = config.stash.get(fx.SESSION_KEY, None)
     if state is None or not state.vm_items or config.get_verbosity() < 0:
         return []
+    if state.settings_error is not None:  # a remote worker: its VM tests report it
+        return [f"ignition: {state.settings_error}"]
     s = state.settings
     engine, reason = state.engine_info()
     if engine is None:
@@ -233,6 +240,10 @@ def pytest_collection_modifyitems(
         if fx.uses_vm(item, names):
             state.vm_items += 1
     if state.vm_items and state.settings_error is not None:
+        from pytest_ignition.distributed import is_remote
+
+        if is_remote(config):
+            return  # a UsageError would end this host's worker; its VM tests fail instead
         raise pytest.UsageError(state.settings_error)
 
 

@@ -182,3 +182,31 @@ def test_a_host_without_qemu_says_so_with_its_name(
             "qemu-system-x86_64 was not found on PATH*"
         ]
     )
+
+
+def test_a_path_only_the_controller_has_fails_on_the_worker_naming_it(
+    pytester: pytest.Pytester, rig: _netns.Rig
+) -> None:
+    # A relative --ignition-kernel that exists in the controller's directory, not in the
+    # directory the worker runs in: the controller does not insist on it, the worker's VM
+    # tests fail with the host and the setting named (its plain tests still pass).
+    (pytester.path / "bzImage").write_bytes(b"not really a kernel")
+    elsewhere = pytester.mkdir("worker-side")
+    (elsewhere / "test_suite.py").write_text(
+        "def test_plain():\n    pass\n\ndef test_vm(ignition_vm):\n    pass\n"
+    )
+    result = _run(
+        pytester,
+        rig,
+        "-d",
+        *_tx(rig, "ign-a", elsewhere),
+        "--ignition-engine=qemu",
+        "--ignition-kernel=bzImage",
+        "-rfE",
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*on host ign-a (ssh=ign-a, gw0): pytest-ignition: --ignition-kernel*bzImage*does not exist*"
+        ]
+    )

@@ -9,10 +9,13 @@ in a callback is logged and the loop keeps running: a backend bug must not stall
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import os
 import selectors
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class EventLoop:
         self._stopping = False
         self._closed = False
         self.wakeups = 0  # select() returns (diagnostics: see vmm.probe)
+        self._timers: list[tuple[float, int, Callback]] = []  # (due, seq, fn): a heap
+        self._seq = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -76,6 +81,12 @@ class EventLoop:
         """Run ``fn()`` on the loop thread as soon as possible."""
         self._pending.append(fn)
         self._wake()
+
+    def call_later(self, delay: float, fn: Callback) -> None:
+        """Run ``fn()`` on the loop thread after ``delay`` seconds (from any thread; a timer
+        on the loop, not a thread per timer)."""
+        due = time.monotonic() + max(0.0, delay)
+        self._in_loop(lambda: heapq.heappush(self._timers, (due, next(self._seq), fn)))
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
@@ -151,11 +162,25 @@ class EventLoop:
         except Exception:
             log.exception("%s: callback %r raised; the loop keeps running", self.name, fn)
 
+    def _run_timers(self) -> float | None:
+        """Run the timers that are due; the seconds until the next one (None: no timer)."""
+        while self._timers:
+            due = self._timers[0][0]
+            left = due - time.monotonic()
+            if left > 0:
+                return left
+            _, _, fn = heapq.heappop(self._timers)
+            self._call(fn)
+        return None
+
     def _run(self) -> None:
         while not self._stopping:
             self._run_pending()
+            timeout = self._run_timers()
+            if self._pending:
+                timeout = 0
             try:
-                events = self._sel.select()
+                events = self._sel.select(timeout)
             except OSError as e:
                 # a registered fd was closed behind our back: drop the dead ones and go on
                 log.error("%s: select failed (%s); pruning closed fds", self.name, e)

@@ -29,7 +29,6 @@ import os
 import re
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -599,13 +598,11 @@ class VirtioVsock(VirtioDevice):
         self._process_rx()
 
     def _retry_flush(self, conn: Connection) -> None:
-        # The loop has no writability callbacks; the guest is held back by its credit meanwhile.
+        # A timer on the event loop; the guest is held back by its credit meanwhile.
         if conn.flush_scheduled:
             return
         conn.flush_scheduled = True
-        timer = threading.Timer(FLUSH_RETRY_S, lambda: self._post(self._flush_to_host, conn))
-        timer.daemon = True
-        timer.start()
+        self.loop.call_later(FLUSH_RETRY_S, lambda: self._post(self._flush_to_host, conn))
 
     def _guest_shutdown(self, conn: Connection, flags: int) -> None:
         if flags & SHUTDOWN_SEND:

@@ -246,6 +246,27 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             600,
         )
     )
+    # Networking: TCP over the agent channel (and QEMU's slirp beside it), guest <-> guest.
+    units.append(
+        Unit(
+            "network",
+            "network",
+            "network",
+            "network.json",
+            ["--rtts", "200", "--mib", "16", "--repeats", "3"],
+            ["--rtts", "20", "--mib", "2", "--repeats", "1"],
+            [
+                Expect(m, "qemu", qwhere, {"path": p})
+                for m, p in (
+                    ("net_rtt", "agent-forward"),
+                    ("net_throughput", "agent-forward"),
+                    ("net_rtt", "qemu-slirp-hostfwd"),
+                    ("net_rtt", "segment"),
+                )
+            ],
+            900,
+        )
+    )
     nested_timeout = 720
     units.append(
         Unit(
@@ -283,6 +304,39 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             ],
             per_test_timeout,
             via=_harness(per_test_timeout),
+        )
+    )
+    # The bundled VMM's tunnels and virtio-net (segment) in the harness.
+    units.append(
+        Unit(
+            "network_nested",
+            "network",
+            "network",
+            "network_nested.json",
+            ["--engine", "ignition", "--parts", "tunnels,segment", "--rtts", "100"]
+            + [
+                "--mib",
+                "4",
+                "--repeats",
+                "2",
+                "--results",
+                "benchmarks/results/network_nested.json",
+            ],
+            ["--engine", "ignition", "--parts", "tunnels,segment", "--rtts", "10"]
+            + [
+                "--mib",
+                "1",
+                "--repeats",
+                "1",
+                "--results",
+                "benchmarks/results/network_nested.json",
+            ],
+            [
+                Expect("net_rtt", "ignition", "nested", {"path": "agent-forward"}),
+                Expect("net_rtt", "ignition", "nested", {"path": "segment"}),
+            ],
+            nested_timeout,
+            via=_harness(nested_timeout),
         )
     )
     return units

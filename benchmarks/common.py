@@ -42,6 +42,8 @@ METRICS = (
     "browser_restore_to_paint",
     "host_chromium_cold_to_cdp",
     "host_chromium_cold_to_paint",
+    "net_rtt",
+    "net_throughput",
 )
 # "host": on this machine without any VM (e.g. Chromium started locally, for comparison)
 WHERE = ("direct", "nested", "tcg", "host")

@@ -65,6 +65,18 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "empty cache (mmdebstrap + mke2fs for debian:, layers + mke2fs for an OCI archive), "
         "`cache=hit` finds it (key probes, image.json; an OCI hit hashes the archive).",
     ),
+    "net_rtt": (
+        "network round trip",
+        "host wall clock of one byte to a guest echo server and back on an open connection; "
+        "`path`: `agent-forward` (vm.forward), `agent-connect` (vm.connect), "
+        "`qemu-slirp-hostfwd` (QEMU's own user networking, for comparison), `segment` (guest a "
+        "to guest b on an ignition_network: `guest_to_guest_ms` beside the relayed total).",
+    ),
+    "net_throughput": (
+        "network throughput",
+        "host wall clock to move `mib` MiB into a guest (`direction=in`) or out of it (`out`) "
+        "over one connection of `path`; `mib_per_s` in the record.",
+    ),
 }
 
 WHERE_TEXT = {

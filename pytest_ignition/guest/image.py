@@ -461,7 +461,11 @@ def _mmdebstrap(
         cmd.append("--include=" + ",".join(pkgs))
     cmd += [suite, str(root), mirror]
     try:
-        _run(cmd, log, f"{label}: mmdebstrap", progress, MMDEBSTRAP_TIMEOUT, _mmdebstrap_status)
+        # its own temp tree (the whole system, in fakechroot mode) goes beside ours, not to a
+        # possibly small /tmp
+        tmpdir = {"TMPDIR": str(root.parent)}
+        _run(cmd, log, f"{label}: mmdebstrap", progress, MMDEBSTRAP_TIMEOUT, _mmdebstrap_status,
+             env=tmpdir)  # fmt: skip
     except _StepFailed as e:
         raise ImageBuildError(_explain_mmdebstrap(e, suite, mirror, label)) from None
 
@@ -562,6 +566,7 @@ def _run(
     progress: Progress,
     timeout: float,
     status: Callable[[str], str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
     """Run ``cmd`` (niced) appending its output to ``log``; a progress line every
     PROGRESS_INTERVAL s; terminated (then killed) on timeout, error or Ctrl-C."""
@@ -577,6 +582,7 @@ def _run(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop it cleanly
             preexec_fn=_term_with_parent,
+            env=None if env is None else {**os.environ, **env},
         )
         try:
             while True:

@@ -61,7 +61,7 @@ def test_a_guest_that_panics_mid_command_is_the_infrastructure_code(guest: None)
             "--",
             "sh",
             "-c",
-            "echo about-to-panic; echo c > /proc/sysrq-trigger; sleep 60",
+            "echo about-to-panic; sleep 1; echo c > /proc/sysrq-trigger; sleep 60",
         ],
         capture_output=True,
         text=True,

@@ -7,10 +7,13 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := linux-source busybox-static musl-tools qemu-system-x86 qemu-utils e2fsprogs cpio \
 	socat flex bison bc libelf-dev libssl-dev xz-utils make gcc python3-venv mmdebstrap passt \
-	openssh-server openssh-client iproute2
+	openssh-server openssh-client iproute2 \
+	gcc-aarch64-linux-gnu qemu-system-arm linux-libc-dev-arm64-cross device-tree-compiler \
+	musl-dev:arm64
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages venv bytecode guest host-kernel demo test test-nested bench lint clean
+.PHONY: setup system-packages venv bytecode guest guest-aarch64 host-kernel demo test test-nested \
+	bench lint clean
 
 setup: system-packages venv
 
@@ -19,6 +22,8 @@ system-packages:
 	if [ -n "$$missing" ]; then \
 		echo "==> installing Debian packages:" $$missing; \
 		if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install: $$missing" >&2; exit 1; fi; \
+		case " $$missing " in *:arm64*) dpkg --print-foreign-architectures | grep -qx arm64 \
+			|| dpkg --add-architecture arm64;; esac; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
@@ -38,13 +43,17 @@ bytecode: venv
 guest: setup
 	$(VPY) -m pytest_ignition.guest build
 
+# The arm64 guest (cross-built; tests/e2e/test_aarch64.py runs the e2e suite on it under TCG).
+guest-aarch64: setup
+	$(VPY) -m pytest_ignition.guest build --arch aarch64
+
 host-kernel: setup
 	$(VPY) -m pytest_ignition.guest build --host
 
 demo: guest
 	$(VPY) -m pytest examples/ -v $(PYTEST_ARGS)
 
-test: guest host-kernel
+test: guest guest-aarch64 host-kernel
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 	$(VPY) -m pytest $(PYTEST_ARGS)

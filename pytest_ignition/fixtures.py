@@ -46,6 +46,7 @@ SESSION_KEY = pytest.StashKey["IgnitionSession"]()
 ITEM_VMS_KEY = pytest.StashKey[list]()  # [(label, VM)] used by the failure report
 FAILED_KEY = pytest.StashKey[bool]()  # set by the plugin when a test's setup or call failed
 KEPT_PROPERTY = "ignition_kept"  # user_properties entry per kept VM (reaches xdist's controller)
+REUSE_PROPERTY = "ignition_reuse"  # "<key> <reused|new> (<why>)" per snapshot, --ignition-reuse
 RESTORE_PROPERTY = "ignition_restore_seconds"
 BOOT_PROPERTY = "ignition_boot_seconds"
 FALLBACK_PROPERTY = "ignition_engine_fallback"
@@ -193,6 +194,7 @@ class IgnitionSession:
         self.kept_dirs: list[Path] = []  # work dirs of kept VMs (--ignition-keep-failed)
         self.reuse_states: dict[str, tuple[Any, str, str]] = {}  # config key -> reuse_info()
         self.reuse_shown: set[str] = set()  # config keys whose reused/new the header showed
+        self.reuse_unreported: list[str] = []  # for the terminal summary, via user_properties
         self._inflight: list[list[Any]] = []  # machines of restores still in progress
         self.boots: list[tuple[str, float]] = []
         self._boots_reported = 0  # boots already attached to a test report
@@ -519,6 +521,8 @@ class IgnitionSession:
             return d, d / "FAILED", self.root / f"{key[:24]}.lock", None
 
         rk, state, why = self.reuse_info(engine, vmcfg)
+        with self.lock:
+            self.reuse_unreported.append(f"{rk.key[:12]} {state} ({why}): {self._describe(vmcfg)}")
         if vmcfg.key() not in self.reuse_shown:
             self._progress(f"snapshot {rk.key[:12]} ({self._describe(vmcfg)}): {state} ({why})")
         rk.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -997,6 +1001,10 @@ def _record_restore(request: pytest.FixtureRequest, seconds: float) -> None:
     if session.fallback is not None and not session._fallback_reported:
         session._fallback_reported = True  # once per process: the xdist controller shows it
         props.append((FALLBACK_PROPERTY, session.fallback))
+    with session.lock:
+        reuse_lines, session.reuse_unreported = session.reuse_unreported, []
+    for line in reuse_lines:
+        props.append((REUSE_PROPERTY, line))
 
 
 def _map_restore_error(fn: Callable[[], Any]) -> Any:

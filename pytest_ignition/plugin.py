@@ -315,6 +315,7 @@ class _RestoreTimes:
         self.seconds: list[float] = []
         self.boots: list[float] = []
         self.kept: list[dict[str, Any]] = []  # VMs kept by --ignition-keep-failed
+        self.reuse: list[str] = []  # reused/new per snapshot, --ignition-reuse
         self.fallbacks: set[str] = set()  # why `auto` left the bundled VMM (any worker)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -323,6 +324,10 @@ class _RestoreTimes:
         if report.when != "teardown":
             return
         for name, value in report.user_properties:
+            if name == fx.REUSE_PROPERTY and isinstance(value, str):
+                if value not in self.reuse:  # each xdist worker reports the snapshots it used
+                    self.reuse.append(value)
+                continue
             if name == fx.KEPT_PROPERTY and isinstance(value, str):
                 with contextlib.suppress(ValueError):
                     self.kept.append(json.loads(value))
@@ -365,6 +370,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             "(--ignition-engine=ignition never falls back: use it to see the VMM's own error)"
         )
+    if collector is not None and collector.reuse:
+        terminalreporter.write_sep("-", "pytest-ignition: snapshots (--ignition-reuse)")
+        for line in collector.reuse:
+            terminalreporter.write_line(f"snapshot {line}")
     times = list(collector.seconds) if collector is not None else []
     if not times:
         return

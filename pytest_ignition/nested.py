@@ -23,7 +23,12 @@ and ``rc`` written back.
 Command line::
 
     python -m pytest_ignition.nested run [--mem 3072] [--cpus 2] [--timeout S] [--] CMD...
+    python -m pytest_ignition.nested run --arch aarch64 -- CMD...   # the arm64 host
     python -m pytest_ignition.nested check      # is the harness usable here?
+
+``--arch aarch64`` boots an arm64 hypervisor host instead (:mod:`.nested_arm64`: Debian's arm64
+kernel under ``qemu-system-aarch64`` TCG at EL2, an arm64 Python tree as the root); the same
+control protocol, cwd share and exit codes. There, ``python3`` is the arm64 interpreter.
 
 Exit status: CMD's; 124 on timeout; 125 when the harness itself fails (no host kernel, no QEMU,
 kernel panic, host died before CMD ended); 130 on Ctrl-C or SIGTERM. QEMU is killed and the
@@ -388,6 +393,7 @@ def run(
     console: Callable[[bytes], None] | None = None,
     verbose: bool = False,
     keep_output: bool = True,
+    arch: str = "x86_64",
 ) -> NestedResult:
     """Run ``cmd`` (an argv) inside the hypervisor host; return its exit code and output.
 
@@ -402,7 +408,21 @@ def run(
     workdir = Path(cwd if cwd is not None else os.getcwd()).resolve()
     if not workdir.is_dir():
         raise NestedError(f"{workdir} is not a directory")
-    if kernel is None:
+    a64 = None
+    if arch == "aarch64":
+        from . import nested_arm64 as a64
+
+        ok, reason = a64.available()
+        if not ok:
+            raise NestedError(reason)
+        try:
+            host = a64.ensure_host()
+        except (a64.HostSetupError, OSError) as e:
+            raise NestedError(f"the arm64 host cannot be set up: {e}") from None
+        kpath = host.kernel
+    elif arch != "x86_64":
+        raise NestedError(f"no nested host for {arch!r} (x86_64 or aarch64)")
+    elif kernel is None:
         ok, reason = available()
         if not ok:
             raise NestedError(reason)
@@ -432,8 +452,14 @@ def run(
         (ctl / "nonce").write_text(nonce + "\n")
         share = None if workdir == Path("/") else workdir
         (ctl / "cwd").write_text(os.fspath(share) if share else "")
-        (ctl / "run.sh").write_text(_run_script(cmd, workdir, _child_env(env)))
-        argv = build_qemu_argv(kpath, ctl, share, mem_mb=mem_mb, cpus=cpus, verbose=verbose)
+        if a64 is not None:
+            a64.prepare_ctl(ctl)
+            script = _run_script(cmd, workdir, a64.child_env(_child_env(env)))
+            argv = a64.build_qemu_argv(host, ctl, share, mem_mb=mem_mb, cpus=cpus, verbose=verbose)
+        else:
+            script = _run_script(cmd, workdir, _child_env(env))
+            argv = build_qemu_argv(kpath, ctl, share, mem_mb=mem_mb, cpus=cpus, verbose=verbose)
+        (ctl / "run.sh").write_text(script)
         stderr_file = tempfile.TemporaryFile(prefix="ignition-nested-qemu-")
         t0 = time.monotonic()
         proc = subprocess.Popen(
@@ -519,6 +545,12 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds, boot included (0: none)"
     )
     r.add_argument("--kernel", help="host kernel (default: the guest pipeline's host build)")
+    r.add_argument(
+        "--arch",
+        choices=("x86_64", "aarch64"),
+        default="x86_64",
+        help="the host's architecture (aarch64: Debian's arm64 kernel under TCG)",
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="show the host's boot log")
     r.add_argument("--times", action="store_true", help="print boot and total time to stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
@@ -578,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console=console if args.verbose else None,
             verbose=args.verbose,
             keep_output=False,
+            arch=args.arch,
         )
     except NestedTimeout as e:
         print(f"pytest_ignition.nested: {e}", file=sys.stderr)

@@ -75,6 +75,19 @@ def test_a_guest_that_panics_mid_command_is_the_infrastructure_code(guest: None)
     assert "sysrq" in r.stderr.lower() or "Kernel panic" in r.stderr, r.stderr[-3000:]
 
 
+def test_a_guest_that_does_not_boot_is_the_infrastructure_code(guest: None) -> None:
+    r = subprocess.run(
+        [*CLI, "run", "--kernel-args", "rdinit=/nonexistent", "--timeout", "60", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert r.returncode == EXIT_INFRA, r
+    assert "the guest did not boot" in r.stderr
+    assert "--- console tail ---" in r.stderr and "Kernel panic" in r.stderr, r.stderr[-3000:]
+
+
 def test_shell_is_a_real_terminal(guest: None) -> None:
     child = pexpect.spawn(
         CLI[0],

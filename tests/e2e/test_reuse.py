@@ -123,6 +123,8 @@ def test_two_xdist_workers_build_a_new_key_once(
     monkeypatch.setenv("REUSE_TEST_SALT", "xdist")  # pytest_ignition_snapshot_key joins the key
     result = _run(pytester, "-n", "2", "-p", "xdist")
     assert _prepares(log) == 1, log.read_text()
+    # the workers made it; the controller's summary says so
+    result.stdout.fnmatch_lines(["*snapshots (--ignition-reuse)*", "snapshot * new (*"])
     entries = [
         p
         for p in STORE.iterdir()

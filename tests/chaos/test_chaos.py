@@ -147,6 +147,8 @@ def test_poweroff(vm):
         vm.run("poweroff -f")
     _within(t0, 30)
     assert "powered off or halted" in str(e.value)
+    vm.reset()  # a broken VM comes back as a fresh restore (never a rollback in place)
+    assert vm.broken is None and vm.run("echo back").stdout == "back\n"
 
 
 def test_agent_killed(vm):

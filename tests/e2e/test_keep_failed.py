@@ -158,6 +158,7 @@ def test_kept_vm_attach_and_kill(pytester: pytest.Pytester, guest: None, cleanup
     assert not _alive(entry["keeper_pid"])
     assert not any(_alive(p) for p in qemus)
     assert not Path(entry["workdir"]).exists(), "the kept VM's work dir is left over"
+    assert not Path(entry["workdir"]).parent.exists(), "the run's temp dir is left over"
     assert not (GUEST_CACHE / "kept" / f"{vid}.json").exists()
     assert vid not in _cli("list").stdout
 
@@ -179,6 +180,7 @@ def test_abandoned_kept_vm_ends_after_keep_failed_for(
     assert not _alive(entry["keeper_pid"]), "the keeper outlived keep_failed_for"
     assert not any(_alive(p) for p in qemus)
     assert not Path(entry["workdir"]).exists()
+    assert not Path(entry["workdir"]).parent.exists(), "the run's temp dir is left over"
     assert not (GUEST_CACHE / "kept" / f"{vid}.json").exists()
 
 

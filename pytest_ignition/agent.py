@@ -28,6 +28,7 @@ import queue
 import socket
 import stat as stat_mod
 import struct
+import tempfile
 import threading
 import time
 from collections import deque
@@ -47,6 +48,7 @@ CHUNK = 64 * 1024  # payload size for STDIN and DATA frames the host sends
 
 DEFAULT_VSOCK_PORT = 52
 REQUEST_TIMEOUT = 120.0  # file transfers, sync: a guest that is alive answers well within this
+SPILL = 4 << 20  # get_file: bytes kept in memory before the rest streams to a temp file
 SEND_TIMEOUT = 120.0  # a guest that reads nothing for this long while the host sends is gone
 HOST_TIMEOUT_GRACE = 5.0  # past an exec's own timeout, before the host kills it itself
 KILL_GRACE = 5.0  # after the host's SIGKILL, for the EXIT to arrive
@@ -852,14 +854,33 @@ class AgentClient:
                 raise AgentTransferLimit(
                     f"get {guest_path}: {size} bytes, more than the limit of {limit}", limit
                 )
-            for chunk in self._stream(q, FrameType.DATA, f"get {guest_path}"):
-                if limit and len(out) + len(chunk) > limit:
-                    self._cancel_get(chan)  # the file grew past its stat size
-                    raise AgentTransferLimit(
-                        f"get {guest_path}: more than the limit of {limit} bytes", limit
-                    )
-                out += chunk
-            return bytes(out)
+            # Past SPILL bytes the data goes to an unlinked temp file and is read back in one
+            # piece: the host holds the file once (the returned bytes), not twice.
+            spill = None
+            total = 0
+            try:
+                for chunk in self._stream(q, FrameType.DATA, f"get {guest_path}"):
+                    total += len(chunk)
+                    if limit and total > limit:
+                        self._cancel_get(chan)  # the file grew past its stat size
+                        raise AgentTransferLimit(
+                            f"get {guest_path}: more than the limit of {limit} bytes", limit
+                        )
+                    if spill is None and total > SPILL:
+                        spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+                        spill.write(out)
+                        out = bytearray()
+                    if spill is not None:
+                        spill.write(chunk)
+                    else:
+                        out += chunk
+                if spill is None:
+                    return bytes(out)
+                spill.seek(0)
+                return spill.read()
+            finally:
+                if spill is not None:
+                    spill.close()
         finally:
             self._close_chan(chan)
 

@@ -300,8 +300,8 @@ def test_chaos_session(pytester: pytest.Pytester, needs_guest: None, tmp_path: P
         if "CONSOLE" in line:
             print(line[line.index("CONSOLE") :])
     # read_file stopped at 4 MiB of a 16 MiB file (then read it whole on purpose: 16 MiB);
-    # nothing else the guest did reaches the pytest process
-    assert rss_growth < 96 << 20, rss_growth
+    # nothing else the guest did reaches the pytest process (measured: 21-37 MiB)
+    assert rss_growth < 64 << 20, rss_growth
     # a full 64 MiB disk (its qcow2 overlay), capped console logs, nothing else
     assert work_peak < DISK + 4 * LOG_CAP + (16 << 20), work_peak
 

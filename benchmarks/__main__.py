@@ -201,6 +201,25 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             600,
         )
     )
+    # The arm64 guest on qemu-system-aarch64 -M virt (TCG on an x86_64 host: an emulated CPU).
+    awhere = qwhere if os.uname().machine in ("aarch64", "arm64") else "tcg"
+    units.append(
+        Unit(
+            "qemu_engine_aarch64",
+            "qemu_engine",
+            "qemu_engine",
+            "qemu_aarch64.json",
+            ["--boots", "3", "--snapshots", "3", "--restores", "10", "--memory", "512"]
+            + ["--arch", "aarch64", "--results", "benchmarks/results/qemu_aarch64.json"],
+            ["--boots", "1", "--snapshots", "1", "--restores", "2", "--memory", "512"]
+            + ["--arch", "aarch64", "--results", "benchmarks/results/qemu_aarch64.json"],
+            [
+                Expect(m, "qemu", awhere, {"memory_mib": 512, "arch": "aarch64"})
+                for m in ("guest_boot_time", "launch_to_ready", "restore_to_ready")
+            ],
+            600,
+        )
+    )
     # Root images: build (cold) and cache hit, host-side only.
     units.append(
         Unit(
@@ -217,6 +236,31 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             ],
             1200,
             pass_quick_flag=True,
+        )
+    )
+    # The seed's browser table: cold start vs restore of a warm Chromium guest, vs host Chromium.
+    units.append(
+        Unit(
+            "browser",
+            "browser",
+            "browser",
+            "browser.json",
+            ["--boots", "1", "--restores", "8", "--host-starts", "5"],
+            ["--boots", "1", "--restores", "2", "--host-starts", "1"],
+            [
+                Expect(m, "qemu", qwhere)
+                for m in (
+                    "browser_cold_to_cdp",
+                    "browser_boot_to_ready",
+                    "browser_restore_to_cdp",
+                    "browser_restore_to_paint",
+                )
+            ]
+            + [
+                Expect("host_chromium_cold_to_cdp", "host", "host"),
+                Expect("host_chromium_cold_to_paint", "host", "host"),
+            ],
+            1200,
         )
     )
     units.append(

@@ -59,6 +59,42 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "pytest wall time per trivial test (setup + call + teardown of "
         '`ignition_vm.run("true")`), session setup excluded.',
     ),
+    "browser_cold_to_cdp": (
+        "browser cold start",
+        "host wall clock from launching a cold boot of the browser guest (Debian + chromium) "
+        "until Chromium's DevTools answers on the forwarded host port (boot, Chromium start, "
+        "warm-up page).",
+    ),
+    "browser_boot_to_ready": (
+        "browser guest boot",
+        "the guest-boot part of the browser cold start: launch → agent ready.",
+    ),
+    "browser_restore_to_cdp": (
+        "browser restore",
+        "host wall clock from launching a restore of the warm browser snapshot until DevTools "
+        "answers on the forwarded host port (the seed's browser restore).",
+    ),
+    "browser_restore_to_paint": (
+        "browser restore to paint",
+        "restore launched → Playwright connected over CDP → a page served from the host "
+        "loaded and painted (two animation frames after load).",
+    ),
+    "host_chromium_cold_to_cdp": (
+        "host Chromium start",
+        "the same Chromium, same flags, started cold on this host with a new profile, until "
+        "DevTools answers (what users would do instead of a restore).",
+    ),
+    "host_chromium_cold_to_paint": (
+        "host Chromium to paint",
+        "host Chromium started cold until the same page is loaded and painted.",
+    ),
+    "session_setup": (
+        "session setup",
+        "host wall clock from pytest's session start to the first test's call with its "
+        "`ignition_vm` in hand; `mode`: `off` (boot, prepare, snapshot, restore), `reuse_new` "
+        "(`--ignition-reuse` with a new key: the same plus storing the snapshot), `reuse_hit` "
+        "(the next run: restore only).",
+    ),
     "image_build_time": (
         "image build",
         "host wall clock of `ensure_image` for a root image: `cache=cold` builds it into an "
@@ -83,6 +119,7 @@ WHERE_TEXT = {
     "direct": "this machine's KVM",
     "nested": "inside the nested harness (QEMU-TCG hypervisor host with emulated SVM)",
     "tcg": "QEMU TCG on this machine",
+    "host": "on this machine, no VM (a local Chromium, an image build)",
 }
 
 # Params that describe an engine rather than the workload: never used to pair records.

@@ -12,6 +12,10 @@ acceleration needs a guest of the host's own architecture (an aarch64 guest on a
 HVF, on arm64 Linux KVM); any other guest runs under QEMU TCG, and the bundled VMM only runs
 guests of the host's architecture.
 
+On macOS ``auto`` keeps QEMU with HVF: the bundled VMM's Hypervisor.framework backend
+(``vmm/hypervisor/hvf.py``) has not been run on a Mac. ``--ignition-engine=ignition`` selects it,
+marked experimental in the header, only once ``vmm/doctor.py``'s checks pass.
+
 Also the fallback rule (:func:`vmm_fault`): under ``auto``, a bundled-VMM boot that fails for a
 reason of the VMM (it exited 1/2, crashed, or never got the guest to answer) rather than of the
 guest (a kernel panic on the console, which QEMU would hit too) makes the run switch to QEMU.
@@ -47,6 +51,9 @@ class HostProbe:
     qemu_path: str | None  # qemu-system-x86_64, if found
     ignition_available: bool  # pytest_ignition.engines.ignition can be imported
     qemu_aarch64_path: str | None = None  # qemu-system-aarch64, if found
+    # macOS: why the bundled VMM's (experimental) Hypervisor.framework backend cannot run, from
+    # vmm/doctor.py's checks; None = they passed.
+    hvf_problem: str | None = "the Hypervisor.framework checks were not run"
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,14 @@ def probe_host() -> HostProbe:
         qemu_path=shutil.which("qemu-system-x86_64"),
         ignition_available=importlib.util.find_spec("pytest_ignition.engines.ignition") is not None,
         qemu_aarch64_path=shutil.which("qemu-system-aarch64"),
+        hvf_problem=_hvf_problem() if platform.system() == "Darwin" else "not macOS",
     )
+
+
+def _hvf_problem() -> str | None:
+    from pytest_ignition.vmm import doctor
+
+    return doctor.hvf_problem(doctor.gather())
 
 
 GUEST_PANIC_MARKERS = ("Kernel panic - not syncing", "Kernel panic")
@@ -159,6 +173,18 @@ def decide(name: str, p: HostProbe, arch: str | None = None) -> Decision:
             raise EngineUnavailable(
                 "the bundled VMM (ignition engine) is not part of this installation",
                 hint="use --ignition-engine=qemu or auto",
+            )
+        if p.system == "Darwin":
+            if p.hvf_problem is not None:
+                raise EngineUnavailable(
+                    f"the bundled VMM's Hypervisor.framework backend cannot run: {p.hvf_problem}",
+                    hint="see python -m pytest_ignition.vmm.doctor, or use auto (QEMU with HVF)",
+                )
+            return Decision(
+                "ignition",
+                "hvf",
+                "requested with --ignition-engine=ignition: EXPERIMENTAL Hypervisor.framework "
+                "backend, never run on a Mac before this (auto uses QEMU with HVF)",
             )
         if not p.kvm_usable:
             raise EngineUnavailable(

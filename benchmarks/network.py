@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(f"{args.engine}/segment: a->b adds {extra:.3f} ms", file=sys.stderr)
+        except Exception as e:  # keep the measurements taken so far; say why this one is missing
+            print(f"{args.engine}/segment failed: {e!r}", file=sys.stderr)
+            records.append(
+                common.absent_record("net_rtt", args.engine, where, repr(e)[:300], path="segment")
+            )
         finally:
             for v in vms:
                 v.close()

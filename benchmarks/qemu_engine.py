@@ -16,8 +16,11 @@ With ``--image SPEC [--packages P]`` the guest's root is that image (built or fo
 cache first; ``init=agent``): the records carry ``image`` and ``packages`` in their params, so
 they sit beside the initramfs-only guest's in the report. ``--results FILE`` writes elsewhere.
 
+With ``--arch aarch64`` the guest is the arm64 one on ``qemu-system-aarch64 -M virt`` (TCG on
+an x86_64 host); records carry ``arch`` in their params (x86_64 records leave it out).
+
 Usage: ``python -m benchmarks.qemu_engine [--boots 5] [--snapshots 20] [--restores 20]
-[--memory 512] [--image debian:bookworm --packages python3] [--results FILE]``.
+[--memory 512] [--arch aarch64] [--image debian:bookworm --packages python3] [--results FILE]``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restores", type=int, default=20)
     ap.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     ap.add_argument("--accel", default=None, help="kvm|hvf|tcg (default: as auto-selected)")
+    ap.add_argument("--arch", default=None, choices=("x86_64", "aarch64"), help="guest arch")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--image", default=None, help="image spec (e.g. debian:bookworm)")
     ap.add_argument("--packages", default="", help="extra packages of a debian: image")
@@ -58,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from pytest_ignition.engines.select import decide, probe_host
     from pytest_ignition.guest import build_guest, find_guest
 
-    guest = find_guest() or build_guest(progress=lambda m: print(m, file=sys.stderr))
-    accel = args.accel or decide("qemu", probe_host()).accelerator
+    guest = find_guest(args.arch) or build_guest(
+        progress=lambda m: print(m, file=sys.stderr), arch=args.arch
+    )
+    accel = args.accel or decide("qemu", probe_host(), args.arch).accelerator
     engine = QemuEngine(accelerator=accel)
+    arch_params = {"arch": guest.arch} if guest.arch != "x86_64" else {}
     image_params: dict = {}
     image = None
     if args.image:
@@ -75,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         initrd=guest.initrd,
         memory_mib=args.memory,
         image=image.path if image is not None else None,
+        arch=guest.arch,
     )
     # The host is often shared: record how busy it was, the numbers depend on it.
     params = {
         "memory_mib": args.memory,
         "cpus": 1,
-        "qemu": engine.version,
+        "qemu": engine.version_of(guest.arch),
         "loadavg_1m_before": round(os.getloadavg()[0], 2),
+        **arch_params,
         **image_params,
     }
     boots: list[float] = []
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert m.agent.exec("true").exit_code == 0
             finally:
                 m.close()
+    accel = engine.accelerator_for(guest.arch)
     records = [
         record("guest_boot_time", accel, {**params, "method": "console-marker"}, markers),
         record("launch_to_ready", accel, params, boots),

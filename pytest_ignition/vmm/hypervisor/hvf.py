@@ -11,6 +11,13 @@ lives only in the dyld shared cache; dlopen still finds it). ``hv_vm_create`` re
 unless the process's main executable carries ``com.apple.security.hypervisor``: the VMM runs in an
 ad-hoc-signed copy of the interpreter (:mod:`.hvf_sign`, ``python -m pytest_ignition.vmm.doctor
 --sign``). Constants are Apple's (``hv_vcpu_types.h``, ``hv_error.h``, ``hv_vm_types.h``).
+
+Known gaps (besides never having run): the machine (``vmm/machine.py``) does not drive this class
+yet; SIMD/FP Q registers are not saved (``hv_vcpu_set_simd_fp_reg`` takes a 16-byte vector by
+value, which cffi's ABI mode cannot pass: needs a C shim or an API-mode build); config objects are
+not ``os_release``d (one per VM/GIC, per process); with ``hv_gic`` the vtimer PPI's routing is
+[unverified] (the userspace path presents it with ``hv_vcpu_set_pending_interrupt``); trapped
+system registers are read-as-zero/write-ignored and logged.
 """
 
 from __future__ import annotations

@@ -306,6 +306,26 @@ def _error_from(frame: Frame, what: str) -> AgentError:
     return AgentError(f"{what}: {message} (code {code})", code)
 
 
+def decode_list(payload: bytes, what: str) -> list[tuple[int, int, str]]:
+    """One LIST payload -> (st_mode, size, relative path) entries; AgentError when malformed or
+    when a path would leave the listed directory."""
+    entries: list[tuple[int, int, str]] = []
+    pos = 0
+    while pos < len(payload):
+        if len(payload) - pos < _STAT.size:
+            raise AgentError(f"{what}: truncated entry")
+        emode, esize = _STAT.unpack_from(payload, pos)
+        nul = payload.find(b"\0", pos + _STAT.size)
+        if nul < 0:
+            raise AgentError(f"{what}: unterminated entry name")
+        rel = os.fsdecode(payload[pos + _STAT.size : nul])
+        if not _check_rel_path(rel):
+            raise AgentError(f"{what}: refusing entry path {rel!r}")
+        entries.append((emode, esize, rel))
+        pos = nul + 1
+    return entries
+
+
 def _check_rel_path(rel: str) -> bool:
     """A guest-supplied relative path that stays inside the directory it is joined to."""
     if not rel or rel.startswith("/") or "\\" in rel:
@@ -921,19 +941,7 @@ class AgentClient:
                 if limit and received > limit:
                     self._cancel_get(chan)
                     raise AgentTransferLimit(f"list {guest_path}: listing over the limit", limit)
-                pos = 0
-                while pos < len(p):
-                    if len(p) - pos < _STAT.size:
-                        raise AgentError(f"list {guest_path}: truncated entry")
-                    emode, esize = _STAT.unpack_from(p, pos)
-                    nul = p.find(b"\0", pos + _STAT.size)
-                    if nul < 0:
-                        raise AgentError(f"list {guest_path}: unterminated entry name")
-                    rel = os.fsdecode(p[pos + _STAT.size : nul])
-                    if not _check_rel_path(rel):
-                        raise AgentError(f"list {guest_path}: refusing entry path {rel!r}")
-                    entries.append((emode, esize, rel))
-                    pos = nul + 1
+                entries += decode_list(p, f"list {guest_path}")
             return entries
         finally:
             self._close_chan(chan)

@@ -340,27 +340,9 @@ _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _collector = threading.local()
 
 
-_collector = threading.local()
-
-
 def track(machine: Any) -> None:
     """Close ``machine`` at interpreter exit if nobody has by then."""
     _live.add(machine)
-    made = getattr(_collector, "made", None)
-    if made is not None:
-        made.append(machine)
-
-
-@contextlib.contextmanager
-def collecting(made: list[Any]) -> Iterator[list[Any]]:
-    """Append every machine this thread creates meanwhile to ``made`` (so that another thread
-    can close one whose boot or restore is still in progress)."""
-    prev = getattr(_collector, "made", None)
-    _collector.made = made
-    try:
-        yield made
-    finally:
-        _collector.made = prev
     made = getattr(_collector, "made", None)
     if made is not None:
         made.append(machine)

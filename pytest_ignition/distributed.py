@@ -105,8 +105,10 @@ def defers_setting_errors(config: pytest.Config) -> bool:
     if workerinput(config) or getattr(config.option, "numprocesses", None):
         return False
     txs = [str(t) for t in getattr(config.option, "tx", None) or ()]
-    return bool(txs) and getattr(config.option, "dist", "no") != "no" and not any(
-        t.split("*", 1)[-1].startswith("popen") for t in txs
+    return (
+        bool(txs)
+        and getattr(config.option, "dist", "no") != "no"
+        and not any(t.split("*", 1)[-1].startswith("popen") for t in txs)
     )
 
 

@@ -194,7 +194,7 @@ def test_engine_launches_through_the_fork_server(tmp_path, monkeypatch):
     from pytest_ignition.engines.ignition import IgnitionEngine
     from pytest_ignition.vmm.forkserver import ForkedVmm
 
-    monkeypatch.delenv("IGNITION_VMM_FORKSERVER", raising=False)
+    monkeypatch.setenv("IGNITION_VMM_FORKSERVER", "1")
     k = bzimage(tmp_path, PRINT_OK + RESET + HALT)
     config = VMConfig(kernel=k, initrd=None, memory_mib=64, boot_timeout=60)
     eng = IgnitionEngine()

@@ -438,34 +438,36 @@ def usage_error(name: str, source: str, problem: str) -> pytest.UsageError:
     )
 
 
+def _choice(name: str) -> Callable[[str], str]:
+    return lambda raw: parse_choice(raw, OPTIONS_BY_NAME[name].choices or ())
+
+
+# How each setting's text becomes its value (settings not listed are stripped strings).
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "kernel": lambda raw: parse_path(raw, what="kernel"),
+    "initrd": lambda raw: parse_path(raw, what="initrd"),
+    "rootfs": lambda raw: parse_path(raw, what="rootfs image"),
+    "memory": parse_memory,
+    "browser_memory": parse_memory,
+    "image": parse_image,
+    "packages": parse_packages,
+    "command_timeout": parse_optional_timeout,
+    "prepare_timeout": parse_optional_timeout,
+    "keep_failed_for": parse_timeout,
+    "timeout": parse_timeout,
+    "max_transfer": parse_size,
+    "max_output": parse_size,
+    "keep_failed": parse_bool,
+    "reuse": parse_bool,
+    "memory_budget": parse_budget,
+    "cpus": parse_cpus,
+    **{n: _choice(n) for n in ("engine", "reset", "init", "network", "arch")},
+}
+
+
 def _parse(name: str, raw: str) -> Any:
-    if name in ("kernel", "initrd", "rootfs"):
-        return parse_path(raw, what=name if name != "rootfs" else "rootfs image")
-    if name in ("memory", "browser_memory"):
-        return parse_memory(raw)
-    if name == "image":
-        return parse_image(raw)
-    if name == "packages":
-        return parse_packages(raw)
-    if name in ("command_timeout", "prepare_timeout"):
-        return parse_optional_timeout(raw)
-    if name == "keep_failed_for":
-        return parse_timeout(raw)
-    if name == "max_transfer":
-        return parse_size(raw)
-    if name in ("keep_failed", "reuse"):
-        return parse_bool(raw)
-    if name == "memory_budget":
-        return parse_budget(raw)
-    if name == "cpus":
-        return parse_cpus(raw)
-    if name == "timeout":
-        return parse_timeout(raw)
-    if name == "max_output":
-        return parse_size(raw)
-    if name in ("engine", "reset", "init", "network", "arch"):
-        return parse_choice(raw, OPTIONS_BY_NAME[name].choices or ())
-    return str(raw).strip()
+    parser = _PARSERS.get(name)
+    return parser(raw) if parser is not None else str(raw).strip()
 
 
 def resolve_raw(

@@ -9,16 +9,9 @@ with tests passed and none skipped, on the bundled VMM.
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from nested_child import run_on_bundled_vmm
 
-from pytest_ignition._testing import require
-
-ROOT = Path(__file__).resolve().parents[2]
 TESTS = "tests/e2e/test_images.py"
 SELECT = {
     "restore": "python or tcp or etc_write or never_written or systemd",
@@ -29,29 +22,5 @@ CHILD_TIMEOUT = 1500
 
 @pytest.mark.parametrize("reset", ["restore", "rollback"])
 def test_images_on_the_bundled_vmm(reset: str) -> None:
-    from pytest_ignition.engines.ignition import available
-    from pytest_ignition.guest import find_guest
-
-    ok, why = available()
-    require(ok, why)
-    require(find_guest() is not None, "guest not built (python -m pytest_ignition.guest build)")
-    argv = [sys.executable, "-m", "pytest", TESTS, "-k", SELECT[reset], "-p", "no:cacheprovider"]
-    argv += ["--color=no", "-rfEs", "--ignition-engine=ignition", f"--ignition-reset={reset}"]
-    proc = subprocess.run(
-        argv,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
-    out = proc.stdout.decode(errors="replace")
-    print(out[-6000:])
-    assert proc.returncode == 0, f"child pytest exited {proc.returncode}"
-    assert re.search(r"^ignition: engine ignition \(bundled VMM", out, re.M), "engine not used"
-    summary = out.strip().splitlines()[-1]
-    m = re.search(r"(\d+) passed", summary)
-    assert m is not None and int(m.group(1)) > 0, summary
-    for bad in ("skipped", "failed", "error", "xfailed", "xpassed"):
-        assert bad not in summary, summary
+    args = [TESTS, "-k", SELECT[reset], f"--ignition-reset={reset}"]
+    run_on_bundled_vmm(args, CHILD_TIMEOUT, deselect_ok=True)

@@ -1,0 +1,50 @@
+"""A child pytest run of e2e tests on the bundled VMM, for the nested tier's plugin tests.
+
+The child inherits the environment (IGNITION_REQUIRE etc.). A pass needs the child to exit 0 with
+tests passed and none skipped or failed, and its report to name the bundled VMM, so that a child
+that quietly fell back to another engine or skipped its VM tests fails.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pytest_ignition._testing import require
+
+ROOT = Path(__file__).resolve().parents[2]
+BAD_OUTCOMES = ("skipped", "failed", "error", "xfailed", "xpassed")
+
+
+def run_on_bundled_vmm(args: list[str], timeout: float, *, deselect_ok: bool = False) -> str:
+    """Run ``pytest ARGS --ignition-engine=ignition`` in the repo root; returns its output."""
+    from pytest_ignition.engines.ignition import available
+    from pytest_ignition.guest import find_guest
+
+    ok, why = available()
+    require(ok, why)
+    require(find_guest() is not None, "guest not built (python -m pytest_ignition.guest build)")
+    # Default verbosity, not -q: -q hides the report header this checks.
+    argv = [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "--color=no"]
+    argv += ["-rfEs", "--ignition-engine=ignition"]
+    proc = subprocess.run(
+        argv,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+        check=False,
+    )
+    out = proc.stdout.decode(errors="replace")
+    print(out[-6000:])  # shown by pytest when the calling test fails
+    assert proc.returncode == 0, f"child pytest exited {proc.returncode}"
+    assert re.search(r"^ignition: engine ignition \(bundled VMM", out, re.M), "engine not used"
+    summary = out.strip().splitlines()[-1]
+    m = re.search(r"(\d+) passed", summary)
+    assert m is not None and int(m.group(1)) > 0, summary
+    for bad in BAD_OUTCOMES + (() if deselect_ok else ("deselected",)):
+        assert bad not in summary, summary
+    return out

@@ -11,9 +11,10 @@ APT_PACKAGES := linux-source busybox-static musl-tools qemu-system-x86 qemu-util
 	gcc-aarch64-linux-gnu qemu-system-arm linux-libc-dev-arm64-cross device-tree-compiler \
 	musl-dev:arm64
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 600
 
 .PHONY: setup system-packages venv bytecode guest guest-aarch64 host-kernel demo test test-nested \
-	bench lint clean
+	bench lint clean fuzz
 
 setup: system-packages venv
 
@@ -63,6 +64,13 @@ test-nested: guest host-kernel bytecode
 
 bench: guest host-kernel bytecode
 	$(VPY) -m benchmarks --update-readme
+
+# Long coverage-guided runs: the host parsers under atheris (pip install atheris), then the
+# guest agent's parser under libFuzzer (apt-get install clang); FUZZ_SECONDS per target.
+fuzz: venv
+	for t in agent_frames agent_payloads snapshot_state; do \
+		$(VPY) tests/fuzz/run.py $$t $(FUZZ_SECONDS) || exit 1; done
+	$(MAKE) -C guest/agent/fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS)
 
 lint: venv
 	$(VPY) -m ruff check .

@@ -122,7 +122,7 @@ def decode_state(data: bytes, where: str | os.PathLike[str]) -> dict[str, Any]:
         raise SnapshotError(f"{where}: snapshot state file is corrupt (sha256 mismatch)")
     try:
         state = json.loads(payload, object_hook=_hook)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
         raise SnapshotError(f"{where}: undecodable snapshot state: {e}") from None
     if not isinstance(state, dict):
         raise SnapshotError(f"{where}: snapshot state is not an object")
@@ -372,15 +372,12 @@ class Snapshot:
         if not p.is_dir():
             raise SnapshotError(f"{p}: no such snapshot (not a directory)")
         state = read_state(p / STATE_FILE)
-        for key in ("memory", "vcpus", "vm", "devices", "config"):
-            if key not in state:
-                raise SnapshotError(f"{p / STATE_FILE}: snapshot state lacks {key!r}")
+        want = check_state(state, p / STATE_FILE)
         mem = p / MEMORY_FILE
         try:
             size = os.stat(mem).st_size
         except FileNotFoundError:
             raise SnapshotError(f"{mem}: snapshot memory file does not exist") from None
-        want = int(state["memory"]["size"])
         if size != want:
             raise SnapshotError(
                 f"{mem}: snapshot memory file is {size} bytes, the state says {want} "
@@ -390,6 +387,20 @@ class Snapshot:
 
     def overlay_path(self, index: int) -> Path:
         return self.path / f"disk{index}.overlay"
+
+
+def check_state(state: dict[str, Any], where: str | os.PathLike[str]) -> int:
+    """The checks a decoded state must pass before a restore reads it; returns its memory
+    size (bytes). Raises :class:`SnapshotError`."""
+    for key in ("memory", "vcpus", "vm", "devices", "config"):
+        if key not in state:
+            raise SnapshotError(f"{os.fspath(where)}: snapshot state lacks {key!r}")
+    mem = state["memory"]
+    size = mem.get("size") if isinstance(mem, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        # found by tests/fuzz (snapshot_state): a KeyError/TypeError traceback before
+        raise SnapshotError(f"{os.fspath(where)}: snapshot state has no valid memory size")
+    return size
 
 
 def check_name(name: str) -> str:

@@ -54,6 +54,7 @@ class HostProbe:
     # macOS: why the bundled VMM's (experimental) Hypervisor.framework backend cannot run, from
     # vmm/doctor.py's checks; None = they passed.
     hvf_problem: str | None = "the Hypervisor.framework checks were not run"
+    assume_native: bool = False  # IGNITION_ASSUME_NATIVE_KVM=1 (a test hook): see decide()
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,10 @@ def probe_host() -> HostProbe:
         system=platform.system(),
         machine=platform.machine(),
         kvm_usable=kvm_usable,
-        # Test hook: IGNITION_ASSUME_NATIVE_KVM=1 makes a PVM host look native, so that `auto`
-        # picks the bundled VMM (tests/e2e/test_engine_fallback.py).
-        kvm_pvm=Path("/sys/module/kvm_pvm").exists()
-        and os.environ.get("IGNITION_ASSUME_NATIVE_KVM", "") != "1",
+        kvm_pvm=Path("/sys/module/kvm_pvm").exists(),
+        # Test hook: `auto` believes KVM is native and picks the bundled VMM (QEMU's accelerator
+        # still follows the real KVM; tests/e2e/test_engine_fallback.py).
+        assume_native=os.environ.get("IGNITION_ASSUME_NATIVE_KVM", "") == "1",
         qemu_path=shutil.which("qemu-system-x86_64"),
         ignition_available=importlib.util.find_spec("pytest_ignition.engines.ignition") is not None,
         qemu_aarch64_path=shutil.which("qemu-system-aarch64"),
@@ -196,8 +197,12 @@ def decide(name: str, p: HostProbe, arch: str | None = None) -> Decision:
         if p.kvm_pvm:
             why += " (warning: /dev/kvm is PVM, guest kernel code runs emulated and slowly)"
         return Decision("ignition", "kvm", why)
-    if name == "auto" and native and p.ignition_available:
-        return Decision("ignition", "kvm", "auto: /dev/kvm runs guests natively (not PVM)")
+    assumed = p.assume_native and p.kvm_usable and not foreign
+    if name == "auto" and (native or assumed) and p.ignition_available:
+        why = "auto: /dev/kvm runs guests natively (not PVM)"
+        if not native:
+            why = "auto: /dev/kvm runs guests natively (assumed: IGNITION_ASSUME_NATIVE_KVM=1)"
+        return Decision("ignition", "kvm", why)
     if arch == "aarch64":
         if p.qemu_aarch64_path is None:
             raise EngineUnavailable(

@@ -53,11 +53,16 @@ def test_assume_native_kvm_hook_makes_auto_pick_the_vmm(monkeypatch: pytest.Monk
     real = select.probe_host()
     monkeypatch.setenv("IGNITION_ASSUME_NATIVE_KVM", "1")
     hooked = select.probe_host()
-    assert hooked.kvm_pvm is False
+    assert hooked.assume_native and hooked.kvm_pvm == real.kvm_pvm
     if real.kvm_usable and real.ignition_available and real.system == "Linux":
-        assert select.decide("auto", hooked).engine == "ignition"
+        d = select.decide("auto", hooked)
+        assert d.engine == "ignition"
+        if real.kvm_pvm:
+            assert "IGNITION_ASSUME_NATIVE_KVM=1" in d.reason
+    if real.qemu_path:  # QEMU's accelerator still follows the real KVM (TCG on PVM)
+        assert select.decide("qemu", hooked).accelerator == select.decide("qemu", real).accelerator
     monkeypatch.setenv("IGNITION_ASSUME_NATIVE_KVM", "0")
-    assert select.probe_host().kvm_pvm == real.kvm_pvm
+    assert not select.probe_host().assume_native
 
 
 class _Session:

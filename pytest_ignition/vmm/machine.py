@@ -858,7 +858,7 @@ class Machine:
         """Every second (a timer on the event loop), raise again a virtio interrupt the driver
         left unacknowledged for a whole period (see ``MmioTransport.recheck_interrupt``); log
         the first few. What the nested stall reproducer showed about it (see
-        ``benchmarks/nested_stall.py``): it fired in 1 of 10 boots and none of 30 restores,
+        ``benchmarks/nested_stall.py``): it fired in 1 of 16 boots and none of 26 restores,
         each time while the guest was starved of CPU, and no stall was traced to a lost edge;
         the stall was the restored clock (see ``kvm.timer_msrs``, ``Vm.set_clock``). Kept as a
         one-timer safety net: a second edge is harmless."""

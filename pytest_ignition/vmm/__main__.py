@@ -593,6 +593,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["doctor"]:  # what this host's hypervisor offers (pytest_ignition.vmm.doctor)
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         if args.command in ("boot", "restore"):

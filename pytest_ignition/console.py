@@ -66,13 +66,24 @@ def rotate(path: Path, cap: int = LOG_CAP) -> bool:
     """If ``path`` is over ``cap`` bytes: its last ``cap`` bytes to ``<name>.1``, then truncate
     it (its writer appends, so it goes on at offset 0). True if it rotated."""
     try:
-        if os.stat(path).st_size <= cap:
+        size = os.stat(path).st_size
+        if size <= cap:
             return False
-        keep = _read_last(path, cap)
-        tmp = path.with_name(path.name + ".1.tmp")
-        tmp.write_bytes(keep)
-        os.replace(tmp, path.with_name(path.name + ".1"))
-        os.truncate(path, 0)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - cap))
+            keep = f.read(size - max(0, size - cap))
+            rotated = path.with_name(path.name + ".1")
+            tmp = path.with_name(path.name + ".1.tmp")
+            tmp.write_bytes(keep)
+            os.replace(tmp, rotated)
+            # What the writer appended while .1 was written goes there too, read right before
+            # the truncate: only the bytes of that instant can be lost (copytruncate's race).
+            f.seek(size)
+            late = f.read()
+            os.truncate(path, 0)
+        if late:
+            with open(rotated, "ab") as out:
+                out.write(late)
         return True
     except OSError:
         return False

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,14 @@ def test_zombie_owner_counts_as_dead(tmp_path: Path) -> None:
     if pid == 0:
         os._exit(0)
     try:
-        for _ in range(200):  # wait until it is a zombie (not reaped on purpose)
+        deadline = time.monotonic() + 30  # until it is a zombie (not reaped on purpose)
+        while time.monotonic() < deadline:
             st = P._proc_start(pid)
             if st is not None and st[1] == "Z":
                 break
-            os.sched_yield()
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"child {pid} did not become a zombie within 30 s")
         rec = P.owner_record(pid)
         d = _dir(tmp_path, "ignition-zombie", rec)
         assert P.owner_alive(rec) is False

@@ -667,20 +667,9 @@ def apply_overrides(settings: Settings, overrides: Overrides) -> Settings:
     """Settings with per-test overrides applied. ``kernel_args`` is appended to the session's."""
     o = overrides.as_dict()
     changes: dict[str, Any] = {}
-    for key in (
-        "kernel",
-        "initrd",
-        "rootfs",
-        "cpus",
-        "reset",
-        "timeout",
-        "image",
-        "packages",
-        "init",
-        "network",
-        "command_timeout",
-        "arch",
-    ):
+    # Every override key names a Settings field, but memory (memory_mib) and kernel_args
+    # (appended, below).
+    for key in (k for k in OVERRIDE_KEYS if k not in ("memory", "kernel_args")):
         if key in o:
             changes[key] = o[key]
     if "memory" in o:

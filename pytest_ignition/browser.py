@@ -272,11 +272,17 @@ class _WebSocket:
             if b0 & 0x80:
                 return b"".join(parts).decode("utf-8", errors="replace")
 
-    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
         cid = self.next_id
         self.next_id += 1
         self.send(json.dumps({"id": cid, "method": method, "params": params or {}}))
+        # each recv has the socket's timeout; events may keep coming, so the call has its own
+        deadline = time.monotonic() + timeout
         while True:
+            if time.monotonic() > deadline:
+                raise BrowserError(f"CDP {method}: no answer within {timeout:g} s")
             msg = json.loads(self.recv())
             if msg.get("id") == cid:
                 if "error" in msg:

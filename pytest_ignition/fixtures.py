@@ -464,7 +464,7 @@ class IgnitionSession:
             ready = directory / "READY"
             lock = FileLock(str(lockpath), timeout=self.lock_timeout(vmcfg))
             try:
-                lock.acquire()
+                lock.acquire()  # timeout=lock_timeout(): endless only when prepare_timeout=0
             except FileLockTimeout:
                 msg = (
                     f"pytest-ignition: waited {self.lock_timeout(vmcfg):g} s for another pytest "

@@ -525,7 +525,7 @@ class Tunnels:
     def _on_forward_accept(self, fw: _Forward) -> None:
         for _ in range(64):
             try:
-                sock, _addr = fw.sock.accept()
+                sock, _addr = fw.sock.accept()  # non-blocking listener: never waits
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

@@ -187,6 +187,9 @@ def serve(path: str) -> int:
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     lsock.bind(path)
     lsock.listen(64)
+    # accept() only after select said ready; non-blocking so that a client gone in between
+    # cannot stall the server (BlockingIOError is skipped below)
+    lsock.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(lsock, selectors.EVENT_READ, None)
     clients: dict[int, _Client] = {}  # by conn fd
@@ -212,7 +215,11 @@ def serve(path: str) -> int:
             timeout = min([c.kill_at - now for c in clients.values() if c.kill_at] + [1.0])
             for key, _ in sel.select(max(0.0, timeout)):
                 if key.data is None:
-                    conn, _ = lsock.accept()
+                    try:
+                        conn, _ = lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    conn.setblocking(True)
                     conn.set_inheritable(False)
                     c = _Client(conn)
                     try:

@@ -133,7 +133,7 @@ class StreamBackend:
     def _on_accept(self) -> None:
         assert self.listener is not None
         try:
-            s, _ = self.listener.accept()
+            s, _ = self.listener.accept()  # non-blocking listener: never waits
         except (BlockingIOError, InterruptedError):
             return
         if self.peer is not None:  # the newest peer wins (a switch that reconnects)

@@ -614,6 +614,10 @@ class Overrides:
         return dict(self.values)
 
 
+# Override keys whose None means "not this setting" (the default guest, no image, no timeout).
+_NULLABLE_OVERRIDES = ("kernel", "initrd", "rootfs", "image", "command_timeout")
+
+
 def parse_overrides(kwargs: Mapping[str, Any], *, where: str) -> Overrides:
     """Validate marker/factory keywords; raises :class:`pytest.UsageError` naming ``where``."""
     parsed: dict[str, Any] = {}
@@ -624,28 +628,14 @@ def parse_overrides(kwargs: Mapping[str, Any], *, where: str) -> Overrides:
                 f"the settings are {', '.join(OVERRIDE_KEYS)}"
             )
         try:
-            if key == "memory":
-                parsed[key] = parse_memory(value) if isinstance(value, str) else _int_memory(value)
+            if value is None and key in _NULLABLE_OVERRIDES:
+                parsed[key] = None
+            elif key == "memory" and not isinstance(value, str):
+                parsed[key] = _int_memory(value)
             elif key in ("kernel", "initrd", "rootfs"):
-                parsed[key] = None if value is None else parse_path(str(value), what=key)
-            elif key == "cpus":
-                parsed[key] = parse_cpus(value)
-            elif key == "timeout":
-                parsed[key] = parse_timeout(value)
-            elif key == "reset":
-                parsed[key] = parse_choice(value, RESET_MODES)
-            elif key == "image":
-                parsed[key] = None if value is None else parse_image(str(value))
-            elif key == "packages":
-                parsed[key] = parse_packages(value)
-            elif key == "init":
-                parsed[key] = parse_choice(value, INIT_MODES)
-            elif key == "network":
-                parsed[key] = parse_choice(value, NETWORK_MODES)
-            elif key == "arch":
-                parsed[key] = parse_choice(value, ARCHES)
-            elif key == "command_timeout":
-                parsed[key] = None if value is None else parse_optional_timeout(value)
+                parsed[key] = parse_path(str(value), what=key)
+            elif key in _PARSERS:  # the same parsing as the --ignition-* options
+                parsed[key] = _PARSERS[key](value)
             else:
                 if isinstance(value, (list, tuple)):
                     value = " ".join(str(v) for v in value)

@@ -326,6 +326,17 @@ def decode_list(payload: bytes, what: str) -> list[tuple[int, int, str]]:
     return entries
 
 
+def _encode_env(env: Mapping[str, str | bytes] | None) -> list[bytes]:
+    """``NAME=value`` entries of an EXEC request; a name that is empty or has ``=`` is refused."""
+    envs = []
+    for key, value in (env or {}).items():
+        k = _fsencode(key, "environment name")
+        if not k or b"=" in k:
+            raise ValueError(f"bad environment variable name {key!r}")
+        envs.append(k + b"=" + _fsencode(value, "environment value"))
+    return envs
+
+
 def _check_rel_path(rel: str) -> bool:
     """A guest-supplied relative path that stays inside the directory it is joined to."""
     if not rel or rel.startswith("/") or "\\" in rel:
@@ -589,12 +600,7 @@ class AgentClient:
                 raise ValueError("empty argv")
         if not argv[0]:
             raise ValueError("empty command")
-        envs = []
-        for key, value in (env or {}).items():
-            k = _fsencode(key, "environment name")
-            if not k or b"=" in k:
-                raise ValueError(f"bad environment variable name {key!r}")
-            envs.append(k + b"=" + _fsencode(value, "environment value"))
+        envs = _encode_env(env)
         timeout_ms = 0
         if timeout is not None:
             if timeout <= 0:
@@ -731,12 +737,7 @@ class AgentClient:
         args = [_fsencode(a, "argument") for a in argv]
         if not args or not args[0]:
             raise ValueError("empty argv")
-        envs = []
-        for key, value in (env or {}).items():
-            k = _fsencode(key, "environment name")
-            if not k or b"=" in k:
-                raise ValueError(f"bad environment variable name {key!r}")
-            envs.append(k + b"=" + _fsencode(value, "environment value"))
+        envs = _encode_env(env)
         payload = b"".join(
             [_EXEC_HEAD.pack(0, EXEC_PTY, len(args), len(envs))]
             + [a + b"\0" for a in args]

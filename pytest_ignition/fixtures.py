@@ -750,7 +750,9 @@ class IgnitionSession:
             self._inflight.append(made)
         try:
             with _process.collecting(made):
-                machine = snap.engine.restore(snap.config, snap.directory, workdir)
+                machine = snap.engine.restore(
+                    snap.config, snap.directory, workdir, rollback=reset == "rollback"
+                )
         except (BootError, EngineError) as e:
             shutil.rmtree(workdir, ignore_errors=True)
             reservation.release()

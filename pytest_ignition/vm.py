@@ -739,7 +739,9 @@ class VM:
         # A broken VM (GuestFailure) is never rolled back in place: a fresh restore instead.
         workdir = self.machine.workdir
         self.machine.close()
-        self.machine = self.engine.restore(self.config, self.snapshot_dir, workdir)
+        self.machine = self.engine.restore(
+            self.config, self.snapshot_dir, workdir, rollback=self.reset_mode == "rollback"
+        )
         self.broken = None
 
     def close(self) -> None:

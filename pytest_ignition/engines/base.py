@@ -237,8 +237,13 @@ class Engine(ABC):
         """Write a snapshot of ``machine`` into ``directory``; the machine keeps running."""
 
     @abstractmethod
-    def restore(self, config: VMConfig, directory: Path, workdir: Path) -> Machine:
-        """A new machine from the snapshot in ``directory``: agent ready, clock and CRNG fresh."""
+    def restore(
+        self, config: VMConfig, directory: Path, workdir: Path, *, rollback: bool = True
+    ) -> Machine:
+        """A new machine from the snapshot in ``directory``: agent ready, clock and CRNG fresh.
+
+        ``rollback=False`` promises that :meth:`rollback` will not be asked for this machine,
+        so an engine may skip what only rollback needs (the bundled VMM's dirty-page log)."""
 
     def rollback(self, machine: Machine) -> None:
         """Back to the snapshot ``machine`` was restored from, in place."""

@@ -186,6 +186,7 @@ class IgnitionMachine(Machine):
         self.proc: subprocess.Popen[bytes] | None = None
         self.agent: Any = None
         self.ready_seconds = 0.0
+        self.rollback_ok = True  # False: restored without a dirty-page log
         self.restored_from: Path | None = None
         self.passt: netdev.Passt | None = None  # network=user: this VM's passt
         # network=segment: the VMM listens here for the ignition_network switch
@@ -527,7 +528,9 @@ class IgnitionEngine(Engine):
             if reply.get("state") == "paused" and machine.is_alive():
                 machine.control("resume")
 
-    def restore(self, config: VMConfig, directory: Path, workdir: Path) -> IgnitionMachine:
+    def restore(
+        self, config: VMConfig, directory: Path, workdir: Path, *, rollback: bool = True
+    ) -> IgnitionMachine:
         directory = Path(directory).resolve()
         self.read_meta(config, directory)
         self._check_files(config)
@@ -536,6 +539,10 @@ class IgnitionEngine(Engine):
         try:
             argv = [self.python, "-m", "pytest_ignition.vmm", "restore"]
             argv += ["--store", str(directory.parent), "--name", directory.name]
+            if not rollback:
+                # no dirty-page log: on AMD and nested hosts it makes every first write trap
+                argv.append("--no-rollback")
+                m.rollback_ok = False
             # meta.json already tied the snapshot to ``config``; the VMM checks its own
             # checksums, so the kernel need not be hashed again on every restore.
             self._start_net(m)
@@ -558,6 +565,8 @@ class IgnitionEngine(Engine):
     def rollback(self, machine: Machine) -> None:
         if not isinstance(machine, IgnitionMachine):
             raise TypeError("rollback() needs a machine of the ignition engine")
+        if not machine.rollback_ok:
+            raise EngineError("this machine was restored with rollback=False: no dirty-page log")
         if machine.agent is not None:
             with contextlib.suppress(Exception):
                 machine.agent.close()

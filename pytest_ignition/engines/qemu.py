@@ -662,7 +662,9 @@ class QemuEngine(Engine):
             problems.append(f"an {meta.get('arch', 'x86_64')} snapshot, not {config.arch}")
         return problems
 
-    def restore(self, config: VMConfig, directory: Path, workdir: Path) -> QemuMachine:
+    def restore(
+        self, config: VMConfig, directory: Path, workdir: Path, *, rollback: bool = True
+    ) -> QemuMachine:
         directory = Path(directory)
         meta = self.read_meta(config, directory)
         state = directory / "state"

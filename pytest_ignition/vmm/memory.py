@@ -185,16 +185,6 @@ class GuestMemory:
         with self._dirty_lock:
             bm = self.vmm_dirty
             self.vmm_dirty = bytearray(len(bm))
-        pages = []
-        # Skip clean 8-byte words quickly: the bitmap is mostly zero.
-        words = memoryview(bm).cast("Q") if len(bm) % 8 == 0 else None
-        if words is not None:
-            for w, word in enumerate(words):
-                if word:
-                    base = w * 64
-                    pages.extend(base + b for b in range(64) if word >> b & 1)
-            return pages
-        for i, byte in enumerate(bm):
-            if byte:
-                pages.extend(i * 8 + b for b in range(8) if byte >> b & 1)
-        return pages
+        from .snapshot import bitmap_pages
+
+        return bitmap_pages(bm)

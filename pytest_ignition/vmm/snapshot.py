@@ -491,29 +491,18 @@ def new_id() -> str:
 
 
 # -- dirty-page runs ------------------------------------------------------------------------
-_FULL = (1 << 64) - 1
+_NONZERO = re.compile(rb"[^\x00]+")
 
 
 def bitmap_runs(bitmap: bytes | bytearray, first_page: int = 0) -> list[tuple[int, int]]:
     """(first page, page count) runs of set bits in an LSB-first page bitmap, adjacent pages
-    merged into one run. Zero 64-bit words are skipped, full ones taken whole."""
-    if len(bitmap) % 8:
-        bitmap = bytes(bitmap) + bytes(8 - len(bitmap) % 8)
-    words = memoryview(bitmap).cast("Q")
+    merged into one run. The scan for non-zero bytes is a C-speed regex (a 512 MiB guest's
+    bitmap is 16 KiB, nearly all zero); each non-zero stretch is decoded as one integer."""
     runs: list[tuple[int, int]] = []
     start = end = -1
-    for i, w in enumerate(words):
-        if not w:
-            continue
-        base = first_page + (i << 6)
-        if w == _FULL:
-            if end == base:
-                end += 64
-            else:
-                if end > start:
-                    runs.append((start, end - start))
-                start, end = base, base + 64
-            continue
+    for m in _NONZERO.finditer(bitmap):
+        w = int.from_bytes(m.group(), "little")
+        base = first_page + (m.start() << 3)
         while w:
             low = (w & -w).bit_length() - 1
             x = w >> low
@@ -525,10 +514,15 @@ def bitmap_runs(bitmap: bytes | bytearray, first_page: int = 0) -> list[tuple[in
                 if end > start:
                     runs.append((start, end - start))
                 start, end = s, s + n
-            w &= ~(((1 << n) - 1) << low)
+            w = x >> n << (low + n)
     if end > start:
         runs.append((start, end - start))
     return runs
+
+
+def bitmap_pages(bitmap: bytes | bytearray, first_page: int = 0) -> list[int]:
+    """Every set bit's page number (LSB-first bitmap), in order."""
+    return [s + i for s, n in bitmap_runs(bitmap, first_page) for i in range(n)]
 
 
 def pages_to_bitmap(pages: Iterable[int], npages: int) -> bytearray:

@@ -1,0 +1,46 @@
+"""Dirty-page bitmaps decoded into runs (rollback reverts one run per madvise call)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pytest_ignition.vmm.memory import GuestMemory
+from pytest_ignition.vmm.snapshot import bitmap_pages, bitmap_runs
+
+
+def _naive(bitmap: bytes, first: int) -> list[tuple[int, int]]:
+    pages = [first + i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1]
+    runs: list[list[int]] = []
+    for p in pages:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return [(s, n) for s, n in runs]
+
+
+@settings(max_examples=400)
+@given(st.binary(max_size=300), st.integers(0, 1 << 20))
+def test_runs_match_a_bit_by_bit_decoding(bitmap: bytes, first: int) -> None:
+    assert bitmap_runs(bitmap, first) == _naive(bitmap, first)
+    assert bitmap_pages(bytearray(bitmap), first) == [
+        s + i for s, n in _naive(bitmap, first) for i in range(n)
+    ]
+
+
+def test_runs_cross_byte_and_word_boundaries() -> None:
+    bm = bytearray(32)
+    for p in [*range(5, 70), 128, 130, *range(191, 256)]:
+        bm[p >> 3] |= 1 << (p & 7)
+    assert bitmap_runs(bm) == [(5, 65), (128, 1), (130, 1), (191, 65)]
+    assert bitmap_runs(bytes(4096)) == []
+    assert bitmap_runs(b"\xff" * 4096, 10) == [(10, 4096 * 8)]
+
+
+def test_take_vmm_dirty_returns_and_clears(tmp_path) -> None:
+    mem = GuestMemory.anonymous(2 << 20)
+    mem._mark(3 << 12, 1)
+    mem._mark((100 << 12) + 4000, 200)  # spans pages 100 and 101
+    assert mem.take_vmm_dirty() == [3, 100, 101]
+    assert mem.take_vmm_dirty() == []

@@ -44,6 +44,9 @@ METRICS = (
     "host_chromium_cold_to_paint",
     "net_rtt",
     "net_throughput",
+    "initcall_time",
+    "launch_to_kernel_log",
+    "kernel_to_init",
 )
 # "host": on this machine without any VM (e.g. Chromium started locally, for comparison)
 WHERE = ("direct", "nested", "tcg", "host")
@@ -266,6 +269,15 @@ def replace_records(path: Path, records: list[Record]) -> None:
     new = {_identity(r) for r in records}
     kept = [r for r in load_records(path) if _identity(r) not in new]
     write_records(path, kept + list(records))
+
+
+def replace_part(path: Path, part: str, records: list[Record]) -> None:
+    """Write ``records``, each tagged ``"part": part``, into the results file at ``path`` in
+    place of the records of an earlier run of the same part; the other parts' records stay.
+    For a file several scripts share (``images.json``); a record without ``part`` counts as
+    part ``build`` (the first writer's)."""
+    kept = [r for r in load_records(path) if r.get("part", "build") != part]
+    write_records(path, kept + [{**r, "part": part} for r in records])
 
 
 def time_calls(

@@ -1,7 +1,9 @@
 """Benchmark: root image build time, cold and on a cache hit (``pytest_ignition.guest.image``).
 
-Records (``benchmarks/results/images.json``, rewritten by each run), metric ``image_build_time``,
-engine ``builder``, where ``host`` (this machine, no VM), params ``image`` and ``cache``:
+Records (``benchmarks/results/images.json``, part ``build``: a run replaces that part's records,
+the other parts stay: :mod:`benchmarks.image_boot`, :mod:`benchmarks.kernel_cost`), metric
+``image_build_time``, engine ``builder``, where ``host`` (this machine, no VM), params ``image``
+and ``cache``:
 
 * ``debian:bookworm`` + ``python3``, ``cache=cold``: ``ensure_image`` into an empty cache dir
   (mmdebstrap from the mirror, then mke2fs -d). Minutes; ``--debian-cold`` repeats (default 1).
@@ -84,11 +86,26 @@ def _clear_memos() -> None:
     image._digest_memo.clear()
 
 
+def time_hits(spec: str, packages: tuple[str, ...], hits: int) -> list[float]:
+    """``hits`` cache hits of an image already in the cache (memos cleared each time, as a new
+    pytest session finds them); seconds each."""
+    from pytest_ignition.guest.image import ensure_image
+
+    out = []
+    for _ in range(hits):
+        _clear_memos()
+        t0 = time.perf_counter()
+        img = ensure_image(spec, packages)
+        out.append(time.perf_counter() - t0)
+        assert img.path.is_file()
+    return out
+
+
 def measure(spec: str, packages: tuple[str, ...], cold: int, hits: int, cache_root: Path):
     """(cold seconds list, hit seconds list); each cold build in its own empty cache dir."""
     from pytest_ignition.guest.image import ensure_image
 
-    colds, hit_s = [], []
+    colds = []
     last = None
     for i in range(max(cold, 1 if hits else 0)):
         d = cache_root / f"cold{i}"
@@ -100,13 +117,15 @@ def measure(spec: str, packages: tuple[str, ...], cold: int, hits: int, cache_ro
         if last is not None:
             shutil.rmtree(last, ignore_errors=True)  # keep one image on disk, not n
         last = d
-    for _ in range(hits):
-        _clear_memos()
-        t0 = time.perf_counter()
-        img = ensure_image(spec, packages)
-        hit_s.append(time.perf_counter() - t0)
-        assert img.path.is_file()
-    return colds[:cold], hit_s
+    return colds[:cold], time_hits(spec, packages, hits)
+
+
+def _records(params: dict, cold: list[float], hit: list[float]) -> list[dict]:
+    return [
+        common.record(METRIC, "builder", "host", {**params, "cache": kind}, [s * 1000 for s in ss])
+        for kind, ss in (("cold", cold), ("hit", hit))
+        if ss
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,18 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         oparams = make_oci(arc)
         spec = f"oci-archive:{arc}"
         cold, hit = measure(spec, (), args.oci_cold, args.hits, tmp / "oci")
-        p = {"image": "oci-archive", **oparams}
-        for kind, samples in (("cold", cold), ("hit", hit)):
-            if samples:
-                records.append(
-                    common.record(
-                        METRIC,
-                        "builder",
-                        "host",
-                        {**p, "cache": kind},
-                        [s * 1000 for s in samples],
-                    )
-                )
+        records += _records({"image": "oci-archive", **oparams}, cold, hit)
         shutil.rmtree(tmp / "oci", ignore_errors=True)
         dp = {"image": "debian:bookworm", "packages": "python3"}
         if shutil.which("mmdebstrap") is None:
@@ -149,50 +157,26 @@ def main(argv: list[str] | None = None) -> int:
                 common.absent_record(METRIC, "builder", "host", why, **dp, cache=k)
                 for k in ("cold", "hit")
             ]
+        elif args.debian_cold:
+            cold, hit = measure("debian:bookworm", ("python3",), args.debian_cold, args.hits,
+                                tmp / "debian")  # fmt: skip
+            records += _records(dp, cold, hit)
         else:
-            if args.debian_cold:
-                cold, hit = measure("debian:bookworm", ("python3",), args.debian_cold,
-                                    args.hits, tmp / "debian")  # fmt: skip
+            # --quick: hits against the user's cache (the e2e tests' image), no cold build
+            if saved is None:
+                os.environ.pop("IGNITION_CACHE_DIR", None)
             else:
-                # --quick: hits against the user's cache (the e2e tests' image), no cold build
-                if saved is None:
-                    os.environ.pop("IGNITION_CACHE_DIR", None)
-                else:
-                    os.environ["IGNITION_CACHE_DIR"] = saved
-                from pytest_ignition.guest.image import ensure_image
+                os.environ["IGNITION_CACHE_DIR"] = saved
+            from pytest_ignition.guest.image import ensure_image
 
-                ensure_image("debian:bookworm", ("python3",))
-                cold, hit = [], []
-                for _ in range(args.hits):
-                    _clear_memos()
-                    t0 = time.perf_counter()
-                    ensure_image("debian:bookworm", ("python3",))
-                    hit.append(time.perf_counter() - t0)
-                records.append(
-                    common.absent_record(
-                        METRIC,
-                        "builder",
-                        "host",
-                        "no cold build under --quick",
-                        **dp,
-                        cache="cold",
-                    )
-                )
-            for kind, samples in (("cold", cold), ("hit", hit)):
-                if samples:
-                    records.append(
-                        common.record(
-                            METRIC,
-                            "builder",
-                            "host",
-                            {**dp, "cache": kind},
-                            [s * 1000 for s in samples],
-                        )
-                    )
+            ensure_image("debian:bookworm", ("python3",))
+            why = "no cold build under --quick"
+            records.append(common.absent_record(METRIC, "builder", "host", why, **dp, cache="cold"))
+            records += _records(dp, [], time_hits("debian:bookworm", ("python3",), args.hits))
     for r in records:
         print(json.dumps(r))
     if not args.no_write:
-        common.write_records(args.results, records)
+        common.replace_part(args.results, "build", records)
     return 0
 
 

@@ -113,6 +113,24 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "host wall clock to move `mib` MiB into a guest (`direction=in`) or out of it (`out`) "
         "over one connection of `path`; `mib_per_s` in the record.",
     ),
+    "initcall_time": (
+        "initcall time",
+        "the guest kernel's own `initcall ... returned ... after N usecs` lines "
+        "(`initcall_debug`), summed per `group` of source directories, per boot; "
+        "`kernel_fragment` `before`/`after` the issue-10 additions (TCP/IP, netfilter, "
+        "namespaces, cgroups, ...), `group=total` all initcalls.",
+    ),
+    "launch_to_kernel_log": (
+        "launch→kernel log",
+        "host wall clock from launching QEMU until the kernel's first console line (earlycon): "
+        "QEMU start-up, bzImage load and decompression, early setup.",
+    ),
+    "kernel_to_init": (
+        "kernel→init",
+        "the printk timestamp of the kernel's `Run /init as init process`: the kernel's own "
+        "boot in the guest's clock (in the `initcall_debug` boots, which print to the serial "
+        "port).",
+    ),
 }
 
 WHERE_TEXT = {
@@ -206,8 +224,15 @@ def _context_key(k: str) -> bool:
     return k in ENGINE_PARAMS or k.startswith("loadavg")
 
 
+# Workload params compared even where one record lacks them (absent = the default guest):
+# an image-root record never pairs with an initramfs-only one.
+ALWAYS_COMPARED = ("image", "kernel_fragment")
+
+
 def _params_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
     shared = {k for k in set(a) & set(b) if not _context_key(k)}
+    if any(a.get(k) != b.get(k) for k in ALWAYS_COMPARED):
+        return False
     return all(a[k] == b[k] for k in shared)
 
 
@@ -351,6 +376,130 @@ def results_markdown(records: list[Record], heading: str = "###") -> list[str]:
     return lines
 
 
+BOOT_METRICS = ("guest_boot_time", "launch_to_ready", "restore_to_ready")
+
+
+def _without(params: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in keys and not _context_key(k)}
+
+
+def image_markdown(records: list[Record]) -> list[str]:
+    """Boot/restore with a root image beside the initramfs-only guest of the same script run
+    (same metric, engine, ``where``, other workload params): image / initramfs."""
+    recs = measured(records)
+    lines: list[str] = []
+    for img in recs:
+        p = img.get("params") or {}
+        if img["metric"] not in BOOT_METRICS or not p.get("image"):
+            continue
+        for base in recs:
+            bp = base.get("params") or {}
+            if (
+                (base["metric"], base["engine"], base["where"])
+                != (img["metric"], img["engine"], img["where"])
+                or bp.get("image")
+                or (base.get("unit"), base.get("part")) != (img.get("unit"), img.get("part"))
+                or _without(bp, "packages") != _without(p, "image", "packages")
+            ):
+                continue
+            ratio = img["median_ms"] / base["median_ms"] if base["median_ms"] else None
+            lines.append(
+                f"| `{img['metric']}` | {img['engine']} | {img['where']} | "
+                f"{_cell(str(p['image']))} {_cell(str(p.get('packages') or ''))} | "
+                f"{fmt_ms(base['median_ms'])} | {fmt_ms(img['median_ms'])} | "
+                f"{'—' if ratio is None else f'{ratio:.2f}×'} | {base['n']}/{img['n']} |"
+            )
+    if not lines:
+        return []
+    return [
+        "## Root image beside the initramfs-only guest",
+        "",
+        "Same script run, engine, `where` and memory; medians.",
+        "",
+        "| metric | engine | where | image | initramfs | image | image/initramfs | n |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+        *lines,
+        "",
+    ]
+
+
+def kernel_markdown(records: list[Record]) -> list[str]:
+    """The guest kernel before and after the issue-10 additions (``kernel_fragment``)."""
+    recs = [r for r in measured(records) if (r.get("params") or {}).get("kernel_fragment")]
+    if not recs:
+        return []
+
+    def find(metric: str, k: str, group: str | None = None) -> Record | None:
+        for r in recs:
+            p = r["params"]
+            if (r["metric"], p["kernel_fragment"], p.get("group")) == (metric, k, group):
+                return r
+        return None
+
+    lines = [
+        "## Guest kernel before and after the issue-10 additions",
+        "",
+        "Both kernels booted interleaved in one run, same initramfs-only guest and memory; "
+        "`before` is the fragment of "
+        + ", ".join(
+            sorted(
+                {
+                    f"`{r['params'].get('fragment_commit')}`"
+                    for r in recs
+                    if r["params"]["kernel_fragment"] == "before"
+                }
+            )
+        )
+        + ". Medians (p10–p90).",
+        "",
+        "| clock | engine/where | before | after | after/before | n |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for metric in ("guest_boot_time", "launch_to_ready", "launch_to_kernel_log", "kernel_to_init"):
+        b, a = find(metric, "before"), find(metric, "after")
+        if b is None or a is None:
+            continue
+        ratio = f"{a['median_ms'] / b['median_ms']:.2f}×" if b["median_ms"] else "—"
+        lines.append(
+            f"| `{metric}` | {a['engine']}/{a['where']} | {fmt_ms(b['median_ms'])} "
+            f"({fmt_ms(b['p10_ms'])}–{fmt_ms(b['p90_ms'])}) | {fmt_ms(a['median_ms'])} "
+            f"({fmt_ms(a['p10_ms'])}–{fmt_ms(a['p90_ms'])}) | {ratio} | {b['n']}/{a['n']} |"
+        )
+    b, a = find("guest_boot_time", "before"), find("guest_boot_time", "after")
+    if b is not None and a is not None:
+        lines += [
+            "",
+            f"bzImage: before {b['params'].get('bzimage_kib')} KiB, "
+            f"after {a['params'].get('bzimage_kib')} KiB.",
+        ]
+    groups = sorted(
+        {r["params"]["group"] for r in recs if r["metric"] == "initcall_time"},
+        key=lambda g: (g != "total", g),
+    )
+    if groups:
+        rows = []
+        for g in groups:
+            b, a = find("initcall_time", "before", g), find("initcall_time", "after", g)
+            bm = b["median_ms"] if b else 0.0
+            am = a["median_ms"] if a else 0.0
+            rows.append((g, bm, am, b, a))
+        rows.sort(key=lambda x: (x[0] != "total", -(x[2] - x[1])))
+        lines += [
+            "",
+            "Initcalls (`initcall_debug`), summed per group of source directories, median over "
+            "the debug boots; `—`: no initcall of that group in that kernel.",
+            "",
+            "| group | before | after | after − before |",
+            "|---|---:|---:|---:|",
+        ]
+        for g, bm, am, b, a in rows:
+            lines.append(
+                f"| {_cell(g)} | {fmt_ms(bm) if b else '—'} | {fmt_ms(am) if a else '—'} | "
+                f"{am - bm:+.2f} |"
+            )
+    return [*lines, ""]
+
+
 def not_applicable(meta: dict[str, Any]) -> list[str]:
     """Engine/metric pairs that no script measures, and why (markdown bullets)."""
     out = [
@@ -409,6 +558,7 @@ def markdown(records: list[Record], meta: dict[str, Any]) -> str:
     else:
         lines.append("No metric was measured for both engines in the same `where` in this run.")
     lines += ["", COMPARABLE]
+    lines += image_markdown(records) + kernel_markdown(records)
     absent = [r for r in records if common.is_absent(r)]
     if absent:
         lines += ["## Not measured in this run", ""]

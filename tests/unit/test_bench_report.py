@@ -327,6 +327,62 @@ def test_ratios_pair_same_metric_where_and_workload() -> None:
     assert r["params"] == {"memory_mib": 512}
 
 
+def test_ratios_never_pair_an_image_root_with_the_initramfs_guest() -> None:
+    records = [
+        rec("launch_to_ready", "ignition", "nested", (100.0,), memory_mib=512),
+        rec("launch_to_ready", "qemu", "nested", (400.0,), memory_mib=512, image="debian:bookworm"),
+        rec("launch_to_ready", "ignition", "nested", (300.0,), memory_mib=512, image="debian:bookworm"),
+    ]  # fmt: skip
+    (r,) = report.ratios(records)
+    assert r["ratio"] == 0.75 and r["params"] == {"memory_mib": 512, "image": "debian:bookworm"}
+
+
+def test_image_and_kernel_sections_set_the_variants_side_by_side() -> None:
+    boot = [
+        rec("launch_to_ready", "qemu", "tcg", (2000.0,), memory_mib=512),
+        rec("launch_to_ready", "qemu", "tcg", (5000.0,), memory_mib=512,
+            image="debian:bookworm", packages="python3"),
+        # another script's initramfs record (another unit) is not the image's baseline
+        {**rec("launch_to_ready", "qemu", "tcg", (9.0,), memory_mib=512), "unit": "other"},
+    ]  # fmt: skip
+    kern = [
+        rec("guest_boot_time", "qemu", "tcg", (1000.0,), kernel_fragment="before",
+            fragment_commit="274900e", bzimage_kib=1800, method="console-marker"),
+        rec("guest_boot_time", "qemu", "tcg", (1500.0,), kernel_fragment="after",
+            fragment_commit="3200732", bzimage_kib=2800, method="console-marker"),
+        rec("initcall_time", "qemu", "tcg", (100.0,), kernel_fragment="before", group="total"),
+        rec("initcall_time", "qemu", "tcg", (180.0,), kernel_fragment="after", group="total"),
+        rec("initcall_time", "qemu", "tcg", (30.0,), kernel_fragment="after", group="net/ipv6"),
+    ]  # fmt: skip
+    md = report.markdown(boot + kern, META)
+    assert "## Root image beside the initramfs-only guest" in md
+    assert (
+        "| `launch_to_ready` | qemu | tcg | debian:bookworm python3 | 2.00 s | 5.00 s | 2.50× |"
+        in md
+    )
+    assert "## Guest kernel before and after" in md and "`274900e`" in md
+    assert "| `guest_boot_time` | qemu/tcg | 1.00 s (1.00 s–1.00 s) | 1.50 s" in md
+    assert "1.50×" in md and "before 1800 KiB, after 2800 KiB" in md
+    assert "| total | 100 | 180 | +80.00 |" in md
+    assert "| net/ipv6 | — | 30.0 | +30.00 |" in md
+    assert "Guest kernel before" not in report.markdown(boot, META)
+
+
+def test_replace_part_keeps_the_other_parts(tmp_path: Path) -> None:
+    path = tmp_path / "images.json"
+    old_build = rec("image_build_time", "builder", "host", cache="hit")  # no part: "build"
+    common.write_records(path, [old_build])
+    common.replace_part(path, "kernel-cost", [rec("guest_boot_time", "qemu", "tcg")])
+    common.replace_part(path, "kernel-cost", [rec("kernel_to_init", "qemu", "tcg")])
+    got = common.load_records(path)
+    assert [(r["metric"], r.get("part")) for r in got] == [
+        ("image_build_time", None),
+        ("kernel_to_init", "kernel-cost"),
+    ]
+    common.replace_part(path, "build", [rec("image_build_time", "builder", "host", cache="cold")])
+    assert [r["params"].get("cache") for r in common.load_records(path)] == [None, "cold"]
+
+
 def test_ratios_skip_a_zero_qemu_median() -> None:
     records = [
         rec("rollback_time", "ignition", "direct", (1.0,)),

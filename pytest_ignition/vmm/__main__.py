@@ -325,6 +325,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from .vcpu import install_kick_handler
     from .x86_64.loader import KernelLoadError, check_kernel_file
 
+    if os.uname().machine == "aarch64":  # the aarch64 machine (vmm/arch/aarch64/machine.py)
+        from .arch.aarch64.machine import Arm64Machine as Machine  # noqa: F811
+        from .arch.aarch64.machine import check_kernel_file  # noqa: F811
+
     set_parent_death_signal()
     parent = os.getppid()
     stop = threading.Event()

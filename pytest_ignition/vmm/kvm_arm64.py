@@ -15,30 +15,40 @@ for SYSTEM_OFF/RESET and ``KVM_EXIT_MMIO`` for devices. A snapshot saves every i
 ``KVM_GET_REG_LIST`` per vCPU (timer registers included) and the vGIC's register groups; vCPU
 registers (MPIDR first) are restored before the redistributors.
 
-Uses cffi in ABI mode with a cdef small enough to parse at start-up.
+Uses cffi in ABI mode: the cdef (:mod:`._kvm_arm64_cdef`) pre-parsed into :mod:`._kvm_arm64_ffi`
+(``python -m pytest_ignition.vmm._kvm_ffi_build`` regenerates it).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import cffi
-
+from ._kvm_arm64_cdef import CDEF as _CDEF
 from .kvm import KvmError
 
-_CDEF = """
-struct kvm_vcpu_init { uint32_t target; uint32_t features[7]; };
-struct kvm_one_reg { uint64_t id; uint64_t addr; };
-struct kvm_reg_list { uint64_t n; uint64_t reg[]; };
-struct kvm_create_device { uint32_t type; uint32_t fd; uint32_t flags; };
-struct kvm_device_attr { uint32_t flags; uint32_t group; uint64_t attr; uint64_t addr; };
-struct kvm_irq_level { uint32_t irq; uint32_t level; };
-int ioctl(int fd, unsigned long request, ...);
-"""
 
-ffi = cffi.FFI()
-ffi.cdef(_CDEF)
+def _load_ffi() -> Any:
+    """The pre-parsed declarations of :mod:`._kvm_arm64_ffi` when they match the cdef, else
+    the cdef parsed here (pycparser: seconds under the nested TCG harness)."""
+    import zlib
+
+    try:
+        from . import _kvm_arm64_ffi
+
+        if _kvm_arm64_ffi.CDEF_CRC32 == zlib.crc32(_CDEF.encode()):
+            return _kvm_arm64_ffi.ffi
+    except (ImportError, AttributeError):
+        pass
+    import cffi
+
+    parsed = cffi.FFI()
+    parsed.cdef(_CDEF)
+    return parsed
+
+
+ffi = _load_ffi()
 _libc = ffi.dlopen(None)
 
 KVMIO = 0xAE
@@ -298,3 +308,18 @@ class VgicV3:
         buf = ffi.new("uint64_t *")
         self._attr(KVM_GET_DEVICE_ATTR, group, attr, buf)
         return int(buf[0])
+
+    def has_attr(self, group: int, attr: int) -> bool:
+        """Whether KVM knows the attribute (``KVM_HAS_DEVICE_ATTR``; ENXIO means no)."""
+        try:
+            self._attr(KVM_HAS_DEVICE_ATTR, group, attr, None)
+        except KvmError as e:
+            if e.errno in (6, 22):  # ENXIO, EINVAL
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

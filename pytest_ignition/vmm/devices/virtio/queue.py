@@ -5,6 +5,12 @@ descriptor index is inside the table, every buffer lies wholly inside guest RAM,
 no longer than the table (so loops end), readable buffers precede writable ones and the total
 length fits a u32. Anything else raises :class:`QueueError`; the device completes that head
 with length 0 and keeps serving. Guest memory is only touched through ``GuestMemory``.
+
+Ordering against the driver on another CPU (virtio 1.x 2.7.7, 2.7.13; :mod:`..barrier`): the
+avail idx is read before the ring entry and descriptors it covers (``rmb``), a used element is
+written before the used idx that publishes it (``wmb``), and the used idx is visible before the
+driver's ``flags`` are read to decide on an interrupt (``mb``). On x86-64 only the last is a
+fence; on arm64 all three are.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import struct
 from dataclasses import asdict, dataclass, field
 
+from pytest_ignition.vmm import barrier
 from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemory, GuestMemoryError
 
@@ -145,6 +152,7 @@ class Queue:
         try:
             if self.pending(mem) == 0:
                 return None
+            barrier.rmb()  # the avail idx before the ring slot and descriptors it covers
             slot = s.avail_ring + 4 + 2 * (s.next_avail % s.size)
             head = mem.read_u16(slot)
         except GuestMemoryError as e:  # the rings were checked at ready; defensive
@@ -230,14 +238,17 @@ class Queue:
         mem.write(slot, _USED_ELEM.pack(head, length & 0xFFFF_FFFF))
         s.next_used = (s.next_used + 1) & 0xFFFF
         if publish:
+            barrier.wmb()  # the element before the idx that publishes it
             mem.write_u16(s.used_ring + 2, s.next_used)
 
     def publish_used(self, mem: GuestMemory) -> None:
         """Make every element added so far visible to the driver."""
+        barrier.wmb()
         mem.write_u16(self.state.used_ring + 2, self.state.next_used)
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """False when the driver asked for no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT)."""
+        barrier.mb()  # the used idx written before, visible before the driver's flags are read
         try:
             return not mem.read_u16(self.state.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
         except GuestMemoryError:

@@ -30,6 +30,10 @@ Command line::
 kernel under ``qemu-system-aarch64`` TCG at EL2, an arm64 Python tree as the root); the same
 control protocol, cwd share and exit codes. There, ``python3`` is the arm64 interpreter.
 
+At most ``IGNITION_NESTED_SLOTS`` hosts run at once on a machine (default: one per two CPUs;
+each is ``-smp 2`` under TCG, and more than the cores can carry only make every guest miss its
+deadlines); a run that finds them all busy waits, saying so (:mod:`._harness_slots`).
+
 Exit status: CMD's; 124 on timeout; 125 when the harness itself fails (no host kernel, no QEMU,
 kernel panic, host died before CMD ended); 130 on Ctrl-C or SIGTERM. QEMU is killed and the
 control directory removed in every case (QEMU also dies with us on SIGKILL: PR_SET_PDEATHSIG).
@@ -448,6 +452,7 @@ def run(
     ctl = Path(tempfile.mkdtemp(prefix="ignition-nested-"))
     proc: subprocess.Popen[bytes] | None = None
     stderr_file = None
+    held = contextlib.ExitStack()  # the harness slot (see _harness_slots), until QEMU is gone
     try:
         (ctl / "nonce").write_text(nonce + "\n")
         share = None if workdir == Path("/") else workdir
@@ -461,7 +466,14 @@ def run(
             argv = build_qemu_argv(kpath, ctl, share, mem_mb=mem_mb, cpus=cpus, verbose=verbose)
         (ctl / "run.sh").write_text(script)
         stderr_file = tempfile.TemporaryFile(prefix="ignition-nested-qemu-")
-        t0 = time.monotonic()
+        from . import _harness_slots
+        from .guest.build import cache_dir
+
+        try:
+            held.enter_context(_harness_slots.slot(cache_dir() / "locks"))
+        except (_harness_slots.SlotTimeout, ValueError) as e:
+            raise NestedError(str(e)) from None
+        t0 = time.monotonic()  # after the wait for a slot: the timeout is the run's own
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -524,6 +536,7 @@ def run(
             _kill(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
+        held.close()
         if stderr_file is not None:
             stderr_file.close()
         shutil.rmtree(ctl, ignore_errors=True)

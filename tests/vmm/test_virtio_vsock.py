@@ -87,6 +87,17 @@ class Guest:
     def _irq(self):
         self.irqs += 1
 
+    def handle_events(self):
+        """What Linux's event worker does: take the used event buffers, post them again,
+        notify the event queue. Returns the events read."""
+        events = []
+        for head, length in self.evq.take_used():
+            buf = self.ev_bufs.pop(head)
+            events.append(struct.unpack("<I", self.mem.read(buf, 4))[0] if length == 4 else None)
+            self.ev_bufs[self.evq.post([(buf, 4, True)])] = buf
+        self.d.notify(EVT)
+        return events
+
     def post_rx(self, size=RX_BUF):
         buf = self.d.arena.alloc(size)
         self.rx_bufs[self.rxq.post([(buf, size, True)])] = (buf, size)
@@ -352,15 +363,47 @@ def test_guest_data_gets_credit_updates(guest, uds):
 def test_transport_reset_event(guest, uds):
     host, hport = host_initiated(guest, uds)
     guest.dev.send_transport_reset()
-    used = wait_for(guest.evq.take_used, "event")
-    head, length = used[0]
-    assert length == 4
-    assert struct.unpack("<I", guest.mem.read(guest.ev_bufs[head], 4))[0] == 0  # TRANSPORT_RESET
+    guest.barrier()  # the loop posted the event
+    assert guest.handle_events() == [0]  # TRANSPORT_RESET
     assert host.recv(16) == b""  # the stale connection is gone
     assert not guest.dev.conns
     # And a new connection works afterwards.
     host2, _ = host_initiated(guest, uds)
     host2.close()
+
+
+def test_host_connect_waits_until_the_guest_handled_the_reset(guest, uds):
+    """A client connecting between a transport reset and the guest's handling of it is not
+    offered to the guest yet (Linux handles rx before the event queue and would accept it, then
+    reset it with the stale ones): it starts once the guest refilled the event queue."""
+    guest.barrier()
+    guest.dev.send_transport_reset()
+    guest.barrier()
+    host = host_connect(uds, 52)
+    guest.barrier()
+    time.sleep(0.2)
+    guest.poll()
+    assert not guest.inbox and len(guest.dev.deferred) == 1  # held back
+    assert guest.handle_events() == [0]
+    op, hport, gport, *_ = guest.recv("OP_REQUEST")
+    assert (op, gport) == (OP_REQUEST, 52)
+    guest.send(OP_RESPONSE, 52, hport)
+    assert read_line(host) == f"OK {hport}\n".encode()
+    assert not guest.dev.deferred
+    host.close()
+
+
+def test_deferred_host_connect_starts_after_the_grace_period(guest, uds, monkeypatch):
+    """A guest that never handles the event (no notify) delays clients only RESET_GRACE_S."""
+    import pytest_ignition.vmm.devices.virtio.vsock as vs
+
+    monkeypatch.setattr(vs, "RESET_GRACE_S", 0.3)
+    guest.dev.send_transport_reset()
+    guest.barrier()
+    host = host_connect(uds, 52)
+    op, _, gport, *_ = guest.recv("OP_REQUEST")
+    assert (op, gport) == (OP_REQUEST, 52)
+    host.close()
 
 
 @pytest.mark.parametrize(
@@ -564,7 +607,7 @@ def test_restore_from_state_then_transport_reset(guest, uds, tmp_path):
     assert t2.state() == state
     guest.dev, guest.t, guest.d.t = dev2, t2, t2
     dev2.send_transport_reset()
-    head, length = wait_for(guest.evq.take_used, "event")[0]
-    assert length == 4 and guest.mem.read(guest.ev_bufs[head], 4) == bytes(4)
+    guest.barrier()
+    assert guest.handle_events() == [0]
     host2, _ = host_initiated(guest, uds2)
     host2.close()

@@ -18,6 +18,12 @@ beyond the credit we gave, or a packet for an unknown connection gets that conne
 (OP_RST) and a log line; the device keeps serving. Connections are not part of
 :meth:`VirtioVsock.state`: after a restore the machine calls :meth:`send_transport_reset`, the
 guest drops its stale connections and its listeners start over.
+
+A host client that connects after the reset was posted but before the guest handled it would
+be reset with the stale ones: Linux handles the rx queue before the event queue, so the
+guest would accept it (OP_RESPONSE, the client gets ``OK``) and then drop it on the reset. So
+host connections wait (``deferred``) until the guest refills the event queue (its notify after
+handling the event) or :data:`RESET_GRACE_S` passed.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ FIRST_HOST_PORT = 1 << 30
 FLUSH_RETRY_S = 0.01
 
 _CONNECT = re.compile(rb"CONNECT (\d{1,10})\n")
+# How long host connections wait for the guest to handle a transport reset (see the docstring).
+RESET_GRACE_S = 5.0
 
 # Connection states.
 LOCAL_INIT = "local-init"  # host-initiated, OP_REQUEST sent, waiting for OP_RESPONSE
@@ -151,6 +159,8 @@ class VirtioVsock(VirtioDevice):
         self.rx_ready: collections.deque[Connection] = collections.deque()
         self.handshakes: dict[int, tuple[socket.socket, bytearray]] = {}
         self.evt_pending = 0
+        self._reset_unhandled = False  # a transport reset the guest has not handled yet
+        self.deferred: list[tuple[socket.socket, int, bytes]] = []  # (client, port, early data)
         self._notify_pending: set[int] = set()
         self.next_host_port = FIRST_HOST_PORT
         self.closed = False
@@ -193,6 +203,9 @@ class VirtioVsock(VirtioDevice):
                 for sock, _ in self.handshakes.values():
                     self._close_sock(sock)
                 self.handshakes.clear()
+                for sock, _, _ in self.deferred:
+                    self._close_sock(sock)
+                self.deferred.clear()
                 for conn in list(self.conns.values()):
                     self._drop(conn)
             try:
@@ -269,6 +282,8 @@ class VirtioVsock(VirtioDevice):
             self._process_rx()
         elif index == EVT:
             self._process_evt()
+            if self._reset_unhandled and not self.evt_pending:
+                self._release_deferred()  # the guest handled the reset and refilled the queue
 
     def _transport_reset(self) -> None:
         for conn in list(self.conns.values()):
@@ -276,7 +291,18 @@ class VirtioVsock(VirtioDevice):
         self.pending_ctrl.clear()
         self.rx_ready.clear()
         self.evt_pending += 1
+        self._reset_unhandled = True
+        call_later = getattr(self.loop, "call_later", None)
+        if call_later is not None:
+            call_later(RESET_GRACE_S, self._locked(self._release_deferred))
         self._process_evt()
+
+    def _release_deferred(self) -> None:
+        """Start the host connections that waited for the guest to handle the reset."""
+        self._reset_unhandled = False
+        waiting, self.deferred = self.deferred, []
+        for sock, port, early in waiting:
+            self._connect_guest(sock, port, early)
 
     def _process_evt(self) -> None:
         if not self.active or not self.evt_pending:
@@ -692,9 +718,16 @@ class VirtioVsock(VirtioDevice):
             self._close_sock(sock)
             return
         self.loop.remove_reader(sock.fileno())
+        early = bytes(buf[nl + 1 :])  # anything sent ahead of OK goes to the guest once connected
+        if self._reset_unhandled and len(self.deferred) < MAX_CONNECTIONS:
+            self.deferred.append((sock, port, early))
+            return
+        self._connect_guest(sock, port, early)
+
+    def _connect_guest(self, sock: socket.socket, port: int, early: bytes) -> None:
         local = self._alloc_host_port(port)
         conn = Connection(local, port, sock, LOCAL_INIT)
-        conn.to_guest += buf[nl + 1 :]  # anything sent ahead of OK goes to the guest once connected
+        conn.to_guest += early
         self.conns[conn.key] = conn
         self._queue_ctrl(_Ctrl(OP_REQUEST, local, port, conn=conn))
         self._process_rx()

@@ -259,8 +259,6 @@ class Machine:
             vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
         except kvm.KvmError as e:
             log.debug("identity map address not settable (%s); KVM's default is used", e)
-        vm.create_irqchip()
-        vm.create_pit2()
 
         restoring = self._restore is not None
         try:
@@ -277,6 +275,11 @@ class Machine:
         self._log_dirty = spec.log_dirty
         for slot, r in enumerate(mem.regions):
             vm.set_user_memory_region(slot, r.gpa, r.size, r.host_addr, log_dirty=self._log_dirty)
+        # Memory before the irqchip and PIT, as Firecracker does: a memory slot added after
+        # KVM_CREATE_IRQCHIP cost ~7 ms here (512 MiB; ~0.3 ms before it), on every boot
+        # and restore (measured with /dev/kvm on this host, 12 VMs each way).
+        vm.create_irqchip()
+        vm.create_pit2()
 
         self.pio = Bus("pio", 1 << 16)
         self.mmio = Bus("mmio")

@@ -30,6 +30,9 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+# Linux creates the socket close-on-exec atomically; elsewhere (macOS) Python makes every new
+# socket non-inheritable anyway (PEP 446).
+_SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 
 MAX_LINE = 64 * 1024
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -57,7 +60,7 @@ class ControlServer:
                 raise OSError(f"control socket {self.path} is in use by another process")
             finally:
                 probe.close()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _SOCK_CLOEXEC)
         # Bind and listen under a temporary name; start() renames it into place, so the
         # socket file appears only once it accepts connections (no ECONNREFUSED for a client
         # polling for it) and only when its owner says it is ready.

@@ -33,7 +33,15 @@ class EventLoop:
     def __init__(self, name: str = "vmm-events"):
         self.name = name
         self._sel = selectors.DefaultSelector()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # An eventfd on Linux; a pipe where there is none (macOS: the aarch64 machine on
+        # Hypervisor.framework), whose write end is _wake_w.
+        self._wake_w: int | None = None
+        if hasattr(os, "eventfd"):
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self._wake_fd, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_fd, False)
+            os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
         self._pending: collections.deque[Callback] = collections.deque()
         self._readers: dict[int, Callback] = {}
@@ -141,13 +149,19 @@ class EventLoop:
 
     def _wake(self) -> None:
         try:
-            os.eventfd_write(self._wake_fd, 1)
+            if self._wake_w is None:
+                os.eventfd_write(self._wake_fd, 1)
+            else:
+                os.write(self._wake_w, b"\0")
         except (OSError, ValueError):
             pass  # closed, or the counter is saturated: the loop is awake anyway
 
     def _drain_wake(self) -> None:
         try:
-            os.eventfd_read(self._wake_fd)
+            if self._wake_w is None:
+                os.eventfd_read(self._wake_fd)
+            else:
+                os.read(self._wake_fd, 4096)
         except BlockingIOError:
             pass
 
@@ -215,3 +229,5 @@ class EventLoop:
         self._closed = True
         self._sel.close()
         os.close(self._wake_fd)
+        if self._wake_w is not None:
+            os.close(self._wake_w)

@@ -37,6 +37,9 @@ from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain
 from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 
 log = GuestLog(logging.getLogger(__name__))
+# Linux creates the socket close-on-exec atomically; elsewhere (macOS) Python makes every new
+# socket non-inheritable anyway (PEP 446).
+_SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
@@ -101,7 +104,7 @@ class StreamBackend:
 
     def start(self) -> None:
         if self.mode == "connect":
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _SOCK_CLOEXEC)
             try:
                 s.connect(self.path)
             except OSError:
@@ -113,7 +116,7 @@ class StreamBackend:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-            ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _SOCK_CLOEXEC)
             ls.bind(self.path)
             ls.listen(4)
             ls.setblocking(False)

@@ -44,6 +44,9 @@ from pytest_ignition.vmm.devices.virtio.ratelimit import GuestLog
 from pytest_ignition.vmm.memory import GuestMemoryError
 
 log = GuestLog(logging.getLogger(__name__))
+# Linux creates the socket close-on-exec atomically; elsewhere (macOS) Python makes every new
+# socket non-inheritable anyway (PEP 446).
+_SOCK_CLOEXEC = getattr(socket, "SOCK_CLOEXEC", 0)
 
 VIRTIO_ID_VSOCK = 19
 HOST_CID = 2
@@ -168,7 +171,7 @@ class VirtioVsock(VirtioDevice):
             os.unlink(self.uds_path)
         except FileNotFoundError:
             pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _SOCK_CLOEXEC)
         self.listener.bind(self.uds_path)
         self.listener.listen(64)
         self.listener.setblocking(False)
@@ -558,7 +561,7 @@ class VirtioVsock(VirtioDevice):
             self._queue_ctrl(_Ctrl(OP_RST, port, peer_port))
             return
         path = f"{self.uds_path}_{port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
             sock.connect(path)

@@ -2,7 +2,8 @@
 
 On macOS (Apple silicon) it checks what the EXPERIMENTAL Hypervisor.framework backend needs: the
 framework, an interpreter with the ``com.apple.security.hypervisor`` entitlement (``--sign`` makes
-the signed copy), macOS 15+ for the in-kernel GIC (``hv_gic``). Elsewhere it reports /dev/kvm, PVM
+the signed copy), macOS 15+ for the in-kernel GIC (``hv_gic``), and a C compiler for the SIMD/FP
+register shim (:mod:`.hypervisor.hvf_simd`, built on first use). Elsewhere it reports /dev/kvm, PVM
 and what ``--ignition-engine=auto`` picks. Decisions (:func:`diagnose`) are pure over
 :class:`Facts`, so they are unit-tested with injected facts; :func:`gather` probes the real host.
 """
@@ -18,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_ignition.vmm.hypervisor import hvf_sign
+from pytest_ignition.vmm.hypervisor import hvf_sign, hvf_simd
 
 FRAMEWORK = "/System/Library/Frameworks/Hypervisor.framework"
 GIC_MACOS = (15, 0)
@@ -35,6 +36,7 @@ class Facts:
     interpreter_entitled: bool = False
     signed_copy: str | None = None  # path, if it exists
     signed_copy_entitled: bool = False
+    c_compiler: str | None = None  # the SIMD shim's compiler command ("xcrun clang"), if any
     kvm_present: bool = False
     kvm_usable: bool = False
     kvm_pvm: bool = False
@@ -66,6 +68,11 @@ def hvf_problem(f: Facts) -> str | None:
             "no interpreter with the com.apple.security.hypervisor entitlement "
             "(run python -m pytest_ignition.vmm.doctor --sign)"
         )
+    if not f.c_compiler:
+        return (
+            "no C compiler for the SIMD/FP register shim (hv_vcpu_set_simd_fp_reg takes a "
+            "vector by value; install the Xcode command-line tools: xcode-select --install)"
+        )
     return None
 
 
@@ -88,6 +95,10 @@ def diagnose(f: Facts) -> Report:
                 "no signed copy: --sign makes one"
                 + ("" if f.codesign_present else " (needs codesign: xcode-select --install)")
             )
+        say(
+            "C compiler for the SIMD/FP register shim: "
+            + (f.c_compiler or "MISSING (xcode-select --install)")
+        )
         r.hvf_problem = hvf_problem(f)
         if r.hvf_problem is None:
             r.interpreter = f.interpreter if f.interpreter_entitled else f.signed_copy
@@ -184,6 +195,7 @@ def gather() -> Facts:
         interpreter_entitled=darwin and _entitled(interp),
         signed_copy=str(copy) if copy.exists() else None,
         signed_copy_entitled=darwin and copy.exists() and _entitled(str(copy)),
+        c_compiler=" ".join(cc) if darwin and (cc := hvf_simd.compiler()) else None,
         kvm_present=os.path.exists("/dev/kvm"),
         kvm_usable=kvm_usable,
         kvm_pvm=Path("/sys/module/kvm_pvm").exists(),

@@ -150,8 +150,17 @@ def sample_state() -> hvf.HvfState:
         icc_regs={"ICC_PMR_EL1": 0xF0, "ICC_IGRPEN1_EL1": 1},
         vtimer_offset=123_456_789,
         vtimer_masked=True,
+        simd=[bytes((n * 16 + i) & 0xFF for i in range(16)) for n in range(32)],
     )
-    v1 = hvf.VcpuState({"pc": 0}, {"MPIDR_EL1": 0x100}, {}, 5, False, powered_on=False)
+    v1 = hvf.VcpuState(
+        {"pc": 0, "fpcr": 0x0300_0000, "fpsr": 0x8000_0011},
+        {"MPIDR_EL1": 0x1},
+        {},
+        5,
+        False,
+        powered_on=False,
+        simd=[b"\xff" * 15 + bytes([n]) for n in range(32)],
+    )
     return hvf.HvfState([v0, v1], counter_at_save=10**12, gic_blob=bytes(range(256)) * 3)
 
 
@@ -161,6 +170,11 @@ def test_snapshot_state_round_trip_through_json() -> None:
     back = hvf.HvfState.from_dict(json.loads(text))
     assert back == s
     assert back.gic_blob == bytes(range(256)) * 3 and back.vcpus[1].powered_on is False
+    # Q0-Q31 and FPCR/FPSR, byte for byte (format 2)
+    assert back.vcpus[0].simd[31] == bytes((31 * 16 + i) & 0xFF for i in range(16))
+    assert back.vcpus[1].simd[7] == b"\xff" * 15 + b"\x07"
+    assert (back.vcpus[1].regs["fpcr"], back.vcpus[1].regs["fpsr"]) == (0x0300_0000, 0x8000_0011)
+    assert back.format_version == 2
 
 
 @pytest.mark.parametrize(
@@ -172,6 +186,12 @@ def test_snapshot_state_round_trip_through_json() -> None:
         (lambda d: d["vcpus"][0].update(vtimer_offset=-1), "vtimer_offset"),
         (lambda d: d.update(vcpus=[]), "no vCPUs"),
         (lambda d: d.update(gic_blob="not base64!"), None),
+        (lambda d: d.update(format_version=1), "v2"),  # v1 had no SIMD registers
+        (lambda d: d["vcpus"][0].update(simd=d["vcpus"][0]["simd"][:31]), "32 Q registers"),
+        (lambda d: d["vcpus"][0]["simd"].__setitem__(3, "00" * 15), "Q3 is not 16 bytes"),
+        (lambda d: d["vcpus"][1]["simd"].__setitem__(0, "zz" * 16), "simd"),
+        (lambda d: d["vcpus"][1].pop("simd"), "simd"),
+        (lambda d: d.update(vcpus=[7]), "not a mapping"),
     ],
 )
 def test_foreign_or_broken_state_is_refused(mutate, match: str | None) -> None:

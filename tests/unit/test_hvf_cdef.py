@@ -1,14 +1,16 @@
-"""hvf.py's cffi declarations against Apple's published signatures (hvf_signatures.txt): every
-declared function exists there with the same argument count, and every listed one is declared."""
+"""hvf.py's cffi declarations (and the SIMD shim's stand-in header, hvf_simd.STANDIN_HEADER)
+against Apple's published signatures (hvf_signatures.txt): every declared function exists there
+with the same argument count, and every listed one is declared."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pycparser
 from pycparser import c_ast
 
-from pytest_ignition.vmm.hypervisor import hvf
+from pytest_ignition.vmm.hypervisor import hvf, hvf_simd
 
 LIST = Path(__file__).with_name("hvf_signatures.txt")
 # pycparser knows no stdint/stdbool: give it the basic types cffi provides implicitly.
@@ -42,9 +44,20 @@ def declared(cdef: str) -> dict[str, int]:
     return out
 
 
+def shim_declarations() -> str:
+    """hvf_simd.py's stand-in for the SDK header (the two SIMD register functions the C shim
+    calls), without the preprocessor lines and gcc's vector attribute pycparser cannot read."""
+    text = "\n".join(
+        line for line in hvf_simd.STANDIN_HEADER.splitlines() if not line.startswith("#")
+    )
+    return "typedef unsigned char uint8_t;\n" + re.sub(
+        r"__attribute__\(\(vector_size\(16\)\)\)", "", text
+    )
+
+
 def test_every_declared_function_matches_apples_signature() -> None:
-    mine, apple = declared(hvf.CDEF), published()
-    assert len(mine) >= 30
+    mine, apple = {**declared(hvf.CDEF), **declared(shim_declarations())}, published()
+    assert len(mine) >= 32 and "hv_vcpu_set_simd_fp_reg" in mine
     wrong = {n: (c, apple.get(n)) for n, c in mine.items() if apple.get(n) != c}
     assert not wrong, f"(declared, published) argument counts differ: {wrong}"
     assert set(apple) == set(mine), f"listed but not declared: {set(apple) - set(mine)}"

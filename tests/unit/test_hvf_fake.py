@@ -105,13 +105,39 @@ class FakeHv:
         return 0
 
 
+class FakeShim:
+    """The SIMD shim's three functions (hvf_simd.CDEF), over a dict of Q registers."""
+
+    def __init__(self, ffi: cffi.FFI) -> None:
+        self.ffi = ffi
+        self.q: dict[tuple[int, int], bytes] = {}
+        self.fences = 0
+
+    def ign_hvf_get_simd_fp_reg(self, vid, reg, out):
+        if not 0 <= reg < 32:
+            return 0xFAE94003
+        self.ffi.memmove(out, self.q.get((vid, reg), bytes(16)), 16)
+        return 0
+
+    def ign_hvf_set_simd_fp_reg(self, vid, reg, in16):
+        if not 0 <= reg < 32:
+            return 0xFAE94003
+        self.q[(vid, reg)] = bytes(self.ffi.buffer(in16, 16))
+        return 0
+
+    def ign_fence(self):
+        self.fences += 1
+
+
 @pytest.fixture
 def fake(monkeypatch):
     ffi = cffi.FFI()
     ffi.cdef(hvf.CDEF)
     ffi.cdef(hvf.LIBSYSTEM_CDEF)
     hv = FakeHv(ffi)
+    hv.shim = FakeShim(ffi)
     monkeypatch.setattr(hvf, "load", lambda system=None: (ffi, hv, hv))
+    monkeypatch.setattr(hvf.hvf_simd, "load", lambda ffi, cache_dir: hv.shim)
     vm = hvf.HvfVm()
     return hv, vm, vm.create_vcpu(0)
 
@@ -220,3 +246,61 @@ def test_canceled_and_fatal_exits(fake) -> None:
     hv.script.append((EXC, ax.EC_BRK64 << 26, 0))
     with pytest.raises(ax.GuestFault, match="unhandled exception"):
         cpu.run()
+
+
+def test_vcpu_mpidr_is_the_device_trees(fake) -> None:
+    """PSCI CPU_ON targets and hv_gic's redistributor affinities are matched against MPIDR: it
+    must be the value the FDT's cpu@N reg says (layout.mpidr), for every vCPU."""
+    from pytest_ignition.vmm.arch.aarch64 import layout
+
+    hv, vm, cpu0 = fake
+    cpus = [cpu0, *(vm.create_vcpu(i) for i in (1, 17))]
+    for c in cpus:
+        assert c.mpidr == layout.mpidr(c.index)
+    assert hv.sys[hvf.SYS_REGS["MPIDR_EL1"]] == layout.mpidr(17) == 0x101
+    assert vm.cpus_on == {0: True, 1: False, 0x101: False}
+
+
+def test_boot_registers(fake) -> None:
+    hv, vm, cpu = fake
+    hv.regs[2] = 99
+    cpu.set_boot_registers(0x8020_0000, 0xBFE0_0000)
+    assert hv.regs[PC] == 0x8020_0000 and hv.regs[0] == 0xBFE0_0000 and hv.regs[2] == 0
+    assert hv.regs[hvf.HV_REG_CPSR] == 0x3C5  # EL1h, DAIF masked
+
+
+def test_simd_and_fp_registers_survive_save_and_restore(fake) -> None:
+    """save_state reads Q0-Q31 through the shim and FPCR/FPSR as core registers; the state goes
+    through JSON and restore_state writes every one back (the framework is the fake here)."""
+    import json
+
+    hv, vm, cpu = fake
+    for n in range(32):
+        hv.shim.q[(cpu.id, n)] = bytes([n]) * 8 + bytes([0xA5 ^ n]) * 8
+    hv.regs[hvf.HV_REG_FPCR], hv.regs[hvf.HV_REG_FPSR] = 0x0340_0000, 0x0800_009F
+    hv.hv_gic_get_icc_reg = lambda vid, reg, out: 0
+    hv.hv_vcpu_get_vtimer_mask = lambda vid, out: 0
+    st = cpu.save_state()
+    assert st.simd[9] == bytes([9]) * 8 + bytes([0xA5 ^ 9]) * 8
+    d = json.loads(json.dumps(hvf.HvfState([st], counter_at_save=0, gic_blob=b"").to_dict()))
+    back = hvf.HvfState.from_dict(d).vcpus[0]
+    hv.shim.q.clear()
+    hv.regs.clear()
+    hv.hv_vcpu_set_vtimer_offset = lambda vid, off: 0
+    cpu.restore_state(back, counter_at_save=hv.mach_absolute_time())
+    assert [hv.shim.q[(cpu.id, n)] for n in range(32)] == st.simd
+    assert (hv.regs[hvf.HV_REG_FPCR], hv.regs[hvf.HV_REG_FPSR]) == (0x0340_0000, 0x0800_009F)
+    with pytest.raises(ValueError, match="16"):
+        cpu.set_q(0, b"short")
+    with pytest.raises(hvf.HvfError, match="HV_BAD_ARGUMENT"):
+        cpu.get_q(32)
+
+
+def test_an_spi_wakes_vcpus_sleeping_in_wfi(fake) -> None:
+    hv, vm, cpu = fake
+    hv.hv_gic_set_spi = lambda intid, level: 0
+    cpu.wake.clear()
+    vm.set_irq(48, False)
+    assert not cpu.wake.is_set()
+    vm.set_irq(48, True)
+    assert cpu.wake.is_set()

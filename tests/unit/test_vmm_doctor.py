@@ -20,6 +20,7 @@ MAC = doctor.Facts(
     interpreter_entitled=False,
     signed_copy="/Users/u/.cache/pytest-ignition/hvf/python3-hvf",
     signed_copy_entitled=True,
+    c_compiler="xcrun clang",
     qemu_aarch64="/opt/homebrew/bin/qemu-system-aarch64",
 )
 LINUX = doctor.Facts(
@@ -43,6 +44,7 @@ def test_mac_with_everything_uses_the_signed_copy() -> None:
         (dict(framework_present=False), "is missing"),
         (dict(signed_copy=None, signed_copy_entitled=False), "--sign"),
         (dict(machine="x86_64"), "Apple silicon"),
+        (dict(c_compiler=None), "xcode-select --install"),
     ],
 )
 def test_mac_checks(change: dict, problem: str) -> None:

@@ -37,6 +37,8 @@ EC_BRK64 = 0x3C
 
 INSN_SIZE = 4
 XZR = 31  # register number 31 in a load/store's Rt is the zero register
+# PSTATE at a kernel's entry (boot, or PSCI CPU_ON): EL1h (SP_EL1), D, A, I and F masked.
+PSTATE_EL1H_DAIF_MASKED = 0x3C5
 
 
 class GuestFault(Exception):

@@ -49,6 +49,7 @@ class HypervisorVm(abc.ABC):
     """A VM: memory map, interrupt controller, dirty tracking."""
 
     granule: int  # bytes; 4096 on KVM/x86, 16384 on HVF
+    name: str  # recorded in snapshots ("hvf"); a snapshot restores only on its own hypervisor
 
     @abc.abstractmethod
     def map(self, gpa: int, host_addr: int, size: int, *, writable: bool = True) -> None:
@@ -95,6 +96,16 @@ class HypervisorVm(abc.ABC):
         runs."""
 
     @abc.abstractmethod
+    def state_to_plain(self, vcpu_states: list[Any], ic_blob: bytes) -> dict[str, Any]:
+        """The VM's saved state (the vCPUs' :meth:`HypervisorVcpu.save_state` results and the
+        interrupt controller's blob) as JSON-able data, tagged with arch and hypervisor."""
+
+    @abc.abstractmethod
+    def state_from_plain(self, d: dict[str, Any]) -> tuple[list[Any], bytes]:
+        """Parse :meth:`state_to_plain`'s output (hostile input: ValueError when it is not
+        this backend's) into (vCPU states, interrupt controller blob)."""
+
+    @abc.abstractmethod
     def destroy(self) -> None:
         """Tear the VM down (its vCPUs first). Idempotent."""
 
@@ -121,12 +132,21 @@ class HypervisorVcpu(abc.ABC):
         """Set a core register (backend's ids)."""
 
     @abc.abstractmethod
+    def set_boot_registers(self, pc: int, x0: int) -> None:
+        """Enter a kernel: PC, X0 (the device tree on boot, the context of a PSCI CPU_ON),
+        X1-X3 zero, PSTATE EL1h with DAIF masked."""
+
+    @abc.abstractmethod
     def save_state(self) -> Any:
         """Everything needed to resume this vCPU in a new process, as plain data."""
 
     @abc.abstractmethod
     def restore_state(self, state: Any) -> None:
         """Load :meth:`save_state`'s result before this vCPU first runs."""
+
+    def after_interrupt_controller_restore(self, state: Any) -> None:  # noqa: B027
+        """Called with the same state once :meth:`HypervisorVm.restore_interrupt_controller`
+        has run (HVF: the GIC CPU interface registers, which hv_gic's blob excludes)."""
 
     @abc.abstractmethod
     def destroy(self) -> None:

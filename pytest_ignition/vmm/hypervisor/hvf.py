@@ -12,25 +12,32 @@ unless the process's main executable carries ``com.apple.security.hypervisor``: 
 ad-hoc-signed copy of the interpreter (:mod:`.hvf_sign`, ``python -m pytest_ignition.vmm.doctor
 --sign``). Constants are Apple's (``hv_vcpu_types.h``, ``hv_error.h``, ``hv_vm_types.h``).
 
-Known gaps (besides never having run): the machine (``vmm/machine.py``) does not drive this class
-yet; SIMD/FP Q registers are not saved (``hv_vcpu_set_simd_fp_reg`` takes a 16-byte vector by
-value, which cffi's ABI mode cannot pass: needs a C shim or an API-mode build); config objects are
-not ``os_release``d (one per VM/GIC, per process); with ``hv_gic`` the vtimer PPI's routing is
-[unverified] (the userspace path presents it with ``hv_vcpu_set_pending_interrupt``); trapped
-system registers are read-as-zero/write-ignored and logged.
+The machine that drives it is ``vmm/machine_aarch64.py`` (``--ignition-engine=ignition`` on
+macOS). SIMD/FP registers Q0-Q31 go through a C shim compiled on the Mac at first use
+(:mod:`.hvf_simd`: ``hv_vcpu_set_simd_fp_reg`` takes a 16-byte vector by value, in ``v0``, which
+ABI mode cannot pass); FPCR/FPSR are core registers.
+
+Known gaps (besides never having run): config objects are not ``os_release``d (one per VM/GIC,
+per process); with ``hv_gic`` the vtimer PPI's routing is [unverified] (the userspace path
+presents it with ``hv_vcpu_set_pending_interrupt``); trapped system registers are
+read-as-zero/write-ignored and logged; whether ``hv_vm_map`` of a ``MAP_PRIVATE`` file mapping
+(a restore) faults its pages in lazily is [unverified].
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pytest_ignition.vmm.arch.aarch64 import layout
 from pytest_ignition.vmm.hypervisor import arm64_exits as ax
+from pytest_ignition.vmm.hypervisor import hvf_simd
 from pytest_ignition.vmm.hypervisor.base import Exit, HypervisorVcpu, HypervisorVm
 
 log = logging.getLogger(__name__)
@@ -235,6 +242,7 @@ class VcpuState:
     vtimer_offset: int
     vtimer_masked: bool
     powered_on: bool = True
+    simd: list[bytes] = field(default_factory=list)  # Q0-Q31, 16 bytes each (little-endian)
 
 
 @dataclass
@@ -248,7 +256,8 @@ class HvfState:
     gic_blob: bytes
     arch: str = "aarch64"
     hypervisor: str = "hvf"
-    format_version: int = 1
+    # 2: with the SIMD/FP registers (v1, never written by a released VMM, had none)
+    format_version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -265,6 +274,7 @@ class HvfState:
                     "vtimer_offset": v.vtimer_offset,
                     "vtimer_masked": v.vtimer_masked,
                     "powered_on": v.powered_on,
+                    "simd": [q.hex() for q in v.simd],
                 }
                 for v in self.vcpus
             ],
@@ -275,12 +285,12 @@ class HvfState:
         """Parse :meth:`to_dict`'s output; a snapshot from another format, arch or hypervisor, or
         with an unknown or out-of-range register, is refused (the file may be foreign)."""
         if (
-            d.get("format_version") != 1
+            d.get("format_version") != 2
             or d.get("arch") != "aarch64"
             or d.get("hypervisor") != "hvf"
         ):
             raise ValueError(
-                f"not an HVF aarch64 snapshot state v1: {d.get('format_version')!r} "
+                f"not an HVF aarch64 snapshot state v2: {d.get('format_version')!r} "
                 f"{d.get('arch')!r} {d.get('hypervisor')!r}"
             )
 
@@ -297,10 +307,22 @@ class HvfState:
             return out
 
         vcpus = []
-        for i, v in enumerate(d.get("vcpus") or []):
+        raw_vcpus = d.get("vcpus")
+        if not isinstance(raw_vcpus, list):
+            raise ValueError("snapshot state has no vCPU list")
+        for i, v in enumerate(raw_vcpus):
+            if not isinstance(v, dict):
+                raise ValueError(f"vcpu {i}: not a mapping")
             off = v.get("vtimer_offset")
             if not isinstance(off, int) or not 0 <= off < 1 << 64:
                 raise ValueError(f"vcpu {i}: bad vtimer_offset {off!r}")
+            q = v.get("simd")
+            try:
+                simd = hvf_simd.check_q(
+                    [bytes.fromhex(x) for x in q] if isinstance(q, list) else q, f"vcpu {i} simd"
+                )
+            except (TypeError, ValueError) as e:
+                raise ValueError(str(e) if "simd" in str(e) else f"vcpu {i} simd: {e}") from None
             vcpus.append(
                 VcpuState(
                     regs=regs(v.get("regs"), CORE_REGS, f"vcpu {i} regs"),
@@ -309,14 +331,27 @@ class HvfState:
                     vtimer_offset=off,
                     vtimer_masked=bool(v.get("vtimer_masked")),
                     powered_on=bool(v.get("powered_on", True)),
+                    simd=simd,
                 )
             )
         if not vcpus:
             raise ValueError("snapshot state has no vCPUs")
         counter = d.get("counter_at_save")
-        if not isinstance(counter, int) or counter < 0:
+        if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
             raise ValueError(f"bad counter_at_save {counter!r}")
-        return cls(vcpus, counter, base64.b64decode(d.get("gic_blob", ""), validate=True))
+        blob = d.get("gic_blob", "")
+        if not isinstance(blob, str):
+            raise ValueError("gic_blob: not a base64 string")
+        try:
+            gic = base64.b64decode(blob, validate=True)
+        except ValueError as e:
+            raise ValueError(f"gic_blob: {e}") from None
+        return cls(vcpus, counter, gic)
+
+
+def default_cache_dir() -> Path:
+    """Where the signed interpreter copy and the SIMD shim live (as ``vmm/doctor.py``)."""
+    return Path(os.environ.get("IGNITION_CACHE_DIR") or Path.home() / ".cache" / "pytest-ignition")
 
 
 def restored_vtimer_offset(saved_offset: int, counter_at_save: int, counter_now: int) -> int:
@@ -362,9 +397,13 @@ class HvfVm(HypervisorVm):
     """The process's one HVF VM with an in-kernel GICv3 (macOS 15+). Not run on a Mac yet."""
 
     granule = GRANULE
+    name = "hvf"
 
-    def __init__(self, ipa_bits: int = 40) -> None:
+    def __init__(self, ipa_bits: int = 40, cache_dir: Path | None = None) -> None:
         self.ffi, self.lib, self.libsystem = load()
+        # Before the VM exists, so a missing compiler is a clean setup error.
+        self.simd = hvf_simd.load(self.ffi, cache_dir or default_cache_dir())
+        self.counter_at_save: int | None = None  # of the state being restored (state_from_plain)
         cfg = self.lib.hv_vm_config_create()
         _check("hv_vm_config_set_ipa_size", self.lib.hv_vm_config_set_ipa_size(cfg, ipa_bits))
         _check("hv_vm_create", self.lib.hv_vm_create(cfg))
@@ -419,6 +458,11 @@ class HvfVm(HypervisorVm):
 
     def set_irq(self, intid: int, level: bool) -> None:
         _check("hv_gic_set_spi", self.lib.hv_gic_set_spi(intid, level))
+        if level:
+            # A vCPU in WFI sleeps in this process (HvfVcpu._wfi), not in the framework: wake
+            # it to take the interrupt (a spurious wake only ends one WFI early).
+            for v in self.vcpus:
+                v.wake.set()
 
     def create_vcpu(self, index: int) -> HvfVcpu:
         vcpu = HvfVcpu(self, index)
@@ -483,6 +527,14 @@ class HvfVm(HypervisorVm):
     def restore_interrupt_controller(self, blob: bytes) -> None:
         _check("hv_gic_set_state", self.lib.hv_gic_set_state(blob, len(blob)))
 
+    def state_to_plain(self, vcpu_states: list[Any], ic_blob: bytes) -> dict[str, Any]:
+        return HvfState(list(vcpu_states), self.counter(), ic_blob).to_dict()
+
+    def state_from_plain(self, d: dict[str, Any]) -> tuple[list[Any], bytes]:
+        st = HvfState.from_dict(d)
+        self.counter_at_save = st.counter_at_save  # restore_state shifts the vtimer offsets
+        return st.vcpus, st.gic_blob
+
     def destroy(self) -> None:
         if self._destroyed:
             return
@@ -511,8 +563,9 @@ class HvfVcpu(HypervisorVcpu):
         _check("hv_vcpu_create", self.lib.hv_vcpu_create(vid, exitp, self.ffi.NULL))
         self.id = int(vid[0])
         self.exit = exitp[0]
-        # Aff1 = index, as libkrun does, so hv_gic's redistributor order matches the FDT.
-        self.mpidr = index << 8
+        # The MPIDR the device tree's cpu@N reg and the redistributor order use (layout.mpidr):
+        # PSCI CPU_ON targets and GICR_TYPER affinities are matched against it.
+        self.mpidr = layout.mpidr(index)
         self.set_sys_reg("MPIDR_EL1", self.mpidr)
         self.vtimer = ax.Vtimer()
         self.wake = threading.Event()
@@ -525,6 +578,27 @@ class HvfVcpu(HypervisorVcpu):
 
     def set_reg(self, reg: int, value: int) -> None:
         _check("hv_vcpu_set_reg", self.lib.hv_vcpu_set_reg(self.id, reg, value))
+
+    def set_boot_registers(self, pc: int, x0: int) -> None:
+        for i in range(1, 4):
+            self.set_reg(HV_REG_X0 + i, 0)
+        self.set_reg(HV_REG_X0, x0)
+        self.set_reg(HV_REG_PC, pc)
+        self.set_reg(HV_REG_CPSR, ax.PSTATE_EL1H_DAIF_MASKED)
+
+    def get_q(self, n: int) -> bytes:
+        """SIMD/FP register Qn (16 bytes, as stored: little-endian lanes)."""
+        out = self.ffi.new("uint8_t[16]")
+        rc = self.vm.simd.ign_hvf_get_simd_fp_reg(self.id, hvf_simd.HV_SIMD_FP_REG_Q0 + n, out)
+        _check("hv_vcpu_get_simd_fp_reg", rc)
+        return bytes(self.ffi.buffer(out, hvf_simd.Q_BYTES))
+
+    def set_q(self, n: int, value: bytes) -> None:
+        if len(value) != hvf_simd.Q_BYTES:
+            raise ValueError(f"Q{n}: {len(value)} bytes, a Q register has 16")
+        buf = self.ffi.new("uint8_t[16]", value)
+        rc = self.vm.simd.ign_hvf_set_simd_fp_reg(self.id, hvf_simd.HV_SIMD_FP_REG_Q0 + n, buf)
+        _check("hv_vcpu_set_simd_fp_reg", rc)
 
     def get_sys_reg(self, name: str) -> int:
         out = self.ffi.new("uint64_t *")
@@ -646,6 +720,7 @@ class HvfVcpu(HypervisorVcpu):
             vtimer_offset=int(off[0]),
             vtimer_masked=bool(masked[0]),
             powered_on=self.vm.cpus_on.get(self.mpidr, False),
+            simd=[self.get_q(n) for n in range(hvf_simd.NUM_Q_REGS)],
         )
 
     def restore_state(self, state: Any, *, counter_at_save: int | None = None) -> None:
@@ -655,7 +730,11 @@ class HvfVcpu(HypervisorVcpu):
             self.set_sys_reg(n, v)
         for n, v in state.regs.items():
             self.set_reg(CORE_REGS[n], v)
+        for n, q in enumerate(hvf_simd.check_q(state.simd)):
+            self.set_q(n, q)
         off = state.vtimer_offset
+        if counter_at_save is None:
+            counter_at_save = self.vm.counter_at_save
         if counter_at_save is not None:
             off = restored_vtimer_offset(off, counter_at_save, self.vm.counter())
         _check("hv_vcpu_set_vtimer_offset", self.lib.hv_vcpu_set_vtimer_offset(self.id, off))
@@ -670,6 +749,9 @@ class HvfVcpu(HypervisorVcpu):
         """After hv_gic_set_state: the CPU interface registers (else PMR=0 masks everything)."""
         for name, v in state.icc_regs.items():
             _check("hv_gic_set_icc_reg", self.lib.hv_gic_set_icc_reg(self.id, ICC_REGS[name], v))
+
+    def after_interrupt_controller_restore(self, state: Any) -> None:
+        self.restore_icc(state)
 
     def destroy(self) -> None:
         _check("hv_vcpu_destroy", self.lib.hv_vcpu_destroy(self.id))

@@ -23,6 +23,11 @@ every byte of guest output to ``console.log`` and serves ``console.sock``, which
 
 Usable only where KVM runs guest kernels natively: real VT-x/AMD-V (``/dev/kvm`` present,
 not PVM, whose emulated CPL0 makes a kernel boot take minutes).
+
+On macOS (``hypervisor="hvf"``, EXPERIMENTAL, never run on a Mac) the same protocol is served by
+``python -m pytest_ignition.vmm.machine_aarch64 ... --hypervisor hvf`` (the aarch64 machine on
+Hypervisor.framework) run by the entitled interpreter copy (``vmm/hypervisor/hvf_sign.py``):
+:meth:`IgnitionEngine.vmm_command` is the one place where the two differ.
 """
 
 from __future__ import annotations
@@ -294,8 +299,20 @@ class IgnitionEngine(Engine):
     accelerator = "kvm"
     supports_rollback = True
     snapshot_format = SNAPSHOT_FORMAT
+    HYPERVISORS = ("kvm", "hvf")
 
-    def __init__(self, python: str | None = None, check: bool = False) -> None:
+    def __init__(
+        self, python: str | None = None, check: bool = False, hypervisor: str = "kvm"
+    ) -> None:
+        if hypervisor not in self.HYPERVISORS:
+            raise ValueError(f"hypervisor {hypervisor!r}: one of {', '.join(self.HYPERVISORS)}")
+        if hypervisor == "hvf" and not python:
+            raise EngineUnavailable(
+                "the Hypervisor.framework VMM needs the entitled interpreter copy",
+                hint="python -m pytest_ignition.vmm doctor --sign",
+            )
+        self.hypervisor = hypervisor
+        self.accelerator = hypervisor
         self.python = python or sys.executable
         self._fs: Any = None  # the fork server (pytest_ignition.vmm.forkserver), on first use
         self._fs_lock = threading.Lock()
@@ -306,7 +323,27 @@ class IgnitionEngine(Engine):
                 raise EngineUnavailable(why, hint="use --ignition-engine=qemu")
 
     def describe(self) -> str:
+        if self.hypervisor == "hvf":
+            return (
+                "ignition (bundled VMM, aarch64 machine on Hypervisor.framework: EXPERIMENTAL, "
+                "never run on a Mac before)"
+            )
         return "ignition (bundled VMM, kvm)"
+
+    def vmm_command(self, command: str) -> list[str]:
+        """The VMM process's argv up to its options, for ``command`` (boot or restore): the x86
+        machine on KVM (``python -m pytest_ignition.vmm``), or on macOS the aarch64 machine on
+        Hypervisor.framework in the entitled interpreter. The one place the two differ."""
+        if self.hypervisor == "hvf":
+            return [
+                self.python,
+                "-m",
+                "pytest_ignition.vmm.machine_aarch64",
+                command,
+                "--hypervisor",
+                "hvf",
+            ]
+        return [self.python, "-m", "pytest_ignition.vmm", command]
 
     def cmdline(self, config: VMConfig) -> str:
         parts = [_process.default_cmdline()]
@@ -338,7 +375,7 @@ class IgnitionEngine(Engine):
         ]
 
     def boot_argv(self, m: IgnitionMachine, config: VMConfig) -> list[str]:
-        argv = [self.python, "-m", "pytest_ignition.vmm", "boot"]
+        argv = self.vmm_command("boot")
         argv += ["--kernel", str(Path(config.kernel).resolve())]
         if config.initrd is not None:
             argv += ["--initrd", str(Path(config.initrd).resolve())]
@@ -537,7 +574,7 @@ class IgnitionEngine(Engine):
         m = IgnitionMachine(self, config, workdir)
         m.restored_from = directory
         try:
-            argv = [self.python, "-m", "pytest_ignition.vmm", "restore"]
+            argv = self.vmm_command("restore")
             argv += ["--store", str(directory.parent), "--name", directory.name]
             if not rollback:
                 # no dirty-page log: on AMD and nested hosts it makes every first write trap

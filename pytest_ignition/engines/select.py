@@ -54,6 +54,8 @@ class HostProbe:
     # macOS: why the bundled VMM's (experimental) Hypervisor.framework backend cannot run, from
     # vmm/doctor.py's checks; None = they passed.
     hvf_problem: str | None = "the Hypervisor.framework checks were not run"
+    # macOS, checks passed: the entitled interpreter the HVF VMM runs in (doctor's choice).
+    hvf_interpreter: str | None = None
     assume_native: bool = False  # IGNITION_ASSUME_NATIVE_KVM=1 (a test hook): see decide()
 
 
@@ -75,6 +77,9 @@ def probe_host() -> HostProbe:
         else:
             os.close(fd)
             kvm_usable = True
+    hvf_problem, hvf_interpreter = (
+        _hvf_check() if platform.system() == "Darwin" else ("not macOS", None)
+    )
     return HostProbe(
         system=platform.system(),
         machine=platform.machine(),
@@ -86,14 +91,18 @@ def probe_host() -> HostProbe:
         qemu_path=shutil.which("qemu-system-x86_64"),
         ignition_available=importlib.util.find_spec("pytest_ignition.engines.ignition") is not None,
         qemu_aarch64_path=shutil.which("qemu-system-aarch64"),
-        hvf_problem=_hvf_problem() if platform.system() == "Darwin" else "not macOS",
+        hvf_problem=hvf_problem,
+        hvf_interpreter=hvf_interpreter,
     )
 
 
-def _hvf_problem() -> str | None:
+def _hvf_check() -> tuple[str | None, str | None]:
+    """doctor's verdict on this Mac: (why the HVF backend cannot run, or None; the entitled
+    interpreter it would run in)."""
     from pytest_ignition.vmm import doctor
 
-    return doctor.hvf_problem(doctor.gather())
+    report = doctor.diagnose(doctor.gather())
+    return report.hvf_problem, report.interpreter
 
 
 GUEST_PANIC_MARKERS = ("Kernel panic - not syncing", "Kernel panic")
@@ -233,6 +242,9 @@ def select_engine(
     d = decide(name, p, arch)
     if d.engine == "ignition":
         mod = importlib.import_module("pytest_ignition.engines.ignition")
+        if d.accelerator == "hvf":
+            # the aarch64 machine on Hypervisor.framework, in the entitled interpreter copy
+            return mod.IgnitionEngine(python=p.hvf_interpreter, hypervisor="hvf"), d.reason
         return mod.IgnitionEngine(), d.reason
     from pytest_ignition.engines.qemu import QemuEngine
 

@@ -1,0 +1,1276 @@
+"""The aarch64 machine on the hypervisor seam: what ``--ignition-engine=ignition`` runs on macOS.
+
+EXPERIMENTAL: the only backend is Hypervisor.framework (:class:`.hypervisor.hvf.HvfVm`), and
+neither it nor this machine has been run on a Mac. Here (Linux) the whole machine runs in unit
+tests against a scripted fake of the hypervisor layer (tests/unit/test_machine_aarch64.py).
+
+    python -m pytest_ignition.vmm.machine_aarch64 boot|restore [--hypervisor hvf] ARGS
+
+takes the same arguments as ``python -m pytest_ignition.vmm`` (the x86/KVM VMM, whose process
+plumbing it reuses: console, control socket, exit status 0/1/2) and runs in the entitled
+interpreter copy (:mod:`.hypervisor.hvf_sign`). The engine (``engines/ignition.py``,
+``IgnitionEngine.vmm_command``) is the one place that chooses this module.
+
+:class:`Aarch64Machine` talks to the hypervisor only through :mod:`.hypervisor.base`
+(``HypervisorVm``/``HypervisorVcpu``), never to KVM or the framework:
+
+- memory: one RAM region at ``layout.DRAM_START`` (2 GiB), mapped in the hypervisor's granule
+  (16 KiB on HVF); a restore maps ``memory.bin`` privately;
+- boot: the arm64 ``Image`` at a 2 MiB-aligned base + ``text_offset``, the initrd and the device
+  tree at the end of RAM (:mod:`.arch.aarch64`), vCPU 0 entered at the Image with x0 = the DTB;
+  secondaries wait powered off for PSCI ``CPU_ON``; the kernel command line gets
+  ``ignition.boot_timer=0x9030000`` (the guest's init writes its byte there);
+- devices: the 16550 UART (SPI 1, level), the boot timer, virtio-mmio slots from ``0x0a000000``
+  (SPI 16+, edge) for vsock, disks, rng and net in the x86 machine's order, on an MMIO bus;
+  backends on an :class:`.eventloop.EventLoop`;
+- vCPUs: one thread each that creates its vCPU (HVF binds a vCPU to its creating thread) and
+  runs every call on it; pause = kick + park, with a deadline;
+- snapshot: vCPU states, the interrupt controller's blob and device state in ``vmstate``
+  (tagged ``arch``/``hypervisor``), RAM in ``memory.bin``; rollback copies back the granules
+  written since (the hypervisor's dirty tracking + the VMM's own writes) from that file.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Before the imports: the boot timer measures from the process's start, as the x86 VMM's does.
+LAUNCH_NS = time.monotonic_ns()
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import logging  # noqa: E402
+import mmap  # noqa: E402
+import os  # noqa: E402
+import queue  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, BinaryIO  # noqa: E402
+
+from .arch.aarch64 import fdt, image  # noqa: E402
+from .arch.aarch64 import layout as L  # noqa: E402
+from .devices.bus import Bus, RateLimitedLog  # noqa: E402
+from .eventloop import EventLoop  # noqa: E402
+from .hypervisor.arm64_exits import GuestFault  # noqa: E402
+from .hypervisor.base import Exit, HypervisorVcpu, HypervisorVm  # noqa: E402
+from .memory import PAGE_SIZE, GuestMemory, GuestMemoryError, Region  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+ARCH = "aarch64"
+HYPERVISORS = ("hvf",)
+# The project's guest command line (pytest_ignition.guest.DEFAULT_CMDLINE): the 16550 is ttyS0;
+# reset and power-off are PSCI calls, so no reboot= (as the QEMU engine's aarch64 line).
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+CLEAN_STOPS = frozenset({"requested", "shutdown", "reset"})
+PAUSE_TIMEOUT_S = 10.0
+KICK_EVERY_S = 0.05
+IRQ_RECHECK_S = 1.0
+
+
+class MachineError(Exception):
+    """The VM cannot be built or operated; the message says what."""
+
+
+@dataclass(frozen=True)
+class StopReason:
+    kind: str  # "shutdown" | "reset" | "requested" | "error"
+    detail: str = ""
+    vcpu: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
+@dataclass
+class Aarch64Spec:
+    """What to boot (``python -m pytest_ignition.vmm boot``'s options)."""
+
+    kernel: str
+    initrd: str | None = None
+    mem_size: int = 512 * MiB
+    cpus: int = 1
+    cmdline: str | None = None
+    vsock: str | None = None
+    vsock_cid: int = 3
+    net: str | None = None
+    disks: list[str] = field(default_factory=list)
+    disk_read_only: bool = False
+    rng: bool = True
+    boot_timer: bool = False
+    log_dirty: bool = True  # rollback in place needs the hypervisor's dirty tracking
+    hypervisor: str = "hvf"
+    launch_ns: int | None = None
+    console_out: BinaryIO | Callable[[bytes], object] | None = None
+    console_in: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mem_size < 64 * MiB or self.mem_size > L.DRAM_MAX:
+            raise MachineError(f"memory size {self.mem_size}: the aarch64 machine takes 64 MiB..")
+        if not 1 <= self.cpus <= L.MAX_VCPUS:
+            raise MachineError(f"--cpus {self.cpus}: must be 1..{L.MAX_VCPUS}")
+
+
+def round_up(n: int, granule: int) -> int:
+    return (n + granule - 1) // granule * granule
+
+
+def kernel_cmdline(base: str | None, boot_timer: bool) -> str:
+    """The guest's command line: ``base`` (default :data:`DEFAULT_CMDLINE`) without ``reboot=``
+    (x86's reset method; here PSCI resets), plus where the boot timer is (virtio devices are
+    in the device tree, not on the command line)."""
+    text = base if base is not None else DEFAULT_CMDLINE
+    parts = [a for a in text.split() if not a.startswith("reboot=")]
+    if boot_timer:
+        parts.append(f"ignition.boot_timer={L.BOOT_TIMER_ADDR:#x}")
+    return " ".join(parts)
+
+
+def hypervisor_factory(name: str, cache_dir: Path | None = None) -> Callable[[], HypervisorVm]:
+    """The backend called ``name``: a callable that creates the process's VM."""
+    if name != "hvf":
+        raise MachineError(f"unknown hypervisor {name!r} for the aarch64 machine (hvf)")
+
+    def make() -> HypervisorVm:
+        from .hypervisor import hvf
+
+        try:
+            vm = hvf.HvfVm(cache_dir=cache_dir)
+        except (hvf.HvfUnavailable, hvf.HvfError, hvf.hvf_simd.ShimError) as e:
+            raise MachineError(str(e)) from None
+        _install_fence(vm.simd.ign_fence)
+        return vm
+
+    return make
+
+
+def _install_fence(fence: Callable[[], None]) -> None:
+    """Give the virtqueues a real barrier on Apple silicon: ``vmm/barrier.py`` finds no fence
+    there (``platform.machine()`` is ``arm64`` and W^X forbids its executable page), so its
+    functions are replaced by the shim's ``ign_fence`` (``dmb ish``)."""
+    try:
+        from . import barrier
+    except ImportError:
+        return
+    if not getattr(barrier, "HAVE_FENCE", False):
+        barrier.mb = barrier.rmb = barrier.wmb = fence
+        barrier.HAVE_FENCE = True
+
+
+class _VcpuThread:
+    """The thread that owns one vCPU: creates it, runs every call on it (:meth:`call`) while
+    parked, and runs the guest while the machine is running and the vCPU is powered on."""
+
+    def __init__(self, machine: Aarch64Machine, index: int) -> None:
+        self.m = machine
+        self.index = index
+        self.vcpu: HypervisorVcpu | None = None
+        self.name = f"vcpu{index}"
+        self._cond = threading.Condition()
+        self._calls: queue.SimpleQueue[tuple[Callable[[HypervisorVcpu], Any], list[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self.want = "park"  # "run" | "park" | "stop"
+        self.powered_on = index == 0
+        self.parked = threading.Event()
+        self.created = threading.Event()
+        self.create_error: BaseException | None = None
+        self.exits = 0
+        self.thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+
+    # -- from other threads ----------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> None:
+        self.thread.start()
+        if not self.created.wait(timeout):
+            raise MachineError(f"{self.name}: the vCPU was not created within {timeout:g} s")
+        if self.create_error is not None:
+            raise MachineError(f"{self.name}: {self.create_error}") from self.create_error
+
+    def call(self, fn: Callable[[HypervisorVcpu], Any], timeout: float = 30.0) -> Any:
+        """Run ``fn(vcpu)`` on this thread (the vCPU must be parked) and return its result."""
+        box: list[Any] = []
+        done = threading.Event()
+        box.append(done)
+        self._calls.put((fn, box))
+        with self._cond:
+            self._cond.notify_all()
+        if not done.wait(timeout):
+            raise MachineError(f"{self.name}: a call did not complete within {timeout:g} s")
+        if len(box) > 2 and isinstance(box[2], BaseException):
+            raise box[2]
+        return box[1] if len(box) > 1 else None
+
+    def set_want(self, want: str) -> None:
+        with self._cond:
+            if self.want != "stop":
+                self.want = want
+            self._cond.notify_all()
+
+    def power_on(self, pc: int, x0: int) -> None:
+        """PSCI CPU_ON from another vCPU: enter at ``pc`` with x0 = ``x0`` on the next run."""
+        self._calls.put((lambda v: v.set_boot_registers(pc, x0), [threading.Event()]))
+        with self._cond:
+            self.powered_on = True
+            self._cond.notify_all()
+
+    # -- on this thread ---------------------------------------------------------------------
+    def _drain_calls(self) -> None:
+        while True:
+            try:
+                fn, box = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            done = box[0]
+            try:
+                result = fn(self.vcpu)  # type: ignore[arg-type]
+                box.append(result)
+            except BaseException as e:  # handed to the caller
+                box.extend([None, e])
+            done.set()
+
+    def _main(self) -> None:
+        try:
+            self.vcpu = self.m.vm.create_vcpu(self.index)
+        except BaseException as e:
+            self.create_error = e
+            self.created.set()
+            return
+        self.created.set()
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        self._drain_calls()
+                        if self.want == "stop":
+                            self.parked.set()
+                            return
+                        if self.want == "run" and self.powered_on:
+                            break
+                        self.parked.set()
+                        self._cond.wait(0.5)
+                    self.parked.clear()
+                self._drain_calls()  # a CPU_ON's entry registers
+                self._run()
+        except BaseException as e:  # the VM broke: never a silent thread death
+            self.m._stop(StopReason("error", f"{self.name}: {type(e).__name__}: {e}", self.index))
+        finally:
+            self.parked.set()
+            self._destroy()
+
+    def _destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.vcpu is not None:
+                self.vcpu.destroy()
+
+    def _run(self) -> None:
+        m, vcpu = self.m, self.vcpu
+        assert vcpu is not None
+        while self.want == "run" and self.powered_on:
+            try:
+                ex = vcpu.run()
+            except GuestFault as e:
+                m._stop(StopReason("error", f"{self.name}: {e}", self.index))
+                return
+            self.exits += 1
+            kind = ex.kind
+            if kind == "mmio":
+                self._mmio(vcpu, ex)
+            elif kind in ("none", "wfi", "canceled"):
+                continue
+            elif kind == "psci-off":
+                m._stop(
+                    StopReason("shutdown", "the guest powered off (PSCI SYSTEM_OFF)", self.index)
+                )
+                return
+            elif kind == "psci-reset":
+                m._stop(StopReason("reset", "the guest rebooted (PSCI SYSTEM_RESET)", self.index))
+                return
+            elif kind == "psci-cpu-off":
+                with self._cond:
+                    self.powered_on = False
+                return
+            elif kind == "psci-cpu-on":
+                d = ex.detail
+                m._cpu_on(d["target"], d["entry"], d["context"])
+            else:
+                m._stop(StopReason("error", f"{self.name}: unexpected exit {kind!r}", self.index))
+                return
+
+    def _mmio(self, vcpu: HypervisorVcpu, ex: Exit) -> None:
+        bus = self.m.mmio
+        if ex.write:
+            if not bus.write(ex.address, ex.data.to_bytes(ex.size, "little")):
+                self.m._unhandled("write", ex.address, ex.size)
+            return
+        buf = bytearray(ex.size)
+        if not bus.read(ex.address, buf):
+            self.m._unhandled("read", ex.address, ex.size)  # reads as zero
+        vcpu.complete_mmio_read(int.from_bytes(buf, "little"))
+
+
+class Aarch64Machine:
+    """One aarch64 microVM on a :class:`HypervisorVm`. Build with :meth:`create` or
+    :meth:`restore`; then :meth:`start`, :meth:`pause`/:meth:`resume`, :meth:`snapshot`,
+    :meth:`rollback`, :meth:`shutdown`, :meth:`wait`, :meth:`close` (the control socket's
+    operations, as :class:`vmm.machine.Machine` offers them)."""
+
+    def __init__(
+        self,
+        spec: Aarch64Spec,
+        hypervisor: Callable[[], HypervisorVm],
+        *,
+        _restore: Any = None,
+    ) -> None:
+        self.spec = spec
+        self._restore = _restore
+        self.state = "created"
+        self.created_ns = time.monotonic_ns()
+        self.started_at: float | None = None
+        self.stop_reason: StopReason | None = None
+        self.exit_status: int | None = None
+        self.restore_time_us: int | None = None
+        self.last_rollback: dict[str, Any] | None = None
+        self.cmdline = ""
+        self.virtio_devices: list[tuple[int, int, Any]] = []  # (addr, SPI, transport)
+        self.uart: Any = None
+        self.boot_timer: Any = None
+        self.interrupts_reraised = 0
+        self._lock = threading.Lock()
+        self._snap_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._closers: list[Callable[[], object]] = []
+        self._base_state: dict[str, Any] | None = None
+        self._base_memory: Path | None = None
+        self._fingerprint: dict[str, Any] | None = None
+        self._unhandled_log = RateLimitedLog(log)
+        self.threads: list[_VcpuThread] = []
+        self.mmio = Bus("mmio")
+        self.loop = EventLoop("vmm-events")
+        self.mem: GuestMemory | None = None
+        self._mm: mmap.mmap | None = None
+        self.vm: HypervisorVm | None = None
+        try:
+            self.vm = hypervisor()
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def create(cls, spec: Aarch64Spec, hypervisor: Callable[[], HypervisorVm]) -> Aarch64Machine:
+        return cls(spec, hypervisor)
+
+    def _build(self) -> None:
+        spec, vm = self.spec, self.vm
+        assert vm is not None
+        size = round_up(spec.mem_size, max(vm.granule, PAGE_SIZE))
+        if size != spec.mem_size:
+            raise MachineError(
+                f"memory size {spec.mem_size} is not a multiple of the hypervisor's "
+                f"{vm.granule // 1024} KiB granule (try {size >> 20} MiB)"
+            )
+        restoring = self._restore is not None
+        try:
+            if restoring:
+                with open(self._restore.memory_path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size != size:
+                        raise MachineError(f"{self._restore.memory_path}: not {size} bytes")
+                    mm = mmap.mmap(
+                        f.fileno(),
+                        size,
+                        flags=mmap.MAP_PRIVATE,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    )
+            else:
+                mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError as e:
+            raise MachineError(f"cannot map {size >> 20} MiB of guest memory: {e}") from None
+        self._mm = mm
+        region = Region(L.DRAM_START, size, mm)
+        self.mem = GuestMemory([region])
+        vm.map(L.DRAM_START, region.host_addr, size)
+        # HVF: hv_gic_create after the VM, before the first vCPU.
+        vm.create_interrupt_controller(spec.cpus)
+        self._add_devices()
+        for i in range(spec.cpus):
+            t = _VcpuThread(self, i)
+            self.threads.append(t)
+            t.start()
+        if restoring:
+            self._load_snapshot_state(self._restore)
+            return
+        self.cmdline = kernel_cmdline(spec.cmdline, spec.boot_timer)
+        entry, dtb = self._load_kernel()
+        self.threads[0].call(lambda v: v.set_boot_registers(entry, dtb))
+        # Dirty tracking starts with the first snapshot (the rollback base): during the boot
+        # it would only make every first write fault.
+
+    def _load_kernel(self) -> tuple[int, int]:
+        spec, mem = self.spec, self.mem
+        assert mem is not None
+        try:
+            with open(spec.kernel, "rb") as f:
+                kernel = f.read()
+            initrd = b""
+            if spec.initrd:
+                with open(spec.initrd, "rb") as f:
+                    initrd = f.read()
+        except OSError as e:
+            raise MachineError(f"cannot read the kernel or initrd: {e}") from None
+        try:
+            img = image.parse_header(kernel)
+        except image.ImageError as e:
+            raise MachineError(f"{spec.kernel}: {e}") from None
+        load = img.load_addr()
+        if img.end() > L.fdt_addr(spec.mem_size):
+            raise MachineError(f"the kernel ({img.end() - load} bytes) does not fit in RAM")
+        mem.write(load, kernel)
+        initrd_range = None
+        if initrd:
+            try:
+                ia = L.initrd_addr(spec.mem_size, len(initrd), img.end())
+            except ValueError as e:
+                raise MachineError(str(e)) from None
+            mem.write(ia, initrd)
+            initrd_range = (ia, ia + len(initrd))
+        nodes = [fdt.VirtioNode(addr, spi) for addr, spi, _ in self.virtio_devices]
+        dtb = fdt.machine_fdt(
+            spec.mem_size, spec.cpus, self.cmdline, initrd=initrd_range, virtio=nodes
+        )
+        fa = L.fdt_addr(spec.mem_size)
+        mem.write(fa, dtb)
+        return load, fa
+
+    def _add_devices(self) -> None:
+        from .devices import legacy
+
+        spec, vm = self.spec, self.vm
+        assert vm is not None and self.mem is not None
+        out = spec.console_out
+        if out is not None and not callable(out):
+            f = out
+
+            def out(data: bytes) -> None:
+                try:
+                    f.write(data)
+                    f.flush()
+                except (OSError, ValueError):
+                    pass  # the console reader went away; the guest keeps running
+
+        uart_intid = L.SPI_BASE_INTID + L.UART_SPI
+        self.uart = legacy.Serial8250(out, irq=lambda level: vm.set_irq(uart_intid, bool(level)))
+        self.mmio.insert(self.uart, L.UART_ADDR, L.UART_SIZE)
+        if spec.console_in is not None:
+            fd = spec.console_in
+
+            def on_input() -> None:
+                try:
+                    data = os.read(fd, 4096)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    self.loop.remove_reader(fd)
+                    return
+                self.uart.feed(data)
+
+            try:
+                self.loop.add_reader(fd, on_input)
+            except (PermissionError, OSError, ValueError):
+                log.debug("console input fd %d cannot be polled; output only", fd)
+        if spec.boot_timer:
+            start = spec.launch_ns if spec.launch_ns is not None else self.created_ns
+            self.boot_timer = legacy.BootTimer(start)
+            self.mmio.insert(self.boot_timer, L.BOOT_TIMER_ADDR, 0x1000)
+        devices: list[Any] = []
+        if spec.vsock:
+            from .devices.virtio.vsock import VirtioVsock
+
+            try:
+                vsock = VirtioVsock(spec.vsock, self.loop, guest_cid=spec.vsock_cid)
+            except (OSError, ValueError) as e:
+                raise MachineError(f"vsock socket {spec.vsock!r}: {e}") from None
+            devices.append(vsock)
+            self._closers.append(vsock.close)
+        for path in spec.disks:
+            from .devices.virtio.blk import VirtioBlk
+
+            try:
+                devices.append(VirtioBlk(path, read_only=spec.disk_read_only))
+            except OSError as e:
+                raise MachineError(f"disk {path!r}: {e.strerror or e}") from None
+        if spec.rng:
+            from .devices.virtio.rng import VirtioRng
+
+            devices.append(VirtioRng())
+        if spec.net:
+            from .devices.virtio.net import VirtioNet
+
+            try:
+                devices.append(VirtioNet(spec.net, self.loop))
+            except (OSError, ValueError) as e:
+                raise MachineError(str(e)) from None
+        for dev in devices:
+            self._add_virtio(dev)
+
+    def _add_virtio(self, device: Any) -> None:
+        from .devices.virtio.mmio import MmioTransport
+
+        vm = self.vm
+        assert vm is not None and self.mem is not None
+        addr, spi = L.virtio_slot(len(self.virtio_devices))
+        intid = L.SPI_BASE_INTID + spi
+
+        def pulse() -> None:  # edge-triggered in the device tree: a rising edge
+            vm.set_irq(intid, True)
+            vm.set_irq(intid, False)
+
+        transport = MmioTransport(device, self.mem, pulse)
+        self.mmio.insert(transport, addr, L.VIRTIO_MMIO_SLOT)
+        self.virtio_devices.append((addr, spi, transport))
+        closer = getattr(device, "close", None)
+        if closer is not None and closer not in self._closers:
+            self._closers.append(closer)
+
+    def _unhandled(self, what: str, addr: int, size: int) -> None:
+        self._unhandled_log(
+            logging.WARNING,
+            f"unhandled-{what}",
+            "MMIO %s of %d bytes at %#x: no device (reads as zero, writes ignored)",
+            what,
+            size,
+            addr,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self.state != "created":
+                raise MachineError(f"cannot start a machine that is {self.state}")
+            self.state = "running"
+            self.started_at = time.monotonic()
+        if self.virtio_devices:
+            self.loop.call_later(IRQ_RECHECK_S, self._watch_interrupts)
+        self.loop.start()
+        for t in self.threads:
+            t.set_want("run")
+
+    def _watch_interrupts(self) -> None:
+        """Raise again a virtio interrupt left unacknowledged for a whole period (as the x86
+        machine's watchdog: a second edge is harmless)."""
+        if self.stopped:
+            return
+        self.loop.call_later(IRQ_RECHECK_S, self._watch_interrupts)
+        if self.state != "running":
+            return
+        for _, _, t in list(self.virtio_devices):
+            with contextlib.suppress(Exception):
+                if t.recheck_interrupt():
+                    self.interrupts_reraised += 1
+
+    def _kick_until_parked(self, threads: list[_VcpuThread], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        vm = self.vm
+        assert vm is not None
+        while True:
+            running = [t for t in threads if not t.parked.is_set()]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(t.name for t in running)
+                raise MachineError(f"{names} did not stop running within {timeout:g} s")
+            vcpus = [t.vcpu for t in running if t.vcpu is not None]
+            with contextlib.suppress(Exception):
+                vm.kick(vcpus)
+            for t in running:
+                t.parked.wait(KICK_EVERY_S)
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.state != "running":
+                raise MachineError(f"cannot pause a machine that is {self.state}")
+            for t in self.threads:
+                t.set_want("park")
+        # Not under the lock: a vCPU stopping the VM meanwhile (_stop) must not wait for us.
+        try:
+            self._kick_until_parked(self.threads, PAUSE_TIMEOUT_S)
+        except MachineError:
+            with self._lock:
+                if self.state == "running":
+                    for t in self.threads:  # still running: not half-paused
+                        t.set_want("run")
+            raise
+        with self._lock:
+            if self.state != "running":
+                raise MachineError(f"the machine stopped while pausing ({self.stop_reason})")
+            self.state = "paused"
+
+    def resume(self) -> None:
+        if self.state == "created":
+            self.start()
+            return
+        with self._lock:
+            if self.state != "paused":
+                raise MachineError(f"cannot resume a machine that is {self.state}")
+            self.state = "running"
+            for t in self.threads:
+                t.set_want("run")
+
+    def _cpu_on(self, mpidr: int, entry: int, context: int) -> None:
+        for i, t in enumerate(self.threads):
+            if L.mpidr(i) == mpidr:
+                t.power_on(entry, context)
+                return
+        log.warning("PSCI CPU_ON for unknown MPIDR %#x", mpidr)
+
+    def _stop(self, reason: StopReason) -> None:
+        """The first stop wins: record it and park every vCPU (from any thread)."""
+        with self._lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            self.exit_status = 0 if reason.kind in CLEAN_STOPS else 1
+            self.state = "stopped"
+        (log.info if reason.kind in CLEAN_STOPS else log.error)("VM stopped: %s", reason)
+        for t in self.threads:
+            t.set_want("stop")
+        vm = self.vm
+        if vm is not None:
+            with contextlib.suppress(Exception):
+                vm.kick([t.vcpu for t in self.threads if t.vcpu is not None])
+        self._stopped.set()
+
+    def shutdown(self, timeout: float | None = 5.0) -> int | None:
+        self._stop(StopReason("requested", "shut down"))
+        return self.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if not self._stopped.wait(timeout):
+            return None
+        return self.exit_status
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = {
+            "state": self.state,
+            "arch": ARCH,
+            "hypervisor": getattr(self.vm, "name", self.spec.hypervisor),
+            "experimental": True,
+            "uptime_s": round(time.monotonic() - self.started_at, 6) if self.started_at else 0.0,
+            "cpus": self.spec.cpus,
+            "mem_bytes": self.spec.mem_size,
+            "cmdline": self.cmdline,
+            "virtio": [
+                {"addr": f"{a:#x}", "irq": L.SPI_BASE_INTID + s, "type": type(t.device).__name__}
+                for a, s, t in self.virtio_devices
+            ],
+            "exits": sum(t.exits for t in self.threads),
+            "interrupts_reraised": self.interrupts_reraised,
+        }
+        bt = self.boot_timer
+        if bt is not None and bt.boot_time_us is not None:
+            st["boot_time_us"] = bt.boot_time_us
+        if self.restore_time_us is not None:
+            st["restore_time_us"] = self.restore_time_us
+        if self._base_memory is not None:
+            st["rollback_base"] = str(self._base_memory.parent)
+        if self.last_rollback is not None:
+            st["last_rollback"] = self.last_rollback
+        if self.stop_reason is not None:
+            st["stop_reason"] = {"kind": self.stop_reason.kind, "detail": self.stop_reason.detail}
+            st["exit_status"] = self.exit_status
+        return st
+
+    def close(self) -> None:
+        """Stop everything and release the VM, memory and fds. Idempotent."""
+        if self.stop_reason is None:
+            with self._lock:
+                if self.stop_reason is None:
+                    self.stop_reason = StopReason("requested", "closed")
+                    self.exit_status = 0
+                    self.state = "stopped"
+            self._stopped.set()
+        for t in self.threads:
+            t.set_want("stop")
+        vm = self.vm
+        if vm is not None:
+            with contextlib.suppress(Exception):
+                vm.kick([t.vcpu for t in self.threads if t.vcpu is not None])
+        for t in self.threads:
+            if t.thread.is_alive():
+                t.thread.join(5.0)
+        for c in self._closers:
+            try:
+                c()
+            except Exception:
+                log.exception("device close failed")
+        self._closers.clear()
+        with contextlib.suppress(Exception):
+            self.loop.stop()
+        if vm is not None:
+            with contextlib.suppress(Exception):
+                vm.destroy()
+            self.vm = None
+        if self._mm is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                self._mm.close()
+            self._mm = None
+        self.mem = None
+
+    def __enter__(self) -> Aarch64Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- snapshot / restore / rollback -----------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "kernel": os.path.abspath(spec.kernel) if spec.kernel else None,
+            "initrd": os.path.abspath(spec.initrd) if spec.initrd else None,
+            "mem_size": spec.mem_size,
+            "cpus": spec.cpus,
+            "cmdline": self.cmdline,
+            "base_cmdline": spec.cmdline,
+            "vsock": spec.vsock,
+            "vsock_cid": spec.vsock_cid,
+            "net": spec.net,
+            "disks": [os.path.abspath(d) for d in spec.disks],
+            "disk_read_only": spec.disk_read_only,
+            "rng": spec.rng,
+            "boot_timer": spec.boot_timer,
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        from . import snapshot as snap
+
+        if self._fingerprint is None:
+            spec = self.spec
+            try:
+                self._fingerprint = snap.fingerprint(
+                    kernel=spec.kernel,
+                    initrd=spec.initrd,
+                    mem_size=spec.mem_size,
+                    cpus=spec.cpus,
+                    cmdline=spec.cmdline,
+                    disks=spec.disks,
+                    disk_read_only=spec.disk_read_only,
+                    vsock=bool(spec.vsock),
+                    vsock_cid=spec.vsock_cid,
+                    rng=spec.rng,
+                    boot_timer=spec.boot_timer,
+                )
+            except OSError as e:
+                raise MachineError(f"cannot fingerprint the configuration: {e}") from None
+        return self._fingerprint
+
+    @contextlib.contextmanager
+    def _quiesced(self, resume: bool = True) -> Iterator[None]:
+        state = self.state
+        if state not in ("created", "running", "paused"):
+            raise MachineError(f"cannot snapshot or roll back a machine that is {state}")
+        was_running = state == "running"
+        if was_running:
+            self.pause()
+        try:
+            with contextlib.ExitStack() as stack:
+                for _, _, t in self.virtio_devices:
+                    stack.enter_context(t.device.lock)
+                yield
+        finally:
+            if was_running and resume and not self.stopped:
+                self.resume()
+
+    def capture_state(self) -> dict[str, Any]:
+        """Everything but RAM, as plain data (vCPUs parked)."""
+        from . import snapshot as snap
+
+        vm, mem = self.vm, self.mem
+        assert vm is not None and mem is not None
+        vcpu_states = [t.call(lambda v: v.save_state()) for t in self.threads]
+        hv_state = vm.state_to_plain(vcpu_states, vm.save_interrupt_controller())
+        return {
+            "format": snap.FORMAT_VERSION,
+            "arch": ARCH,
+            "hypervisor": vm.name,
+            "id": snap.new_id(),
+            "created": time.time(),
+            "config": self.config(),
+            "fingerprint": self.fingerprint(),
+            "memory": {
+                "file": snap.MEMORY_FILE,
+                "size": mem.size,
+                "regions": [[r.gpa, r.size] for r in mem.regions],
+            },
+            "vm": hv_state,  # the backend's format: vCPU registers, interrupt controller
+            "vcpus": [{"mpidr": L.mpidr(t.index)} for t in self.threads],
+            "devices": {
+                "uart": self.uart.state() if self.uart is not None else None,
+                "boot_timer": self.boot_timer.state() if self.boot_timer is not None else None,
+                "virtio": [
+                    {"addr": a, "irq": s, "type": type(t.device).__name__, "state": t.state()}
+                    for a, s, t in self.virtio_devices
+                ],
+            },
+        }
+
+    def snapshot(self, store: Any, name: str) -> Path:
+        """Write snapshot ``name`` into ``store`` (pausing a running VM meanwhile) and make it
+        the rollback base."""
+        from . import snapshot as snap
+
+        if not isinstance(store, snap.SnapshotStore):
+            store = snap.SnapshotStore(store)
+        snap.check_name(name)
+        t0 = time.perf_counter()
+        with self._snap_lock, self._quiesced():
+            state = self.capture_state()
+            file_state = copy.copy(state)
+            virtio_entries = []
+            overlays: list[tuple[int, Any]] = []
+            for i, entry in enumerate(state["devices"]["virtio"]):
+                dev_state = dict(entry["state"]["device"])
+                if "overlay" in dev_state:
+                    overlays.append((i, self.virtio_devices[i][2].device))
+                    dev_state["overlay"] = {}
+                    dev_state["overlay_file"] = f"disk{i}.overlay"
+                virtio_entries.append({**entry, "state": {**entry["state"], "device": dev_state}})
+            file_state["devices"] = {**state["devices"], "virtio": virtio_entries}
+            mem = self.mem
+            assert mem is not None
+
+            def fill(tmp: Path) -> None:
+                snap.write_memory(tmp / snap.MEMORY_FILE, mem, anonymous=False)
+                for i, dev in overlays:
+                    path = tmp / f"disk{i}.overlay"
+                    dev.save_overlay(path)
+                    virtio_entries[i]["state"]["device"]["overlay_sha256"] = snap.file_sha256(path)
+                snap.write_state(tmp / snap.STATE_FILE, file_state)
+
+            path = store.write(name, fill)
+            self._set_rollback_base(path / snap.MEMORY_FILE, state)
+        log.info("snapshot %s written in %.1f ms", path, (time.perf_counter() - t0) * 1000)
+        return path
+
+    def _set_rollback_base(self, memory_path: Path, state: dict[str, Any]) -> None:
+        """From now on :meth:`rollback` returns here: dirty tracking restarts (everything
+        written since is copied back from ``memory_path``, which holds RAM as it is now)."""
+        vm, mem = self.vm, self.mem
+        assert vm is not None and mem is not None
+        vm.start_dirty_tracking()
+        vm.take_dirty()
+        mem.take_vmm_dirty()
+        self._base_memory = memory_path
+        self._base_state = state
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: Any,
+        hypervisor: Callable[[], HypervisorVm],
+        *,
+        expected: dict[str, Any] | None = None,
+        vsock: str | None = None,
+        net: str | None = None,
+        console_out: BinaryIO | Callable[[bytes], object] | None = None,
+        console_in: int | None = None,
+        start: bool = True,
+        launch_ns: int | None = None,
+        rollback: bool = True,
+        hypervisor_name: str = "hvf",
+    ) -> Aarch64Machine:
+        """Rebuild a VM from a snapshot taken by this machine on the same hypervisor."""
+        from . import snapshot as snap
+
+        t0 = time.perf_counter_ns()
+        if not isinstance(snapshot, snap.Snapshot):
+            snapshot = snap.Snapshot.load(snapshot)
+        st = snapshot.state
+        if st.get("arch") != ARCH or st.get("hypervisor") != hypervisor_name:
+            raise snap.SnapshotError(
+                f"{snapshot.state_path}: a snapshot of arch {st.get('arch', 'x86_64')!r} on "
+                f"{st.get('hypervisor', 'kvm')!r}, not {ARCH} on {hypervisor_name}"
+            )
+        if expected:
+            snap.check_fingerprint(st, expected, snapshot.state_path)
+        cfg = st["config"]
+        try:
+            spec = Aarch64Spec(
+                kernel=cfg["kernel"] or "",
+                initrd=cfg["initrd"],
+                mem_size=int(cfg["mem_size"]),
+                cpus=int(cfg["cpus"]),
+                cmdline=cfg["base_cmdline"],
+                vsock=(vsock or cfg["vsock"]) if cfg["vsock"] else None,
+                vsock_cid=int(cfg["vsock_cid"]),
+                net=(net or cfg.get("net")) if cfg.get("net") else None,
+                disks=list(cfg["disks"]),
+                disk_read_only=bool(cfg["disk_read_only"]),
+                rng=bool(cfg["rng"]),
+                boot_timer=bool(cfg["boot_timer"]),
+                log_dirty=rollback,
+                hypervisor=hypervisor_name,
+                launch_ns=launch_ns,
+                console_out=console_out,
+                console_in=console_in,
+            )
+        except (KeyError, TypeError, ValueError, MachineError) as e:
+            raise snap.SnapshotError(f"{snapshot.state_path}: bad configuration: {e}") from None
+        if int(st["memory"]["size"]) != spec.mem_size:
+            raise snap.SnapshotError(f"{snapshot.state_path}: memory size disagrees with config")
+        m = cls(spec, hypervisor, _restore=snapshot)
+        try:
+            m.cmdline = cfg["cmdline"]
+            m._fingerprint = st.get("fingerprint")
+            if start:
+                m.start()
+            m.restore_time_us = (time.perf_counter_ns() - t0) // 1000
+        except BaseException:
+            m.close()
+            raise
+        return m
+
+    def _load_snapshot_state(self, snapshot: Any) -> None:
+        from . import snapshot as snap
+
+        st, where = snapshot.state, snapshot.state_path
+        devs = st["devices"]
+        saved = devs.get("virtio", [])
+        if len(saved) != len(self.virtio_devices):
+            raise snap.SnapshotError(
+                f"{where}: {len(saved)} virtio devices saved, {len(self.virtio_devices)} built"
+            )
+        loaded = []
+        for i, (entry, (addr, spi, t)) in enumerate(zip(saved, self.virtio_devices, strict=True)):
+            if (
+                entry["addr"] != addr
+                or entry["irq"] != spi
+                or entry["type"] != type(t.device).__name__
+            ):
+                raise snap.SnapshotError(f"{where}: virtio slot {i} does not match the machine")
+            dev_state = entry["state"]["device"]
+            if "overlay_file" in dev_state:
+                path = snapshot.path / dev_state["overlay_file"]
+                try:
+                    if snap.file_sha256(path) != dev_state.get("overlay_sha256"):
+                        raise snap.SnapshotError(f"{path}: disk overlay is corrupt (sha256)")
+                    t.device.load_overlay(path)
+                except OSError as e:
+                    raise snap.SnapshotError(f"{path}: cannot read disk overlay: {e}") from None
+                dev_state = {**dev_state, "overlay": dict(t.device.overlay)}
+            loaded.append({**entry, "state": {**entry["state"], "device": dev_state}})
+        try:
+            self._load_cpu_state(st["vm"])
+        except ValueError as e:
+            raise snap.SnapshotError(f"{where}: {e}") from None
+        self._load_device_state(devs, loaded)
+        base = {**st, "devices": {**devs, "virtio": loaded}}
+        if self.spec.log_dirty:
+            self._set_rollback_base(snapshot.memory_path, base)
+        for _, _, t in self.virtio_devices:
+            reset = getattr(t.device, "send_transport_reset", None)
+            if reset is not None:
+                reset()  # the guest's vsock connections died with the old process
+
+    def _load_cpu_state(self, plain: dict[str, Any]) -> None:
+        """vCPU registers (each on its thread), then the interrupt controller, then what each
+        vCPU keeps of it (HVF: the ICC registers)."""
+        vm = self.vm
+        assert vm is not None
+        vcpu_states, blob = vm.state_from_plain(plain)
+        if len(vcpu_states) != len(self.threads):
+            raise ValueError(f"{len(vcpu_states)} vCPU states for {len(self.threads)} vCPUs")
+        for t, vs in zip(self.threads, vcpu_states, strict=True):
+            t.call(lambda v, vs=vs: v.restore_state(vs))
+            t.powered_on = bool(getattr(vs, "powered_on", t.index == 0))
+        vm.restore_interrupt_controller(blob)
+        for t, vs in zip(self.threads, vcpu_states, strict=True):
+            t.call(lambda v, vs=vs: v.after_interrupt_controller_restore(vs))
+
+    def _load_device_state(self, devs: dict[str, Any], virtio: list[dict[str, Any]]) -> None:
+        if self.uart is not None and devs.get("uart") is not None:
+            self.uart.set_state(devs["uart"])
+        if self.boot_timer is not None and devs.get("boot_timer") is not None:
+            self.boot_timer.set_state(devs["boot_timer"])
+        for entry, (_, _, t) in zip(virtio, self.virtio_devices, strict=True):
+            t.set_state(entry["state"])
+
+    def rollback(self, *, resume: bool | None = None) -> dict[str, Any]:
+        """Return a live VM to its rollback base in place: copy back, from the base's memory
+        file, every granule written since (the hypervisor's dirty tracking plus the VMM's own
+        writes), reload vCPU, interrupt controller and device state, post the vsock reset."""
+        if self._base_state is None or self._base_memory is None:
+            raise MachineError("no snapshot to roll back to: restore from one or take one first")
+        if not self.spec.log_dirty:
+            raise MachineError("this VM was restored without dirty tracking (--no-rollback)")
+        t0 = time.perf_counter_ns()
+        base = self._base_state
+        with self._snap_lock, self._quiesced(resume is not False):
+            granules = self._revert_memory()
+            t_mem = time.perf_counter_ns()
+            self._load_cpu_state(base["vm"])
+            self._load_device_state(base["devices"], base["devices"]["virtio"])
+            for _, _, t in self.virtio_devices:
+                reset = getattr(t.device, "send_transport_reset", None)
+                if reset is not None:
+                    reset()
+            t1 = time.perf_counter_ns()
+        info = {
+            "granules": granules,
+            "memory_us": (t_mem - t0) // 1000,
+            "rollback_us": (t1 - t0) // 1000,
+        }
+        self.last_rollback = info
+        log.info(
+            "Rollback-time = %d us %d ms (%d granules)",
+            info["rollback_us"],
+            info["rollback_us"] // 1000,
+            granules,
+        )
+        return info
+
+    def dirty_granules(self) -> list[int]:
+        """Guest-physical granule addresses written since the base (cleared by reading)."""
+        vm, mem = self.vm, self.mem
+        assert vm is not None and mem is not None
+        g = vm.granule
+        dirty = set(vm.take_dirty())
+        dirty.update((p * PAGE_SIZE) // g * g for p in mem.take_vmm_dirty())
+        return sorted(dirty)
+
+    def _revert_memory(self) -> int:
+        mem = self.mem
+        assert mem is not None and self._base_memory is not None
+        region = mem.regions[0]
+        g = self.vm.granule if self.vm is not None else PAGE_SIZE
+        granules = self.dirty_granules()
+        fd = os.open(self._base_memory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for gpa in granules:
+                off = gpa - region.gpa
+                if not 0 <= off < region.size:
+                    continue
+                data = os.pread(fd, g, off)
+                if len(data) != g:
+                    raise MachineError(f"{self._base_memory}: short read at {off:#x}")
+                region.mm[off : off + g] = data  # not mem.write: not a new VMM write
+        finally:
+            os.close(fd)
+        return len(granules)
+
+
+# -- the process ---------------------------------------------------------------------------------
+def _control_handler(machine: Aarch64Machine, stop: threading.Event, args: Any):
+    from .snapshot import SnapshotError
+
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req["cmd"]
+        try:
+            if cmd == "status":
+                return {"ok": True, **machine.status()}
+            if cmd == "pause":
+                machine.pause()
+                return {"ok": True, "state": machine.state}
+            if cmd == "resume":
+                machine.resume()
+                return {"ok": True, "state": machine.state}
+            if cmd == "shutdown":
+                stop.set()
+                return {"ok": True, "state": "stopping"}
+            if cmd == "snapshot":
+                store = req.get("store", args.store)
+                name = req.get("name", args.name)
+                if not isinstance(store, str) or not isinstance(name, str):
+                    return {"ok": False, "error": "snapshot needs a store and a name (strings)"}
+                t0 = time.perf_counter()
+                path = machine.snapshot(store, name)
+                ms = round((time.perf_counter() - t0) * 1000, 3)
+                return {"ok": True, "path": str(path), "snapshot_ms": ms, "state": machine.state}
+            if cmd == "rollback":
+                return {"ok": True, **machine.rollback(), "state": machine.state}
+        except (MachineError, SnapshotError) as e:
+            return {"ok": False, "error": str(e), "state": machine.state}
+        except OSError as e:
+            return {"ok": False, "error": f"{cmd}: {e}", "state": machine.state}
+        return {
+            "ok": False,
+            "error": f"unknown command {cmd!r} (status, pause, resume, shutdown, snapshot, rollback)",
+        }
+
+    return handle
+
+
+def split_hypervisor(argv: list[str]) -> tuple[str, list[str]]:
+    """``--hypervisor NAME`` (anywhere; default hvf) and the rest of the arguments."""
+    name, rest, i = "hvf", [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--hypervisor" and i + 1 < len(argv):
+            name = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--hypervisor="):
+            name = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return name, rest
+
+
+def run(
+    args: Any,
+    hypervisor: Callable[[], HypervisorVm],
+    hypervisor_name: str = "hvf",
+) -> int:
+    """``boot`` and ``restore``: build the VM, serve it until it stops (the x86 VMM's
+    ``cmd_boot`` with this machine; same exit statuses)."""
+    import signal
+
+    from . import __main__ as vmm_main
+    from .snapshot import SnapshotError
+
+    parent = os.getppid()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    if sys.platform.startswith("linux"):
+        vmm_main.set_parent_death_signal()  # elsewhere the parent is polled below
+    restoring = args.command == "restore"
+    console = None
+    machine: Aarch64Machine | None = None
+    control = None
+    sockets: list[str] = []
+    try:
+        vmm_main._check_paths(args)
+        console = vmm_main._Console(args.console)
+        handler = vmm_main._CrlfHandler(console)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(args.log_level.upper())
+        log.warning(
+            "EXPERIMENTAL: the aarch64 machine on %s has never been run on a Mac before",
+            hypervisor_name,
+        )
+        console_in = None if console.raw else console.in_fd
+        if restoring:
+            machine = Aarch64Machine.restore(
+                os.path.join(args.store, args.name),
+                hypervisor,
+                expected=vmm_main._expected_fingerprint(args),
+                vsock=args.vsock,
+                net=args.net,
+                console_out=console.out,
+                console_in=console_in,
+                start=False,
+                launch_ns=LAUNCH_NS,
+                rollback=not args.no_rollback,
+                hypervisor_name=hypervisor_name,
+            )
+        else:
+            spec = Aarch64Spec(
+                kernel=args.kernel,
+                initrd=args.initrd,
+                mem_size=args.mem,
+                cpus=args.cpus,
+                cmdline=args.cmdline,
+                vsock=args.vsock,
+                vsock_cid=args.vsock_cid,
+                net=args.net,
+                disks=list(args.disk),
+                disk_read_only=args.disk_read_only,
+                rng=not args.no_rng,
+                boot_timer=args.boot_timer,
+                hypervisor=hypervisor_name,
+                launch_ns=LAUNCH_NS,
+                console_out=console.out,
+                console_in=console_in,
+            )
+            machine = Aarch64Machine.create(spec, hypervisor)
+        if machine.spec.vsock:
+            sockets.append(machine.spec.vsock)
+        if console.raw and console.in_fd is not None:
+            vmm_main._attach_tty(machine, console.in_fd, vmm_main._EscapeFilter(stop.set))
+        if args.control:
+            from .control import ControlServer
+
+            control = ControlServer(args.control, _control_handler(machine, stop, args))
+        if not args.paused:
+            if restoring:
+                vmm_main._start_restored(machine)
+            else:
+                machine.start()
+        if control is not None:
+            control.start()
+            sockets.append(args.control)
+        while not stop.is_set():
+            if machine.wait(0.25) is not None:
+                break
+            if os.getppid() != parent:
+                log.info("parent process %d went away; shutting down", parent)
+                break
+        if received:
+            log.info("signal %s: shutting down", signal.Signals(received[0]).name)
+        if not machine.stopped:
+            machine.shutdown()
+        return machine.exit_status or 0
+    except vmm_main.SetupError as e:
+        sys.stderr.write(f"{vmm_main.PROG}: {e}\n")
+        return vmm_main.EXIT_SETUP
+    except (MachineError, SnapshotError, GuestMemoryError, OSError) as e:
+        sys.stderr.write(f"{vmm_main.PROG}: {e}\n")
+        return vmm_main.EXIT_SETUP
+    finally:
+        if control is not None:
+            control.close()
+        if machine is not None:
+            try:
+                machine.close()
+            except Exception as e:
+                log.error("teardown: %s", e)
+        for path in sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if console is not None:
+            console.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import __main__ as vmm_main
+
+    name, rest = split_hypervisor(sys.argv[1:] if argv is None else list(argv))
+    if name not in HYPERVISORS:
+        sys.stderr.write(
+            f"{vmm_main.PROG}: --hypervisor {name!r}: one of {', '.join(HYPERVISORS)}\n"
+        )
+        return vmm_main.EXIT_SETUP
+    args = vmm_main.parser().parse_args(rest)
+    try:
+        return run(args, hypervisor_factory(name), name)
+    except Exception as e:  # one line, no traceback, unless asked (as the x86 VMM)
+        if os.environ.get("IGNITION_VMM_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(f"{vmm_main.PROG}: internal error: {type(e).__name__}: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -294,6 +294,52 @@ def _set_struct(fd: int, request: int, ctype: str, data: bytes, what: str) -> No
     _ioctl(fd, request, _from_bytes(ctype, data, what))
 
 
+def _regs_cdata(regs: Regs | dict[str, int]) -> Any:
+    if isinstance(regs, dict):
+        regs = Regs.from_dict(regs)
+    return ffi.new("struct kvm_regs *", {n: getattr(regs, n) for n in _REG_NAMES})
+
+
+def _sregs_cdata(sregs: Sregs | dict[str, Any]) -> Any:
+    if isinstance(sregs, dict):
+        sregs = Sregs.from_dict(sregs)
+    s = ffi.new("struct kvm_sregs *")
+    for name in _SEGS:
+        src = getattr(sregs, name)
+        dst = getattr(s, name)
+        for f in _SEG_FIELDS:
+            setattr(dst, f, getattr(src, f))
+        dst.unusable = src.unusable
+    for name in ("gdt", "idt"):
+        src = getattr(sregs, name)
+        dst = getattr(s, name)
+        dst.base = src.base
+        dst.limit = src.limit
+    for name in _SREG_INTS:
+        setattr(s, name, getattr(sregs, name))
+    for i, v in enumerate(sregs.interrupt_bitmap):
+        s.interrupt_bitmap[i] = v
+    return s
+
+
+def _xsave_cdata(data: bytes) -> tuple[Any, Any]:
+    """(the buffer, which must stay alive, and the ``struct kvm_xsave *`` over it)."""
+    if len(data) < 4096:
+        raise ValueError(f"xsave: expected at least 4096 bytes, got {len(data)}")
+    buf = ffi.new("char[]", bytes(data))
+    return buf, ffi.cast("struct kvm_xsave *", buf)
+
+
+def _msrs_cdata(items: list[tuple[int, int]]) -> tuple[Any, Any]:
+    buf = ffi.new("char[]", 8 + 16 * len(items))
+    m = ffi.cast("struct kvm_msrs *", buf)
+    m.nmsrs = len(items)
+    for i, (index, value) in enumerate(items):
+        m.entries[i].index = index
+        m.entries[i].data = value
+    return buf, m
+
+
 # -- plain-data state ---------------------------------------------------------------------
 _REG_NAMES = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
 
@@ -752,10 +798,7 @@ class Vcpu:
         return Regs(**{n: getattr(r, n) for n in _REG_NAMES})
 
     def set_regs(self, regs: Regs | dict[str, int]) -> None:
-        if isinstance(regs, dict):
-            regs = Regs.from_dict(regs)
-        r = ffi.new("struct kvm_regs *", {n: getattr(regs, n) for n in _REG_NAMES})
-        _ioctl(self.fd, KVM_SET_REGS, r)
+        _ioctl(self.fd, KVM_SET_REGS, _regs_cdata(regs))
 
     def get_sregs(self) -> Sregs:
         s = ffi.new("struct kvm_sregs *")
@@ -773,25 +816,7 @@ class Vcpu:
         return Sregs(**kw)
 
     def set_sregs(self, sregs: Sregs | dict[str, Any]) -> None:
-        if isinstance(sregs, dict):
-            sregs = Sregs.from_dict(sregs)
-        s = ffi.new("struct kvm_sregs *")
-        for name in _SEGS:
-            src = getattr(sregs, name)
-            dst = getattr(s, name)
-            for f in _SEG_FIELDS:
-                setattr(dst, f, getattr(src, f))
-            dst.unusable = src.unusable
-        for name in ("gdt", "idt"):
-            src = getattr(sregs, name)
-            dst = getattr(s, name)
-            dst.base = src.base
-            dst.limit = src.limit
-        for name in _SREG_INTS:
-            setattr(s, name, getattr(sregs, name))
-        for i, v in enumerate(sregs.interrupt_bitmap):
-            s.interrupt_bitmap[i] = v
-        _ioctl(self.fd, KVM_SET_SREGS, s)
+        _ioctl(self.fd, KVM_SET_SREGS, _sregs_cdata(sregs))
 
     def get_fpu(self) -> bytes:
         return _get_struct(self.fd, KVM_GET_FPU, "struct kvm_fpu")
@@ -808,13 +833,7 @@ class Vcpu:
         return _read_cpuid(self.fd, KVM_GET_CPUID2, 256)
 
     def _msrs(self, items: list[tuple[int, int]]) -> tuple[Any, Any]:
-        buf = ffi.new("char[]", 8 + 16 * len(items))
-        m = ffi.cast("struct kvm_msrs *", buf)
-        m.nmsrs = len(items)
-        for i, (index, value) in enumerate(items):
-            m.entries[i].index = index
-            m.entries[i].data = value
-        return buf, m
+        return _msrs_cdata(items)
 
     def get_msrs(self, indices: list[int], *, strict: bool = True) -> dict[int, int]:
         """Read MSRs. KVM stops at the first it cannot read: ``strict`` raises naming it,
@@ -869,10 +888,8 @@ class Vcpu:
         return ffi.buffer(buf)[:]
 
     def set_xsave(self, data: bytes) -> None:
-        if len(data) < 4096:
-            raise ValueError(f"xsave: expected at least 4096 bytes, got {len(data)}")
-        buf = ffi.new("char[]", bytes(data))
-        _ioctl(self.fd, KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf))
+        _buf, x = _xsave_cdata(data)
+        _ioctl(self.fd, KVM_SET_XSAVE, x)
 
     def get_xcrs(self) -> bytes:
         return _get_struct(self.fd, KVM_GET_XCRS, "struct kvm_xcrs")
@@ -1041,31 +1058,66 @@ def timer_msrs(msrs: dict[int, int], lapic: bytes | None) -> tuple[dict[int, int
 
 
 def restore_vcpu_registers(vcpu: Vcpu, state: dict[str, Any], during: str = "restore") -> None:
-    """The part of :func:`restore_vcpu_state` after CPUID and TSC frequency, in KVM's order
-    (the LAPIC before the MSRs, the TSC deadline after the TSC: :func:`timer_msrs`); alone it
-    reloads a vCPU that already ran (KVM refuses CPUID changes after KVM_RUN). Last, a vCPU
-    with kvmclock enabled is told it was stopped (``KVM_KVMCLOCK_CTRL``): the guest then
-    resets its RCU-stall, soft-lockup and hung-task timers on its next clock read instead of
-    reporting the time it spent saved as a stall. ``during`` names the operation in the log
-    line for a refused MSR."""
-    vcpu.set_mp_state(int(state["mp_state"]))
-    vcpu.set_regs(Regs.from_dict(state["regs"]))
-    vcpu.set_sregs(Sregs.from_dict(state["sregs"]))
-    vcpu.set_xsave(state["xsave"])
-    vcpu.set_xcrs(state["xcrs"])
-    vcpu.set_debugregs(state["debugregs"])
-    if state["lapic"] is not None:
-        vcpu.set_lapic(state["lapic"])
-    msrs, deadline = timer_msrs({int(k): int(v) for k, v in state["msrs"].items()}, state["lapic"])
-    for part in (msrs, deadline):
-        for index in set_msrs_each(vcpu, part):
-            log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
-    vcpu.set_vcpu_events(state["vcpu_events"])
-    if msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0) & 1:
-        try:
-            vcpu.kvmclock_ctrl()
-        except KvmError as e:
-            log.debug("vcpu%d: KVM_KVMCLOCK_CTRL failed (%s)", vcpu.index, e)
+    """The part of :func:`restore_vcpu_state` after CPUID and TSC frequency (see
+    :class:`VcpuRegisterLoad`); alone it reloads a vCPU that already ran (KVM refuses CPUID
+    changes after KVM_RUN). ``during`` names the operation in the log line for a refused MSR."""
+    VcpuRegisterLoad(state).apply(vcpu, during)
+
+
+class VcpuRegisterLoad:
+    """A saved vCPU state's register ioctls with their arguments built once, for a state that
+    is loaded many times (the rollback base): :meth:`apply` only makes the ioctls.
+
+    KVM's order: mp_state, regs, sregs, xsave, xcrs, debugregs, the LAPIC before the MSRs,
+    the TSC deadline after the TSC (:func:`timer_msrs`), events. Last, a vCPU with kvmclock
+    enabled is told it was stopped (``KVM_KVMCLOCK_CTRL``): the guest then resets its
+    RCU-stall, soft-lockup and hung-task timers on its next clock read instead of reporting the
+    time it spent saved as a stall. The arguments are inputs only (KVM does not write them), so
+    one instance serves any number of loads."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.mp_state = ffi.new("struct kvm_mp_state *", {"mp_state": int(state["mp_state"])})
+        self.regs = _regs_cdata(state["regs"])
+        self.sregs = _sregs_cdata(state["sregs"])
+        self._xsave_buf, self.xsave = _xsave_cdata(state["xsave"])
+        self.xcrs = _from_bytes("struct kvm_xcrs", state["xcrs"], "xcrs")
+        self.debugregs = _from_bytes("struct kvm_debugregs", state["debugregs"], "debugregs")
+        lapic = state["lapic"]
+        self.lapic = (
+            None if lapic is None else _from_bytes("struct kvm_lapic_state", lapic, "lapic")
+        )
+        msrs, deadline = timer_msrs({int(k): int(v) for k, v in state["msrs"].items()}, lapic)
+        self.msr_parts = []
+        for part in (msrs, deadline):
+            items = list(part.items())
+            buf, m = _msrs_cdata(items)
+            self.msr_parts.append((items, buf, m))
+        self.events = _from_bytes("struct kvm_vcpu_events", state["vcpu_events"], "vcpu_events")
+        self.kvmclock = bool(msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0) & 1)
+
+    def apply(self, vcpu: Vcpu, during: str = "restore") -> None:
+        fd = vcpu.fd
+        _ioctl(fd, KVM_SET_MP_STATE, self.mp_state)
+        _ioctl(fd, KVM_SET_REGS, self.regs)
+        _ioctl(fd, KVM_SET_SREGS, self.sregs)
+        _ioctl(fd, KVM_SET_XSAVE, self.xsave)
+        _ioctl(fd, KVM_SET_XCRS, self.xcrs)
+        _ioctl(fd, KVM_SET_DEBUGREGS, self.debugregs)
+        if self.lapic is not None:
+            _ioctl(fd, KVM_SET_LAPIC, self.lapic)
+        for items, _buf, m in self.msr_parts:
+            n = _ioctl(fd, KVM_SET_MSRS, m) if items else 0
+            if n < len(items):
+                # KVM stops at the first MSR it refuses: the rest one by one (see set_msrs_each)
+                refused = [items[n][0]] + set_msrs_each(vcpu, dict(items[n + 1 :]))
+                for index in refused:
+                    log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
+        _ioctl(fd, KVM_SET_VCPU_EVENTS, self.events)
+        if self.kvmclock:
+            try:
+                vcpu.kvmclock_ctrl()
+            except KvmError as e:
+                log.debug("vcpu%d: KVM_KVMCLOCK_CTRL failed (%s)", vcpu.index, e)
 
 
 VM_STATE_VERSION = 1

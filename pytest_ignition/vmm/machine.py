@@ -156,13 +156,6 @@ def _remap_private(mem: GuestMemory, path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _reload_vcpu(vcpu: kvm.Vcpu, state: dict[str, Any]) -> None:
-    """Load saved state into a vCPU that already ran: like :func:`kvm.restore_vcpu_state`
-    without CPUID and TSC frequency (KVM refuses CPUID changes after KVM_RUN, and both are
-    this vCPU's own already)."""
-    kvm.restore_vcpu_registers(vcpu, state, during="rollback")
-
-
 class _Irqfd:
     """An eventfd routed to a GSI: a write raises the (edge-triggered) interrupt."""
 
@@ -198,6 +191,8 @@ class Machine:
         # The snapshot an in-place rollback returns to: its memory file (mapped privately
         # under guest RAM) and its state, device overlays included (see _set_rollback_base).
         self._base_state: dict[str, Any] | None = None
+        # the base's vCPU register loads, built on the first rollback to it (kvm.VcpuRegisterLoad)
+        self._base_loads: list[kvm.VcpuRegisterLoad] | None = None
         self._base_memory: Path | None = None
         self._backing: Path | None = None  # the file guest RAM is privately mapped from
         self._dirty_acc: list[bytes | bytearray] | None = None  # see _dirty_runs
@@ -613,6 +608,7 @@ class Machine:
         self._dirty_acc = None
         self._base_memory = memory_path
         self._base_state = state
+        self._base_loads = None
 
     @classmethod
     def restore(
@@ -743,6 +739,7 @@ class Machine:
             raise snap.SnapshotError(f"{where}: {e}") from None
         self._load_device_state(devs, loaded)
         self._base_state = {**st, "devices": {**devs, "virtio": loaded}}
+        self._base_loads = None
         self._base_memory = self._backing = snapshot.memory_path
         for _, _, t in self.virtio_devices:
             reset = getattr(t.device, "send_transport_reset", None)
@@ -779,8 +776,10 @@ class Machine:
                 pages, ranges = self._revert_memory()
                 t_mem = time.perf_counter_ns()
                 kvm.restore_vm_state(self.vm, base["vm"])
-                for r, vstate in zip(self.runners, base["vcpus"], strict=True):
-                    _reload_vcpu(r.vcpu, vstate)
+                if self._base_loads is None:
+                    self._base_loads = [kvm.VcpuRegisterLoad(v) for v in base["vcpus"]]
+                for r, load in zip(self.runners, self._base_loads, strict=True):
+                    load.apply(r.vcpu, during="rollback")
                 self._load_device_state(base["devices"], base["devices"]["virtio"])
             for _, _, t in self.virtio_devices:
                 reset = getattr(t.device, "send_transport_reset", None)

@@ -491,30 +491,39 @@ def new_id() -> str:
 
 
 # -- dirty-page runs ------------------------------------------------------------------------
-_NONZERO = re.compile(rb"[^\x00]+")
+_NONZERO = bytes([0] + [1] * 255)  # translate table: a zero byte stays 0, any other is 1
 
 
 def bitmap_runs(bitmap: bytes | bytearray, first_page: int = 0) -> list[tuple[int, int]]:
     """(first page, page count) runs of set bits in an LSB-first page bitmap, adjacent pages
-    merged into one run. The scan for non-zero bytes is a C-speed regex (a 512 MiB guest's
-    bitmap is 16 KiB, nearly all zero); each non-zero stretch is decoded as one integer."""
+    merged into one run. The bitmap is mostly zero (16 KiB for a 512 MiB guest): its non-zero
+    bytes are found at C speed (``translate`` to 0/1, then ``find``) and each non-zero stretch
+    is decoded as one integer."""
     runs: list[tuple[int, int]] = []
     start = end = -1
-    for m in _NONZERO.finditer(bitmap):
-        w = int.from_bytes(m.group(), "little")
-        base = first_page + (m.start() << 3)
-        while w:
-            low = (w & -w).bit_length() - 1
-            x = w >> low
-            n = (x ^ (x + 1)).bit_length() - 1  # trailing ones of x
-            s = base + low
-            if end == s:
-                end += n
-            else:
-                if end > start:
-                    runs.append((start, end - start))
-                start, end = s, s + n
-            w = x >> n << (low + n)
+    flags = bitmap.translate(_NONZERO)
+    pos = flags.find(1)
+    while pos >= 0:
+        stop = flags.find(0, pos)
+        if stop < 0:
+            stop = len(flags)
+        # at most 64 bytes per integer, so that a stretch of scattered pages costs O(bits)
+        for at in range(pos, stop, 64):
+            w = int.from_bytes(bitmap[at : min(at + 64, stop)], "little")
+            base = first_page + (at << 3)
+            while w:
+                low = (w & -w).bit_length() - 1
+                x = w >> low
+                n = (x ^ (x + 1)).bit_length() - 1  # trailing ones of x
+                s = base + low
+                if end == s:
+                    end += n
+                else:
+                    if end > start:
+                        runs.append((start, end - start))
+                    start, end = s, s + n
+                w = x >> n << (low + n)
+        pos = flags.find(1, stop)
     if end > start:
         runs.append((start, end - start))
     return runs

@@ -403,3 +403,24 @@ def test_the_process_refuses_to_run_off_macos_in_one_line(files, tmp_path) -> No
     assert "Traceback" not in res.stderr
     res = subprocess.run([*cmd, "boot", "--hypervisor", "kvm"], capture_output=True, text=True)
     assert res.returncode == 2 and "one of hvf" in res.stderr
+
+
+def test_a_guest_powering_off_during_a_pause_ends_both_at_once(files, tmp_path) -> None:
+    """The vCPU that stops the VM must not wait for the pause that waits for it."""
+
+    def off_when_kicked(v):
+        assert v.kicked.wait(10), "never kicked"
+        return Exit("psci-off")
+
+    vm = FakeVm({0: [off_when_kicked]})
+    m, _ = make(vm, files, tmp_path)
+    try:
+        m.start()
+        wait_for(lambda: vm.vcpus[0].runs > 0, "vcpu0 to enter the guest")
+        t0 = time.monotonic()
+        with pytest.raises(ma.MachineError, match="stopped while pausing"):
+            m.pause()
+        assert time.monotonic() - t0 < 3
+        assert m.wait(5) == 0 and m.stop_reason.kind == "shutdown"
+    finally:
+        m.close()

@@ -33,6 +33,7 @@ Hypervisor.framework) run by the entitled interpreter copy (``vmm/hypervisor/hvf
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import select
@@ -345,6 +346,32 @@ class IgnitionEngine(Engine):
             ]
         return [self.python, "-m", "pytest_ignition.vmm", command]
 
+    # What the aarch64 VMM imports outside the standard library.
+    HVF_IMPORTS = ("pytest_ignition", "cffi", "_cffi_backend", "pycparser")
+
+    def vmm_env(self) -> dict[str, str]:
+        """Environment the VMM process needs on top of ours: nothing for KVM. For HVF the signed
+        interpreter is a copy of the *base* interpreter in the cache, which does not see a
+        virtualenv's site-packages (no ``pyvenv.cfg`` beside it): ``PYTHONPATH`` names the
+        directories this process imports pytest_ignition and cffi from."""
+        if self.hypervisor != "hvf":
+            return {}
+        roots: list[str] = []
+        for name in self.HVF_IMPORTS:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            where = getattr(mod, "__file__", None)
+            if not where:
+                continue
+            path = Path(where).resolve()
+            root = path.parent.parent if path.name == "__init__.py" else path.parent
+            if str(root) not in roots:
+                roots.append(str(root))
+        old = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": os.pathsep.join(roots + ([old] if old else []))}
+
     def cmdline(self, config: VMConfig) -> str:
         parts = [_process.default_cmdline()]
         if config.image is not None:
@@ -399,7 +426,7 @@ class IgnitionEngine(Engine):
             m._relay = _ConsoleRelay(ours, m.console_sock, m.console_log)
             started = time.monotonic()
             # the virtio-blk overlay (an unlinked sparse file) lands in the machine's dir
-            env = {**os.environ, "TMPDIR": str(m.dir)}
+            env = {**os.environ, **self.vmm_env(), "TMPDIR": str(m.dir)}
             fs = self._fork_server(argv)
             if fs is not None:
                 m.proc = fs.spawn(  # type: ignore[assignment]

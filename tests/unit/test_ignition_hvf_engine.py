@@ -109,3 +109,24 @@ def test_the_kvm_engines_command_is_unchanged(config, tmp_path):
         ]  # fmt: skip
     finally:
         m.close()
+
+
+def test_the_signed_copy_finds_the_vmm_and_cffi_through_pythonpath(tmp_path) -> None:
+    """The signed copy is of the base interpreter (no virtualenv): vmm_env's PYTHONPATH alone must
+    make the VMM's imports work. Run here with -S (no site-packages at all), outside the checkout."""
+    import os
+    import subprocess
+
+    engine, _ = select_engine("ignition", MAC)
+    env = {**os.environ, **engine.vmm_env()}
+    code = "import pytest_ignition.vmm.machine_aarch64, cffi, _cffi_backend; cffi.FFI().cdef('int f(void);')"
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=bare, capture_output=True, text=True
+    )
+    assert res.returncode != 0  # without it the imports fail: the test can tell
+    assert ignition.IgnitionEngine().vmm_env() == {}  # KVM: our environment, unchanged

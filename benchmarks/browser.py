@@ -1,19 +1,31 @@
-"""Benchmark: the disposable browser (the seed's second table), QEMU engine on this machine.
+"""Benchmark: the disposable browser (the seed's second table), QEMU and the bundled VMM.
 
-Metrics (records in ``benchmarks/results/browser.json``, engine ``qemu``, where = accelerator):
+Metrics (records in ``benchmarks/results/browser.json``; ``where`` is ``nested`` inside the
+nested harness, else QEMU's accelerator, or ``direct`` for the bundled VMM on this host's KVM):
 
 * ``browser_cold_to_cdp``: VM launch (cold boot of the browser guest) → Chromium started →
   its DevTools endpoint answers on the forwarded host port. ``browser_boot_to_ready`` is the
-  guest-boot part of it (launch → agent ready).
+  guest-boot part of it (launch → agent ready); the bundled VMM also reports its boot timer
+  (``browser_guest_boot_time``, launch → the guest's init wrote the boot marker).
 * ``browser_restore_to_cdp``: restore launched → agent ready → DevTools answers (the warm
-  browser from the snapshot).
+  browser from the snapshot); ``cold_over_restore`` on it is cold ÷ restore of this run.
 * ``browser_restore_to_paint``: restore launched → Playwright connected over CDP → a page
   served from the host loaded and painted (two animation frames after ``load``).
+* ``browser_rollback_to_cdp`` (engines that roll back in place: the bundled VMM): after that
+  page was painted, ``vm.reset()`` in rollback mode → DevTools answers again; the painted page
+  must be gone (checked: a page that survives the rollback fails the run).
 * ``host_chromium_cold_to_cdp`` / ``host_chromium_cold_to_paint`` (engine ``host``): the same
-  Chromium started cold on this host with the same flags, what users would do instead.
+  Chromium started cold with the same flags where this script runs (this host, or inside the
+  nested host when run there: ``where`` says which), what users would do instead.
 
-Ratios (cold ÷ restore, host ÷ restore) are computed by the report from the medians of this
-run. Usage: ``python -m benchmarks.browser [--restores 10] [--host-starts 5] [--memory 2048]``.
+With ``--engine qemu,ignition`` both engines are measured in the same run, interleaved (the
+engine that goes first alternates). Usage::
+
+    python -m benchmarks.browser [--engine qemu] [--restores 10] [--host-starts 5] [--memory 2048]
+    python -m pytest_ignition.nested run --mem 10240 -- .venv/bin/python -m benchmarks.browser \
+        --engine qemu,ignition --boots 1 --restores 3 --rollbacks 3 --host-starts 2
+
+Records of the same metric, engine and where are replaced; the others stay.
 """
 
 from __future__ import annotations
@@ -104,109 +116,214 @@ def host_chromium(pw, runs: int, url: str) -> tuple[list[float], list[float]]:
     return to_cdp, to_paint
 
 
+def _engine(name: str):
+    if name == "ignition":
+        from pytest_ignition.engines.ignition import IgnitionEngine
+
+        return IgnitionEngine(check=True)
+    from pytest_ignition.engines.qemu import QemuEngine
+    from pytest_ignition.engines.select import decide, probe_host
+
+    return QemuEngine(accelerator=decide("qemu", probe_host()).accelerator)
+
+
+def _where(name: str, engine) -> str:
+    from pytest_ignition.nested import inside
+
+    if inside():
+        return "nested"
+    return engine.accelerator if name == "qemu" else "direct"
+
+
+def _replace(path: Path, records: list[dict]) -> None:
+    """Write ``records`` in place of earlier ones of the same metric, engine and where (their
+    params may differ: an older run's), keeping the others."""
+    new = {(r["metric"], r["engine"], r["where"]) for r in records}
+    kept = [
+        r
+        for r in common.load_records(path)
+        if (r.get("metric"), r.get("engine"), r.get("where")) not in new
+    ]
+    common.write_records(path, kept + records)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--boots", type=int, default=1, help="cold boots to CDP-ready")
-    ap.add_argument("--restores", type=int, default=10)
+    ap.add_argument(
+        "--engine",
+        default="qemu",
+        help="qemu, ignition, or qemu,ignition (interleaved, the first alternating)",
+    )
+    ap.add_argument("--boots", type=int, default=1, help="cold boots to CDP-ready, per engine")
+    ap.add_argument("--restores", type=int, default=10, help="per engine")
+    ap.add_argument(
+        "--rollbacks",
+        type=int,
+        default=None,
+        help="in-place rollbacks to CDP-ready (engines that roll back; default: --restores)",
+    )
     ap.add_argument("--host-starts", type=int, default=5)
     ap.add_argument("--memory", type=int, default=2048, help="guest memory, MiB")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
+    names = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not names or any(n not in ("qemu", "ignition") for n in names):
+        ap.error(f"--engine: qemu, ignition or qemu,ignition (not {args.engine!r})")
+    rollbacks = args.restores if args.rollbacks is None else args.rollbacks
 
     from playwright.sync_api import sync_playwright
 
     from pytest_ignition import browser as br
     from pytest_ignition.engines.base import VMConfig
-    from pytest_ignition.engines.qemu import QemuEngine
-    from pytest_ignition.engines.select import decide, probe_host
     from pytest_ignition.guest import build_guest, find_guest
     from pytest_ignition.guest.image import ensure_image
     from pytest_ignition.vm import VM
 
     guest = find_guest() or build_guest(progress=lambda m: print(m, file=sys.stderr))
     image = ensure_image("debian:bookworm", packages=br.BROWSER_PACKAGES)
-    accel = decide("qemu", probe_host()).accelerator
-    engine = QemuEngine(accelerator=accel)
+    engines = {n: _engine(n) for n in names}
     config = VMConfig(
         kernel=guest.kernel,
         initrd=guest.initrd,
         memory_mib=args.memory,
         image=image.path,
         kernel_args=br.ROLE_ARG,
-        boot_timeout=600,
+        boot_timeout=900,
     )
-    params = {
-        "memory_mib": args.memory,
-        "cpus": 1,
-        "qemu": engine.version,
-        "image": "debian:bookworm+chromium",
-        "loadavg_1m_before": round(os.getloadavg()[0], 2),
-    }
+    params = {"memory_mib": args.memory, "cpus": 1, "image": "debian:bookworm+chromium"}
+    notes: dict[str, object] = {"loadavg_1m_before": round(os.getloadavg()[0], 2)}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     site = server.server_address[1]
-    cold: list[float] = []
-    boot: list[float] = []
-    restore_cdp: list[float] = []
-    restore_paint: list[float] = []
+    t: dict[str, dict[str, list[float]]] = {
+        n: {"cold": [], "boot": [], "guest_boot": [], "cdp": [], "paint": [], "rollback": []}
+        for n in names
+    }
     with tempfile.TemporaryDirectory(prefix="ign-bench-browser-") as d, sync_playwright() as pw:
         root = Path(d)
         for i in range(args.boots):
-            t0 = time.monotonic()
-            m = engine.boot(config, root / f"boot{i}")
-            vm = VM(engine, m, config, command_timeout=600)
-            try:
-                boot.append(m.ready_seconds)
-                br.prepare_browser(vm, timeout=600)
-                cold.append(time.monotonic() - t0)
-                print(f"cold boot to CDP-ready: {cold[-1]:.2f} s", file=sys.stderr)
-                if i == 0:
-                    engine.snapshot(m, root / "snap")
-            finally:
-                vm.close()
-        for i in range(args.restores):
-            t0 = time.monotonic()
-            m = engine.restore(config, root / "snap", root / f"r{i}")
-            vm = VM(engine, m, config, command_timeout=600)
-            try:
-                b = br.open_browser(vm, timeout=120)
-                restore_cdp.append(time.monotonic() - t0)
-                url = b.page_url(site, "/")
-                _paint(pw, b.cdp_url, url)
-                restore_paint.append(time.monotonic() - t0)
-            finally:
-                vm.close()
-            print(
-                f"restore {i}: CDP {restore_cdp[-1] * 1000:.0f} ms, "
-                f"painted {restore_paint[-1] * 1000:.0f} ms",
-                file=sys.stderr,
-            )
+            for n in names if i % 2 == 0 else names[::-1]:
+                engine = engines[n]
+                t0 = time.monotonic()
+                m = engine.boot(config, root / f"{n}-boot{i}")
+                vm = VM(engine, m, config, command_timeout=900)
+                try:
+                    t[n]["boot"].append(m.ready_seconds)
+                    boot_us = getattr(m, "boot_time_us", lambda: None)()
+                    if boot_us:
+                        t[n]["guest_boot"].append(boot_us / 1e6)
+                    br.prepare_browser(vm, timeout=1800)
+                    t[n]["cold"].append(time.monotonic() - t0)
+                    print(f"{n}: cold boot to CDP-ready: {t[n]['cold'][-1]:.2f} s", file=sys.stderr)
+                    if i == 0:
+                        engine.snapshot(m, root / f"{n}-snap")
+                finally:
+                    vm.close()
+        url_path = "/"
+        for i in range(max(args.restores, rollbacks)):
+            for n in names if i % 2 == 0 else names[::-1]:
+                engine = engines[n]
+                roll = engine.supports_rollback and i < rollbacks
+                if i >= args.restores and not roll:
+                    continue
+                snap = root / f"{n}-snap"
+                t0 = time.monotonic()
+                m = engine.restore(config, snap, root / f"{n}-r{i}")
+                mode = "rollback" if roll else "restore"
+                vm = VM(engine, m, config, snap, mode, command_timeout=900)
+                try:
+                    b = br.open_browser(vm, timeout=300)
+                    cdp = time.monotonic() - t0
+                    _paint(pw, b.cdp_url, b.page_url(site, url_path))
+                    paint = time.monotonic() - t0
+                    if i < args.restores:
+                        t[n]["cdp"].append(cdp)
+                        t[n]["paint"].append(paint)
+                    line = (
+                        f"{n} restore {i}: CDP {cdp * 1000:.0f} ms, painted {paint * 1000:.0f} ms"
+                    )
+                    if roll:
+                        # Back to the warm snapshot in place (the page just painted must be gone).
+                        t1 = time.monotonic()
+                        vm.reset()
+                        b = br.open_browser(vm, timeout=300)
+                        t[n]["rollback"].append(time.monotonic() - t1)
+                        pages = br._http_json(b.port, "/json/list", timeout=60)
+                        if any(str(site) in str(p.get("url", "")) for p in pages):
+                            raise RuntimeError(f"{n}: the page survived the rollback: {pages}")
+                        line += f", rollback to CDP {t[n]['rollback'][-1] * 1000:.0f} ms"
+                finally:
+                    vm.close()
+                print(line, file=sys.stderr)
         host_cdp, host_paint = host_chromium(pw, args.host_starts, f"http://127.0.0.1:{site}/")
     server.shutdown()
+    notes["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
 
-    def rec(metric: str, eng: str, where: str, seconds: list[float], extra: dict | None = None):
-        return common.unchecked_record(
-            metric, eng, where, {**params, **(extra or {})}, [s * 1000 for s in seconds]
-        )
+    def med(xs: list[float]) -> float | None:
+        return common.summarize_ms([x * 1000 for x in xs])["median_ms"] if xs else None
 
-    records = [
-        rec("browser_cold_to_cdp", "qemu", accel, cold),
-        rec("browser_boot_to_ready", "qemu", accel, boot),
-        rec("browser_restore_to_cdp", "qemu", accel, restore_cdp),
-        rec("browser_restore_to_paint", "qemu", accel, restore_paint),
-    ]
-    if host_cdp:
-        host = {"chromium": "host"}
+    from pytest_ignition.nested import inside
+
+    host_where = "nested" if inside() else "host"
+    host_cdp_med = med(host_cdp)
+    records = []
+    for n in names:
+        engine = engines[n]
+        where = _where(n, engine)
+        extra = {**notes, "engine_version": getattr(engine, "version", None) or engine.describe()}
+        if len(names) > 1:
+            extra["same_run_as"] = [x for x in names if x != n]
+        cold, cdp = med(t[n]["cold"]), med(t[n]["cdp"])
+
+        def rec(metric: str, xs: list[float], n=n, where=where, extra=extra, **kw) -> dict:
+            return common.unchecked_record(
+                metric, n, where, params, [x * 1000 for x in xs], **extra, **kw
+            )
+
         records += [
-            rec("host_chromium_cold_to_cdp", "host", "host", host_cdp, host),
-            rec("host_chromium_cold_to_paint", "host", "host", host_paint, host),
+            rec("browser_cold_to_cdp", t[n]["cold"]),
+            rec("browser_boot_to_ready", t[n]["boot"]),
         ]
+        if t[n]["guest_boot"]:
+            records.append(rec("browser_guest_boot_time", t[n]["guest_boot"], method="boot-timer"))
+        ratios = {}
+        if cold and cdp:
+            ratios["cold_over_restore"] = round(cold / cdp, 1)
+        if host_cdp_med and cdp:
+            ratios["host_chromium_over_restore"] = round(host_cdp_med / cdp, 3)
+        records.append(rec("browser_restore_to_cdp", t[n]["cdp"], **ratios))
+        records.append(rec("browser_restore_to_paint", t[n]["paint"]))
+        if t[n]["rollback"]:
+            rb = med(t[n]["rollback"])
+            records.append(
+                rec(
+                    "browser_rollback_to_cdp",
+                    t[n]["rollback"],
+                    **({"cold_over_rollback": round(cold / rb, 1)} if cold and rb else {}),
+                )
+            )
+    if host_cdp:
+        host = {**params, "chromium": "host" if host_where == "host" else "inside the nested host"}
+        for metric, xs in (
+            ("host_chromium_cold_to_cdp", host_cdp),
+            ("host_chromium_cold_to_paint", host_paint),
+        ):
+            records.append(
+                common.unchecked_record(
+                    metric, "host", host_where, host, [x * 1000 for x in xs], **notes
+                )
+            )
     print(json.dumps(records, indent=2))
-    if cold and restore_cdp:
-        med = sorted(restore_cdp)[len(restore_cdp) // 2]
-        print(f"cold/restore to CDP-ready: {cold[0] / med:.1f}x", file=sys.stderr)
+    for r in records:
+        ratio = {k: v for k, v in r.items() if "_over_" in k}
+        print(
+            f"{r['metric']} {r['engine']}/{r['where']}: median {r['median_ms']:.0f} ms "
+            f"(n={r['n']}) {ratio or ''}",
+            file=sys.stderr,
+        )
     if not args.no_write:
-        common.write_records(RESULTS, records)
+        _replace(args.results, records)
     return 0
 
 

@@ -133,7 +133,9 @@ def wait_quiet(vm: Any, timeout: float, window: float = 2.0, idle_share: float =
 
 
 def prepare_browser(vm: Any, timeout: float = 300.0) -> None:
-    """Start Chromium in the booted browser guest, wait for DevTools, warm it up."""
+    """Start Chromium in the booted browser guest, wait for DevTools, warm it up; ``timeout``
+    seconds for all of it (the quiet wait gets what the start left)."""
+    deadline = time.monotonic() + timeout
     argv = " ".join(CHROMIUM_FLAGS)
     # No D-Bus in the guest: without this Chromium keeps retrying the system and session buses.
     env = "DBUS_SESSION_BUS_ADDRESS=disabled: DBUS_SYSTEM_BUS_ADDRESS=disabled:"
@@ -146,7 +148,7 @@ def prepare_browser(vm: Any, timeout: float = 300.0) -> None:
         time.sleep(0.5)
         _http(port, f"/json/close/{target['id']}", timeout=30)  # answers "Target is closing"
         # Snapshot a quiet browser: start-up work left running would resume in every restore.
-        wait_quiet(vm, timeout)
+        wait_quiet(vm, max(10.0, deadline - time.monotonic()))
     except BrowserError as e:
         log = vm.run(f"tail -c 4000 {LOG}", timeout=30).stdout
         raise BrowserError(f"{e}\n--- chromium log (tail) ---\n{log}") from None
@@ -306,6 +308,13 @@ def open_browser(vm: Any, timeout: float = 60.0) -> Browser:
 Preparer = Callable[[Any], None]
 
 
+def _preparer(prepare_timeout: float | None) -> Preparer:
+    """:func:`prepare_browser` within the session's ``prepare_timeout`` (less a margin, so that
+    a browser that never answers is this clear error rather than the prepare watchdog's)."""
+    limit = 3600.0 if prepare_timeout is None else max(60.0, prepare_timeout - 30.0)
+    return lambda vm: prepare_browser(vm, timeout=limit)
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 import pytest  # noqa: E402  (the fixtures below; the module above needs no pytest)
@@ -343,7 +352,7 @@ class BrowserFactory:
         wanted["kernel_args"] = f"{ROLE_ARG} {args}".strip()
         overrides = cfgmod.parse_overrides(wanted, where="ignition_browser")
         vmcfg, reset = self._session.vm_config(overrides)
-        self._session.preparers[vmcfg.key()] = prepare_browser
+        self._session.preparers[vmcfg.key()] = _preparer(s.prepare_timeout)
         snap = self._session.snapshot_for(vmcfg)
         pool = self._session.pool(snap, reset)
         vm, seconds = fx._map_restore_error(lambda: pool.acquire(prefetch=True))

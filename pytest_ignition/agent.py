@@ -1077,17 +1077,54 @@ class AgentClient:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=pfd)
 
-    def sync(self, time_ns: int | None = None, entropy: bytes | None = None) -> None:
-        """Set the guest's clock and reseed its CRNG (after a restore, two guests must differ)."""
+    @staticmethod
+    def _sync_payload(time_ns: int | None, entropy: bytes | None) -> bytes:
         t = time.time_ns() if time_ns is None else time_ns
         e = os.urandom(64) if entropy is None else bytes(entropy)
         if not 32 <= len(e) <= 4096:
             raise ValueError("entropy must be 32 to 4096 bytes")
         if not 0 <= t < 1 << 64:
             raise ValueError("time_ns out of range")
+        return struct.pack("<Q", t) + e
+
+    def ready_and_sync(
+        self, timeout: float, time_ns: int | None = None, entropy: bytes | None = None
+    ) -> None:
+        """:meth:`wait_ready` then :meth:`sync` in one round trip, for a stream that loses no
+        bytes (vsock): the RESET ping and the SYNC go out back to back and the agent, which
+        handles frames in stream order, answers both. Where the ping gets no answer in time
+        (a stream still coming up) it falls back to :meth:`wait_ready` and :meth:`sync`."""
+        payload = self._sync_payload(time_ns, entropy)
+        deadline = time.monotonic() + timeout
+        ping, pq = self._open_chan()
         chan, q = self._open_chan()
         try:
-            self._send(FrameType.SYNC, chan, struct.pack("<Q", t) + e)
+            self._send(FrameType.RESET, ping, b"")
+            self._send(FrameType.SYNC, chan, payload)
+            try:
+                frame = self._recv(pq, min(deadline, time.monotonic() + 0.5), "ready")
+            except AgentTimeout:
+                frame = None
+            if frame is not None:
+                if frame.type == FrameType.ERROR:
+                    raise _error_from(frame, "ready")
+                if frame.type != FrameType.PONG or frame.payload:
+                    raise AgentError(f"ready: unexpected answer (type 0x{frame.type:02x})")
+                self._session = True
+                self._expect_ok(self._recv(q, deadline, "sync"), "sync")
+                return
+        finally:
+            self._close_chan(ping)
+            self._close_chan(chan)
+        self.wait_ready(max(0.1, deadline - time.monotonic()))
+        self.sync(time_ns, entropy)
+
+    def sync(self, time_ns: int | None = None, entropy: bytes | None = None) -> None:
+        """Set the guest's clock and reseed its CRNG (after a restore, two guests must differ)."""
+        payload = self._sync_payload(time_ns, entropy)
+        chan, q = self._open_chan()
+        try:
+            self._send(FrameType.SYNC, chan, payload)
             self._expect_ok(self._recv(q, self._deadline(), "sync"), "sync")
         finally:
             self._close_chan(chan)

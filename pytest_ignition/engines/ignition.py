@@ -490,8 +490,10 @@ class IgnitionEngine(Engine):
         return err
 
     def _connect_agent(
-        self, m: IgnitionMachine, deadline: float, timeout: float, what: str
+        self, m: IgnitionMachine, deadline: float, timeout: float, what: str, sync: bool = False
     ) -> None:
+        """Connect ``m.agent`` and wait until it answers; with ``sync`` also set the restored
+        guest's clock and reseed its CRNG, in the same round trip (``ready_and_sync``)."""
         from pytest_ignition.agent import AgentClient, AgentError
 
         while not m.vsock_sock.exists():
@@ -517,7 +519,11 @@ class IgnitionEngine(Engine):
                 agent = AgentClient.connect_vsock_uds(
                     str(m.vsock_sock), AGENT_VSOCK_PORT, timeout=min(2.0, remaining)
                 )
-                agent.wait_ready(timeout=max(0.1, min(30.0, deadline - time.monotonic())))
+                wait = max(0.1, min(30.0, deadline - time.monotonic()))
+                if sync:
+                    agent.ready_and_sync(wait, time.time_ns(), os.urandom(256))
+                else:
+                    agent.wait_ready(timeout=wait)
                 m.agent = agent
                 return
             except (AgentError, OSError) as exc:
@@ -612,19 +618,12 @@ class IgnitionEngine(Engine):
             self._start_net(m)
             started = self._launch(m, argv + self._common(m))
             deadline = started + config.boot_timeout
-            self._connect_agent(m, deadline, config.boot_timeout, "was restored")
-            self._sync(m)
+            self._connect_agent(m, deadline, config.boot_timeout, "was restored", sync=True)
             m.ready_seconds = time.monotonic() - started
             return m
         except BaseException:
             m.close()
             raise
-
-    def _sync(self, m: IgnitionMachine) -> None:
-        try:
-            m.agent.sync(time.time_ns(), os.urandom(256))
-        except Exception as exc:
-            raise self._fail(m, f"setting the restored guest's clock failed: {exc!r}") from exc
 
     def rollback(self, machine: Machine) -> None:
         if not isinstance(machine, IgnitionMachine):
@@ -637,5 +636,6 @@ class IgnitionEngine(Engine):
             machine.agent = None
         machine.control("rollback", timeout=120)
         deadline = time.monotonic() + machine.config.boot_timeout
-        self._connect_agent(machine, deadline, machine.config.boot_timeout, "was rolled back")
-        self._sync(machine)
+        self._connect_agent(
+            machine, deadline, machine.config.boot_timeout, "was rolled back", sync=True
+        )

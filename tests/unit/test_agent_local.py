@@ -656,3 +656,15 @@ def test_vm_run_session_cap_names_its_source(client: AgentClient) -> None:
     assert len(vm.run("head -c 3000 /dev/zero", max_output=0).stdout_bytes) == 3000
     vm.max_output = "0"
     assert len(vm.run("head -c 3000 /dev/zero").stdout_bytes) == 3000
+
+
+def test_ready_and_sync_is_one_round_trip(client: AgentClient, monkeypatch) -> None:
+    # the fallback (wait_ready, then sync) must not be what answered
+    def no_fallback(*a: object, **k: object) -> None:
+        raise AssertionError("ready_and_sync fell back to wait_ready")
+
+    monkeypatch.setattr(client, "wait_ready", no_fallback)
+    client.ready_and_sync(10.0, time_ns=1_700_000_000 * 10**9, entropy=b"e" * 64)
+    assert client.exec(["echo", "after"]).stdout == b"after\n"
+    with pytest.raises(ValueError, match="entropy"):
+        client.ready_and_sync(10.0, entropy=b"short")

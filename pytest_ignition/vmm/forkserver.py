@@ -229,6 +229,7 @@ def serve(path: str) -> int:
                         conn.close()
                         continue
                     _preload(argv)
+                    server_pid = os.getpid()
                     try:
                         pid = os.fork()
                     except OSError as e:
@@ -248,6 +249,9 @@ def serve(path: str) -> int:
                         from .__main__ import set_parent_death_signal as pds
 
                         pds(signal.SIGTERM)  # dies with the server
+                        if os.getppid() != server_pid:
+                            # the server died before the line above: no signal will come
+                            os._exit(128 + signal.SIGTERM)
                         _child(argv, env, fds)
                     for fd in fds:
                         os.close(fd)

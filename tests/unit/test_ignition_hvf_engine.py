@@ -17,6 +17,8 @@ from pytest_ignition.engines.select import HostProbe, decide, select_engine
 from pytest_ignition.vmm import __main__ as vmm_main
 from pytest_ignition.vmm import machine_aarch64
 
+pytest_plugins = ["pytester"]
+
 COPY = "/Users/u/.cache/pytest-ignition/hvf/python3-hvf"
 MAC = HostProbe(
     system="Darwin", machine="arm64", kvm_usable=False, kvm_pvm=False, qemu_path=None,
@@ -130,3 +132,25 @@ def test_the_signed_copy_finds_the_vmm_and_cffi_through_pythonpath(tmp_path) -> 
     )
     assert res.returncode != 0  # without it the imports fail: the test can tell
     assert ignition.IgnitionEngine().vmm_env() == {}  # KVM: our environment, unchanged
+
+
+def test_the_pytest_header_says_experimental(pytester, monkeypatch) -> None:
+    """The header a Mac user would see (probe faked; collection only, no VM started)."""
+    import os
+
+    from pytest_ignition.engines import select
+
+    for k in [k for k in os.environ if k.startswith("IGNITION_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(select, "probe_host", lambda: MAC)
+    pytester.makepyfile(test_vm="def test_a(ignition_vm):\n    pass\n")
+    result = pytester.runpytest_inprocess(
+        "--collect-only", "-p", "no:xdist", "--ignition-engine=ignition", "--ignition-arch=aarch64"
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "ignition: engine ignition (bundled VMM, aarch64 machine on Hypervisor.framework: "
+            "EXPERIMENTAL, never run on a Mac before), accelerator hvf: requested with "
+            "--ignition-engine=ignition: EXPERIMENTAL *"
+        ]
+    )

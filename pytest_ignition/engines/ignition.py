@@ -33,7 +33,6 @@ Hypervisor.framework) run by the entitled interpreter copy (``vmm/hypervisor/hvf
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import select
@@ -346,31 +345,16 @@ class IgnitionEngine(Engine):
             ]
         return [self.python, "-m", "pytest_ignition.vmm", command]
 
-    # What the aarch64 VMM imports outside the standard library.
-    HVF_IMPORTS = ("pytest_ignition", "cffi", "_cffi_backend", "pycparser")
-
     def vmm_env(self) -> dict[str, str]:
         """Environment the VMM process needs on top of ours: nothing for KVM. For HVF the signed
-        interpreter is a copy of the *base* interpreter in the cache, which does not see a
-        virtualenv's site-packages (no ``pyvenv.cfg`` beside it): ``PYTHONPATH`` names the
-        directories this process imports pytest_ignition and cffi from."""
+        interpreter is a copy of the *base* interpreter, which does not see a virtualenv's
+        site-packages: ``PYTHONPATH`` names where this process imports pytest_ignition and cffi
+        from (``vmm/hypervisor/hvf_sign.vmm_env``; doctor checks the copy with the same)."""
         if self.hypervisor != "hvf":
             return {}
-        roots: list[str] = []
-        for name in self.HVF_IMPORTS:
-            try:
-                mod = importlib.import_module(name)
-            except ImportError:
-                continue
-            where = getattr(mod, "__file__", None)
-            if not where:
-                continue
-            path = Path(where).resolve()
-            root = path.parent.parent if path.name == "__init__.py" else path.parent
-            if str(root) not in roots:
-                roots.append(str(root))
-        old = os.environ.get("PYTHONPATH")
-        return {"PYTHONPATH": os.pathsep.join(roots + ([old] if old else []))}
+        from pytest_ignition.vmm.hypervisor import hvf_sign
+
+        return hvf_sign.vmm_env()
 
     def cmdline(self, config: VMConfig) -> str:
         parts = [_process.default_cmdline()]

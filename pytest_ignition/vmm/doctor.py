@@ -37,6 +37,9 @@ class Facts:
     signed_copy: str | None = None  # path, if it exists
     signed_copy_entitled: bool = False
     c_compiler: str | None = None  # the SIMD shim's compiler command ("xcrun clang"), if any
+    # the entitled interpreter imports the VMM and cffi with the engine's PYTHONPATH: None =
+    # not checked (no entitled interpreter), else the error's last line ("" when it worked)
+    vmm_import_error: str | None = None
     kvm_present: bool = False
     kvm_usable: bool = False
     kvm_pvm: bool = False
@@ -67,6 +70,11 @@ def hvf_problem(f: Facts) -> str | None:
         return (
             "no interpreter with the com.apple.security.hypervisor entitlement "
             "(run python -m pytest_ignition.vmm.doctor --sign)"
+        )
+    if f.vmm_import_error:
+        return (
+            "the entitled interpreter cannot import the VMM with the engine's PYTHONPATH "
+            f"({f.vmm_import_error}); install pytest-ignition and cffi for that Python"
         )
     if not f.c_compiler:
         return (
@@ -99,6 +107,11 @@ def diagnose(f: Facts) -> Report:
             "C compiler for the SIMD/FP register shim: "
             + (f.c_compiler or "MISSING (xcode-select --install)")
         )
+        if f.vmm_import_error is not None:
+            say(
+                "the entitled interpreter imports the VMM: "
+                + ("yes" if not f.vmm_import_error else f"NO ({f.vmm_import_error})")
+            )
         r.hvf_problem = hvf_problem(f)
         if r.hvf_problem is None:
             r.interpreter = f.interpreter if f.interpreter_entitled else f.signed_copy
@@ -168,6 +181,26 @@ def _entitled(path: str | None) -> bool:
     return res.returncode == 0 and hvf_sign.has_entitlement(res.stdout)
 
 
+def _import_error(python: str | None) -> str | None:
+    """Run ``python`` as the engine runs the HVF VMM (with hvf_sign.vmm_env) and import what the
+    VMM imports: "" when that works, else the error's last line; None when there is no python."""
+    if not python:
+        return None
+    try:
+        res = subprocess.run(
+            [python, "-c", hvf_sign.IMPORT_CHECK],
+            env={**os.environ, **hvf_sign.vmm_env()},
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if res.returncode == 0:
+        return ""
+    lines = res.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {res.returncode}"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("IGNITION_CACHE_DIR") or Path.home() / ".cache" / "pytest-ignition")
 
@@ -185,6 +218,9 @@ def gather() -> Facts:
         except OSError:
             pass
     darwin = system == "Darwin"
+    interp_entitled = darwin and _entitled(interp)
+    copy_entitled = darwin and copy.exists() and _entitled(str(copy))
+    runner = interp if interp_entitled else str(copy) if copy_entitled else None
     return Facts(
         system=system,
         machine=machine,
@@ -192,9 +228,10 @@ def gather() -> Facts:
         framework_present=darwin and os.path.isdir(FRAMEWORK),
         codesign_present=shutil.which("codesign") is not None,
         interpreter=interp,
-        interpreter_entitled=darwin and _entitled(interp),
+        interpreter_entitled=interp_entitled,
         signed_copy=str(copy) if copy.exists() else None,
-        signed_copy_entitled=darwin and copy.exists() and _entitled(str(copy)),
+        signed_copy_entitled=copy_entitled,
+        vmm_import_error=_import_error(runner) if darwin else None,
         c_compiler=" ".join(cc) if darwin and (cc := hvf_simd.compiler()) else None,
         kvm_present=os.path.exists("/dev/kvm"),
         kvm_usable=kvm_usable,

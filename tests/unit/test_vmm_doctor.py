@@ -45,6 +45,7 @@ def test_mac_with_everything_uses_the_signed_copy() -> None:
         (dict(signed_copy=None, signed_copy_entitled=False), "--sign"),
         (dict(machine="x86_64"), "Apple silicon"),
         (dict(c_compiler=None), "xcode-select --install"),
+        (dict(vmm_import_error="ModuleNotFoundError: No module named 'cffi'"), "'cffi'"),
     ],
 )
 def test_mac_checks(change: dict, problem: str) -> None:
@@ -112,3 +113,16 @@ def test_ignition_on_macos_refused_until_doctor_passes() -> None:
     p = HostProbe("Darwin", "arm64", False, False, None, True, "/q")
     with pytest.raises(EngineUnavailable, match="were not run"):
         decide("ignition", p)
+
+
+def test_import_check_runs_the_interpreter_as_the_engine_does(tmp_path) -> None:
+    """doctor's import check, executed here with this interpreter: the VMM's imports work with
+    hvf_sign.vmm_env's PYTHONPATH; a python that cannot import them reports the error's line."""
+    import sys
+
+    assert doctor._import_error(sys.executable) == ""
+    fake = tmp_path / "python3-hvf"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'cffi'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert doctor._import_error(str(fake)) == "ModuleNotFoundError: No module named 'cffi'"
+    assert doctor._import_error(None) is None

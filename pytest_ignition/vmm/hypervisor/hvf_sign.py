@@ -10,6 +10,7 @@ Framework builds (python.org, Homebrew) have a ``bin/python3`` stub that re-exec
 
 from __future__ import annotations
 
+import importlib
 import os
 import plistlib
 import shutil
@@ -20,6 +21,36 @@ from pathlib import Path
 
 ENTITLEMENT = "com.apple.security.hypervisor"
 COPY_NAME = "python3-hvf"
+# What the aarch64 VMM imports outside the standard library.
+VMM_IMPORTS = ("pytest_ignition", "cffi", "_cffi_backend", "pycparser")
+IMPORT_CHECK = "import pytest_ignition.vmm.machine_aarch64, cffi, _cffi_backend"
+
+
+def import_roots(names: tuple[str, ...] = VMM_IMPORTS) -> list[str]:
+    """The sys.path directories this process imports ``names`` from (a package's parent, a
+    module's directory), in order, without repeats."""
+    roots: list[str] = []
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        where = getattr(mod, "__file__", None)
+        if not where:
+            continue
+        path = Path(where).resolve()
+        root = path.parent.parent if path.name == "__init__.py" else path.parent
+        if str(root) not in roots:
+            roots.append(str(root))
+    return roots
+
+
+def vmm_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``PYTHONPATH`` for the VMM run by the signed copy: the copy is of the *base* interpreter,
+    which sees no virtualenv (no ``pyvenv.cfg`` beside it), so it is told where this process
+    imports pytest_ignition and cffi from (ahead of any PYTHONPATH already set)."""
+    old = (os.environ if environ is None else environ).get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join(import_roots() + ([old] if old else []))}
 
 
 def plist_text() -> str:

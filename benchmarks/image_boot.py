@@ -69,6 +69,35 @@ def boot_once(engine, config, workdir: Path) -> tuple[object, float, float]:
     return m, watch.seen, m.ready_seconds
 
 
+def run(args, engines, configs, pairs, root: Path, marker, ready, restored) -> None:
+    """The interleaved boots (a snapshot after each pair's first) and restores."""
+    snaps: dict[tuple[str, str], Path] = {}
+    for i in range(args.boots):
+        order = pairs if i % 2 == 0 else pairs[::-1]
+        for e, g in order:
+            m, seen, rdy = boot_once(engines[e], configs[g], root / f"boot-{e}-{g}-{i}")
+            try:
+                if (e, g) not in snaps:
+                    snaps[(e, g)] = root / "snap" / f"{e}-{g}"
+                    engines[e].snapshot(m, snaps[(e, g)])
+            finally:
+                m.close()
+            marker[(e, g)].append(seen)
+            ready[(e, g)].append(rdy)
+            _say(f"boot {i} {e} {g}: marker {seen:.3f}s ready {rdy:.3f}s")
+    for i in range(args.restores):
+        order = pairs if i % 2 == 0 else pairs[::-1]
+        for e, g in order:
+            m = engines[e].restore(configs[g], snaps[(e, g)], root / f"r-{e}-{g}-{i}")
+            try:
+                if m.agent.exec(["true"], timeout=60).exit_code != 0:
+                    raise SystemExit(f"{e} {g}: the restored guest cannot run `true`")
+            finally:
+                m.close()
+            restored[(e, g)].append(m.ready_seconds)
+            _say(f"restore {i} {e} {g}: {m.ready_seconds:.3f}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.image_boot", description=__doc__)
     ap.add_argument("--boots", type=int, default=5, help="cold boots per engine and guest")
@@ -133,33 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     restored: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
     with tempfile.TemporaryDirectory(prefix="ign-imgboot-") as d:
         root = Path(d)
-        snaps: dict[tuple[str, str], Path] = {}
-        for i in range(args.boots):
-            order = pairs if i % 2 == 0 else pairs[::-1]
-            for e, g in order:
-                m, seen, rdy = boot_once(engines[e], configs[g], root / f"boot-{e}-{g}-{i}")
-                try:
-                    if (e, g) not in snaps:
-                        snaps[(e, g)] = root / "snap" / f"{e}-{g}"
-                        engines[e].snapshot(m, snaps[(e, g)])
-                finally:
-                    m.close()
-                marker[(e, g)].append(seen)
-                ready[(e, g)].append(rdy)
-                _say(f"boot {i} {e} {g}: marker {seen:.3f}s ready {rdy:.3f}s")
-        for i in range(args.restores):
-            order = pairs if i % 2 == 0 else pairs[::-1]
-            for e, g in order:
-                m = engines[e].restore(configs[g], snaps[(e, g)], root / f"r-{e}-{g}-{i}")
-                try:
-                    if m.agent.exec(["true"], timeout=60).exit_code != 0:
-                        raise SystemExit(f"{e} {g}: the restored guest cannot run `true`")
-                finally:
-                    m.close()
-                restored[(e, g)].append(m.ready_seconds)
-                _say(f"restore {i} {e} {g}: {m.ready_seconds:.3f}s")
+        # A failed boot raises BootError with the VMM's output and the console tail in it.
+        run(args, engines, configs, pairs, root, marker, ready, restored)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    extra = {"when": when, "loadavg_1m_after": round(os.getloadavg()[0], 2), "host": host}
+    load_after = round(os.getloadavg()[0], 2)
+    extra = {
+        "when": when,
+        "loadavg_1m_after": load_after,
+        "host": host,
+        "note": f"1-min load average {base['loadavg_1m_before']} at the start, {load_after} at "
+        "the end" + (" (of the nested host, not of the machine)" if nested else ""),
+    }
     records = []
     for e, g in pairs:
         p = {**base, **guests[g]}

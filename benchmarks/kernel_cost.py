@@ -444,6 +444,8 @@ def measure(
             part=PART,
             when=when,
             loadavg_1m_after=load_after,
+            note=f"1-min load average {base['loadavg_1m_before']} at the start, {load_after} at "
+            "the end (2 shared cores)",
             **extra,
         )
 

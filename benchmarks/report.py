@@ -416,7 +416,7 @@ def image_markdown(records: list[Record]) -> list[str]:
         "",
         "Same script run, engine, `where` and memory; medians.",
         "",
-        "| metric | engine | where | image | initramfs | image | image/initramfs | n |",
+        "| metric | engine | where | root image | initramfs | with image | image/initramfs | n |",
         "|---|---|---|---|---:|---:|---:|---:|",
         *lines,
         "",
@@ -714,7 +714,16 @@ def readme_section(records: list[Record], meta: dict[str, Any]) -> str:
         "`--only qemu_engine,...` for some) runs every script in `benchmarks/`, each as a "
         "subprocess writing `benchmarks/results/<name>.json`, and merges this run's records into "
         "`benchmarks/results/latest.json`, `latest.md` and two plots. A script that is missing "
-        "or fails is reported and its metrics are marked absent with the reason.",
+        "or fails is reported and its metrics are marked absent with the reason."
+        " Root images and the guest kernel share `benchmarks/results/images.json` (each script "
+        "replaces only its own part): `images` (build time, cold and cache hit), `image_boot` "
+        "(boot and restore to agent-ready with a `debian:bookworm` root beside the "
+        "initramfs-only guest; run in the nested harness it measures the bundled VMM beside "
+        "QEMU+KVM) and `kernel_cost` (the guest kernel before and after the TCP/IP, netfilter, "
+        "namespaces, cgroups, ... additions, booted interleaved, with the `initcall_debug` time"
+        ' of each group of additions; it needs the "before" kernel built once, outside the '
+        "pipeline's cache: `python -m benchmarks.kernel_cost build`, ~10 min, else its metrics "
+        "are marked absent).",
         "",
         "What each clock means:",
         "",

@@ -84,3 +84,11 @@ def test_symbol_map_without_a_build_leaves_everything_unmapped() -> None:
 
 def test_host_tsc_khz_is_a_rate_or_zero() -> None:
     assert kc.host_tsc_khz() >= 0
+
+
+def test_without_the_before_kernel_it_says_how_to_build_it(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr(kc, "find_before", lambda: None)
+    results = tmp_path / "images.json"
+    assert kc.main(["--results", str(results)]) == 3
+    assert "python -m benchmarks.kernel_cost build" in capsys.readouterr().err
+    assert not results.exists()  # the recorded numbers stay

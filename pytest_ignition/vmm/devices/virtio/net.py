@@ -162,6 +162,8 @@ class StreamBackend:
         s = self.peer
         if s is None:
             return
+        if self.inbuf and self.wants_frames() and not self._split():
+            return  # frames read ahead of the guest's buffers, handed on now; or a bad one
         want_read = self.wants_frames()
         if want_read != self.reading:
             if want_read:
@@ -215,6 +217,8 @@ class StreamBackend:
         if s is None:
             return
         for _ in range(16):
+            if not self.wants_frames():
+                break
             try:
                 data = s.recv(256 * 1024)
             except (BlockingIOError, InterruptedError):
@@ -226,14 +230,14 @@ class StreamBackend:
             self.inbuf += data
             if not self._split():
                 return
-            if not self.wants_frames():
-                break
         self.update()
 
     def _split(self) -> bool:
         buf = self.inbuf
         pos = 0
-        while len(buf) - pos >= _LEN.size:
+        # Frames past the backlog stay here, undecoded (at most one read's worth): update()
+        # hands them on once the guest posts buffers.
+        while len(buf) - pos >= _LEN.size and self.wants_frames():
             (n,) = _LEN.unpack_from(buf, pos)
             if n > MAX_FRAME:
                 self._drop_peer(f"frame length {n} exceeds {MAX_FRAME}")

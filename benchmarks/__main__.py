@@ -104,6 +104,12 @@ NESTED_PER_TEST = [
 ]  # fmt: skip
 
 
+NESTED_HYPOTHESIS = [
+    "--where", "nested", "--results", "benchmarks/results/hypothesis_rate_nested.json",
+    "--setting", "ignition:rollback", "--setting", "ignition:restore", "--setting", "qemu:restore",
+]  # fmt: skip
+
+
 def _harness(timeout_s: float) -> list[str]:
     """The wrapper that runs a script inside the nested harness; the harness's own timeout
     fires before the runner's, so that it can shut its guest down."""
@@ -302,6 +308,18 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
     )
     units.append(
         Unit(
+            "hypothesis_rate",
+            "hypothesis_rate",
+            "hypothesis_rate",
+            "hypothesis_rate.json",
+            ["--examples", "30", "--setting", "qemu:restore"],
+            ["--examples", "5", "--setting", "qemu:restore"],
+            [Expect("hypothesis_rate", "qemu", qwhere)],
+            420,
+        )
+    )
+    units.append(
+        Unit(
             "session_setup",
             "session_setup",
             "session_setup",
@@ -373,6 +391,25 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             ],
             per_test_timeout,
             via=_harness(per_test_timeout),
+        )
+    )
+    # Hypothesis examples on a pristine guest each: in-place rollback vs restores, same harness.
+    hyp_timeout = 900
+    units.append(
+        Unit(
+            "hypothesis_rate_nested",
+            "hypothesis_rate",
+            "hypothesis_rate",
+            "hypothesis_rate_nested.json",
+            [*NESTED_HYPOTHESIS, "--examples", "30"],
+            [*NESTED_HYPOTHESIS, "--examples", "5"],
+            [
+                Expect("hypothesis_rate", "ignition", "nested", {"reset": "rollback"}),
+                Expect("hypothesis_rate", "ignition", "nested", {"reset": "restore"}),
+                Expect("hypothesis_rate", "qemu", "nested", {"reset": "restore"}),
+            ],
+            hyp_timeout,
+            via=_harness(hyp_timeout),
         )
     )
     # Boot and restore with a Debian image in the harness: bundled VMM and QEMU+KVM.

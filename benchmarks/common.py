@@ -34,6 +34,7 @@ METRICS = (
     "restore_to_ready",
     "rollback_time",
     "pytest_per_test",
+    "hypothesis_rate",
     "session_setup",
     "image_build_time",
     "browser_cold_to_cdp",

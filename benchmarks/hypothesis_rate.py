@@ -69,6 +69,7 @@ def pytest_runtest_call(item):
     if vm is not None:
         with open(os.environ["IGNITION_BENCH_OUT"] + ".mode", "w") as f:
             json.dump({"mode": vm.reset_mode, "engine": vm.engine.name,
+                       "accelerator": vm.engine.accelerator,
                        "describe": vm.engine.describe()}, f)
 """
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             common.unchecked_record(
                 "hypothesis_rate",
                 rs[0]["engine"],
-                args.where or ("kvm" if rs[0]["engine"] == "ignition" else "tcg"),
+                # an accelerator name unless told: the runner maps kvm onto direct
+                args.where or rs[0]["accelerator"],
                 params,
                 ms,
                 digits=1,

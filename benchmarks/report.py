@@ -59,6 +59,12 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "pytest wall time per trivial test (setup + call + teardown of "
         '`ignition_vm.run("true")`), session setup excluded.',
     ),
+    "hypothesis_rate": (
+        "Hypothesis example",
+        "one `@given` example on a pristine guest: `ignition_vm.reset()` (in-place rollback, or a "
+        "fresh restore where the engine has none) + a marker check + a write; "
+        "`examples_per_s` = 1000 / median.",
+    ),
     "browser_cold_to_cdp": (
         "browser cold start",
         "host wall clock from launching a cold boot of the browser guest (Debian + chromium) "

@@ -1,6 +1,7 @@
 """tests/nested_arm64/: tests that run INSIDE the arm64 nested harness, on real arm64 KVM::
 
     python -m pytest_ignition.nested run --arch aarch64 -- python3 -m pytest tests/nested_arm64 -q
+    make test-nested-arm64      # the same, with -p no:hypothesispytest (its import costs seconds)
 
 (``python3`` there is the arm64 interpreter of the harness's root; the virtualenv's pure-Python
 packages are on its path.) Anywhere else they are collected and skipped.

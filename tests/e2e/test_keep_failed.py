@@ -1,7 +1,11 @@
-"""``--ignition-keep-failed`` on real guests (QEMU): a failed test's VM outlives pytest, ``attach``
+"""``--ignition-keep-failed`` on real guests: a failed test's VM outlives pytest, ``attach``
 (driven by pexpect, as a person types) gets a root shell in it with the failed test's files,
 ``kill`` ends it with nothing left over, and an abandoned one ends on its own after
-``--ignition-keep-failed-for``."""
+``--ignition-keep-failed-for``.
+
+The inner runs use QEMU; ``IGNITION_KEEP_TEST_ENGINE=ignition`` runs them on the bundled VMM
+instead (tests/nested/test_keep_failed_ignition.py does that inside the nested harness).
+"""
 
 from __future__ import annotations
 
@@ -22,9 +26,16 @@ from pytest_ignition._testing import require
 from pytest_ignition.guest import cache_dir
 
 QEMU = shutil.which("qemu-system-x86_64")
+ENGINE = os.environ.get("IGNITION_KEEP_TEST_ENGINE", "qemu")
+ENGINE_HEADER = {"qemu": "*engine qemu *", "ignition": "*engine ignition (bundled VMM*"}[ENGINE]
 CLI = [sys.executable, "-m", "pytest_ignition"]
 GUEST_CACHE = cache_dir()  # before pytester moves HOME: kept VMs are registered here
 PROMPT = "ignition:/# "
+# Inside the nested harness (TCG, a shared 2-core machine) a Python start alone can take tens of
+# seconds: the deadlines stretch, and the abandoned VM's keep time must outlast the inner pytest's
+# own end (else it expires before this test has looked at it).
+SLOW = 4 if os.environ.get("IGNITION_NESTED") == "1" else 1
+SHORT_KEEP_S = 4 if SLOW == 1 else 60
 
 TESTS = """
 def test_passes(ignition_vm):
@@ -40,13 +51,21 @@ def test_fails(ignition_vm):
 @pytest.fixture(autouse=True)
 def _real_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IGNITION_CACHE_DIR", str(GUEST_CACHE))
-    monkeypatch.setenv("IGNITION_ENGINE", "qemu")
+    monkeypatch.setenv("IGNITION_ENGINE", ENGINE)
+    if SLOW > 1:  # a boot deadline, not a speed expectation
+        monkeypatch.setenv("IGNITION_TIMEOUT", "600")
     monkeypatch.delenv("CI", raising=False)
 
 
 @pytest.fixture
 def guest() -> None:
-    require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    if ENGINE == "ignition":
+        from pytest_ignition.engines.ignition import available
+
+        ok, why = available()
+        require(ok, why)
+    else:
+        require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     from pytest_ignition.guest import find_guest
 
     require(find_guest() is not None, "the default guest is not built")
@@ -73,7 +92,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _qemu_pids_under(workdir: str) -> list[int]:
+def _vm_pids_of(entry: dict) -> list[int]:
+    """The VM processes (QEMU, or the bundled VMM; not their keeper) whose command line names
+    one of the kept VM's directories (its work dir, or a short socket dir outside it)."""
+    dirs = [p.encode() for p in [entry["workdir"], *entry.get("cleanup", [])] if p]
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -82,12 +104,15 @@ def _qemu_pids_under(workdir: str) -> list[int]:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmd and b"qemu-system" in cmd[0] and any(workdir.encode() in a for a in cmd):
+        if not cmd or b"pytest_ignition.keeper" in cmd:
+            continue
+        is_vm = b"qemu-system" in cmd[0] or b"pytest_ignition.vmm" in cmd
+        if is_vm and any(p in a for a in cmd for p in dirs):
             pids.append(int(d.name))
     return pids
 
 
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 60 * SLOW) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
     )
@@ -112,6 +137,7 @@ def test_kept_vm_attach_and_kill(pytester: pytest.Pytester, guest: None, cleanup
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
+            ENGINE_HEADER,
             "*keep-failed on (--ignition-keep-failed)*",
             "*kept VMs of failed tests*",
             "* test_keep.py::test_fails *python -m pytest_ignition attach *",
@@ -125,8 +151,8 @@ def test_kept_vm_attach_and_kill(pytester: pytest.Pytester, guest: None, cleanup
     entry = entries[0]
     assert entry["test"].endswith("test_keep.py::test_fails")
     assert _alive(entry["keeper_pid"])
-    qemus = _qemu_pids_under(entry["workdir"])
-    assert len(qemus) == 1, f"one QEMU for the kept VM, found {qemus}"
+    vms = _vm_pids_of(entry)
+    assert len(vms) == 1, f"one VM process for the kept VM, found {vms}"
     listed = _cli("list")
     assert vid in listed.stdout and "test_fails" in listed.stdout, listed
 
@@ -134,7 +160,7 @@ def test_kept_vm_attach_and_kill(pytester: pytest.Pytester, guest: None, cleanup
         CLI[0],
         [*CLI[1:], "attach", vid],
         dimensions=(30, 100),
-        timeout=60,
+        timeout=60 * SLOW,
         encoding="utf-8",
         codec_errors="replace",
     )
@@ -156,7 +182,7 @@ def test_kept_vm_attach_and_kill(pytester: pytest.Pytester, guest: None, cleanup
     killed = _cli("kill", vid)
     assert killed.returncode == 0 and f"killed {vid}" in killed.stdout, killed
     assert not _alive(entry["keeper_pid"])
-    assert not any(_alive(p) for p in qemus)
+    assert not any(_alive(p) for p in vms)
     assert not Path(entry["workdir"]).exists(), "the kept VM's work dir is left over"
     assert not Path(entry["workdir"]).parent.exists(), "the run's temp dir is left over"
     assert not (GUEST_CACHE / "kept" / f"{vid}.json").exists()
@@ -168,17 +194,18 @@ def test_abandoned_kept_vm_ends_after_keep_failed_for(
 ) -> None:
     pytester.makepyfile(test_keep=TESTS)
     result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "--ignition-keep-failed=1", "--ignition-keep-failed-for=4"
+        "-p", "no:xdist", "--ignition-keep-failed=1", f"--ignition-keep-failed-for={SHORT_KEEP_S}"
     )
     result.assert_outcomes(passed=1, failed=1)
     (vid,) = _kept_ids(result)
     (entry,) = _entries(pytester)
-    qemus = _qemu_pids_under(entry["workdir"])
-    deadline = time.monotonic() + 60
+    vms = _vm_pids_of(entry)
+    assert len(vms) == 1, f"one VM process for the kept VM, found {vms}"
+    deadline = time.monotonic() + SHORT_KEEP_S + 60 * SLOW
     while _alive(entry["keeper_pid"]) and time.monotonic() < deadline:
         time.sleep(0.25)
     assert not _alive(entry["keeper_pid"]), "the keeper outlived keep_failed_for"
-    assert not any(_alive(p) for p in qemus)
+    assert not any(_alive(p) for p in vms)
     assert not Path(entry["workdir"]).exists()
     assert not Path(entry["workdir"]).parent.exists(), "the run's temp dir is left over"
     assert not (GUEST_CACHE / "kept" / f"{vid}.json").exists()

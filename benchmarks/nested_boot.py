@@ -81,16 +81,40 @@ def _finish(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(30)
 
 
+_FORK_SERVER = None  # the engine's way by default: one warm VMM process forks each VM
+
+
+def forking() -> bool:
+    """Whether the bundled VMM's boots are forked like the engine's (IGNITION_VMM_FORKSERVER)."""
+    return os.environ.get("IGNITION_VMM_FORKSERVER", "1") != "0"
+
+
+def _fork_server():
+    """Started (and warm) before any clock runs: the engine starts it once per session."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        from pytest_ignition.vmm.forkserver import ForkServer
+
+        _FORK_SERVER = ForkServer()
+        _FORK_SERVER.start()
+    return _FORK_SERVER
+
+
 def run_ignition(guest, mem_mib: int, d: Path) -> dict[str, float]:
     from pytest_ignition.agent import AgentClient
 
     console, log, vsock = d / "console.log", d / "vmm.log", d / "v.sock"
-    argv = [sys.executable, "-m", "pytest_ignition.vmm", "boot", "--kernel", str(guest.kernel)]
-    argv += ["--initrd", str(guest.initrd), "--mem", f"{mem_mib}M", "--vsock", str(vsock)]
-    argv += ["--boot-timer", "--console", str(console)]
-    with open(log, "wb") as err:
+    tail = ["boot", "--kernel", str(guest.kernel)]
+    tail += ["--initrd", str(guest.initrd), "--mem", f"{mem_mib}M", "--vsock", str(vsock)]
+    tail += ["--boot-timer", "--console", str(console)]
+    fs = _fork_server() if forking() else None
+    with open(log, "wb") as err, open(os.devnull, "rb") as null:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        if fs is not None:
+            proc = fs.spawn(tail, stdin=null.fileno(), stdout=err.fileno(), stderr=err.fileno())
+        else:
+            argv = [sys.executable, "-m", "pytest_ignition.vmm", *tail]
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     watch = common.ConsoleMarkerWatch(console, t0)
     watch.start()
     try:
@@ -161,7 +185,10 @@ def measure_restores(guest, mem_mib: int, d: Path, n: int) -> dict[str, list[flo
         order = ["ignition", "qemu"] if i % 2 == 0 else ["qemu", "ignition"]
         for name in order:
             t0 = time.monotonic()
-            m = engines[name].restore(config, snaps[name], d / f"restore-{name}-{i}")
+            # as in the plugin's restore mode: no dirty-page log (no rollback will be asked)
+            m = engines[name].restore(
+                config, snaps[name], d / f"restore-{name}-{i}", rollback=False
+            )
             took = time.monotonic() - t0
             try:
                 # Proof that the restored guest runs commands, outside the clock.
@@ -215,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         n_restores = args.runs if args.restores is None else args.restores
         restores = measure_restores(guest, args.memory, Path(tmp) / "restore", n_restores)
     base = {"memory_mib": args.memory, "kernel": "bzImage", "cpus": 1}
+    if _FORK_SERVER is not None:
+        _FORK_SERVER.stop()
+    via = {"vmm": "fork-server" if forking() else "spawn"}
     recs = [
         record(
             "guest_boot_time",
             "ignition",
-            {**base, "method": "boot-timer"},
+            {**base, **via, "method": "boot-timer"},
             [r["boot_timer"] for r in runs["ignition"]],
         ),
     ]
@@ -228,13 +258,16 @@ def main(argv: list[str] | None = None) -> int:
             record(
                 "guest_boot_time",
                 eng,
-                {**base, "method": "console-marker"},
+                {**base, **(via if eng == "ignition" else {}), "method": "console-marker"},
                 [r["marker"] for r in runs[eng]],
             )
         )
-        recs.append(record("launch_to_ready", eng, dict(base), [r["ready"] for r in runs[eng]]))
+        params = {**base, **(via if eng == "ignition" else {})}
+        recs.append(record("launch_to_ready", eng, params, [r["ready"] for r in runs[eng]]))
     for eng in ("ignition", "qemu"):
         params = {**base, "method": "engine.restore"}
+        if eng == "ignition":
+            params.update(via, dirty_log=False)
         if eng == "qemu":
             params["accelerator"] = "kvm"
         recs.append(record("restore_to_ready", eng, params, restores[eng]))

@@ -7,9 +7,12 @@ that exactly the failed test's VMM process outlives pytest (under its keeper), t
 ``--ignition-keep-failed-for`` end it with nothing left over. A pass needs all three tests passed
 and none skipped (a missing engine or guest fails under IGNITION_REQUIRE=1 and skips otherwise).
 
-Not part of ``make test-nested``: it takes 15-20 min in the harness on the 2-core machine (three
-inner pytest sessions, each booting and snapshotting the guest, plus a Python start under TCG for
-every CLI call). Run it with ``IGNITION_NESTED_LONG=1``::
+Not part of ``make test-nested``: three inner pytest sessions, each booting and snapshotting the
+guest, plus a Python start under TCG for every CLI call. Measured in the harness on the 2-core
+machine (2026-12-02): passed in 4.7 min at outer load ~4; two runs at load ~15 failed on its
+deadlines then (a 60 s CLI call, a 4 s keep time that expired before the inner pytest ended; both
+are stretched inside the harness now), so it is not known to be reliable under a loaded CI. Run it
+with ``IGNITION_NESTED_LONG=1``::
 
     python -m pytest_ignition.nested run -- env IGNITION_NESTED_LONG=1 \
         .venv/bin/python -m pytest tests/nested/test_keep_failed_ignition.py -v -s
@@ -35,7 +38,7 @@ CHILD_TIMEOUT = 2700
 
 @pytest.mark.skipif(
     os.environ.get("IGNITION_NESTED_LONG") != "1",
-    reason="long (15-20 min in the harness): IGNITION_NESTED_LONG=1 runs it",
+    reason="long (~5 min in the harness, more under load): IGNITION_NESTED_LONG=1 runs it",
 )
 def test_keep_failed_attach_kill_on_the_bundled_vmm() -> None:
     from pytest_ignition.engines.ignition import available

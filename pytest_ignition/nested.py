@@ -10,6 +10,10 @@ under ``qemu-system-x86_64 -M q35 -accel tcg -cpu EPYC,+svm,+npt``, where KVM_AM
 - the current directory is shared *writable* at the same path (results come back; it is
   mounted with ``cache=loose`` for speed, so changes made to it from outside during the run
   may not be seen inside; everything written inside is flushed before the host stops);
+- the network is loopback plus a dummy interface with a default route (``ign-dummy0``,
+  192.0.2.2/24), which passt (``network=user``) needs in order to start; destinations other
+  than loopback and that /24 are unreachable (two ``unreachable`` /1 routes), so connects to
+  them fail at once;
 - /tmp, /run, /dev/shm are fresh tmpfs; the environment is PATH, HOME, locale, PYTHON*,
   IGNITION_*, VIRTUAL_ENV (+ ``env``), with ``IGNITION_NESTED=1`` and
   ``PYTHONDONTWRITEBYTECODE=1`` added; stdin is /dev/null;

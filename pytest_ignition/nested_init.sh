@@ -3,12 +3,13 @@
 #
 # Stage 1 runs on the read-only virtio-9p root (the outer machine's `/`): it stacks an overlayfs
 # with a tmpfs upper layer on that root, so that everything is writable in RAM and nothing reaches
-# the outer machine, and re-executes itself inside it as stage 2. Stage 2 mounts the kernel
-# filesystems, the control share (`ignctl`: run.sh, nonce, cwd; rc is written back) and the
-# writable share of the caller's directory (`igncwd`), prints the start marker on the console,
-# sources run.sh in a subshell with its output on the console, prints the exit marker and
-# reboots (QEMU runs with -no-reboot, so that ends it). If anything here fails, PID 1 exits and the kernel panics
-# (panic=-1 reboots at once), which the outer side reports with the console tail.
+# the outer machine, makes it the root (pivot_root) and re-executes itself there as stage 2.
+# Stage 2 mounts the kernel filesystems, the control share (`ignctl`: run.sh, nonce, cwd; rc is
+# written back) and the writable share of the caller's directory (`igncwd`), prints the start
+# marker on the console, sources run.sh in a subshell with its output on the console, prints the
+# exit marker and reboots (QEMU runs with -no-reboot, so that ends it). If anything here fails,
+# PID 1 exits and the kernel panics (panic=-1 reboots at once), which the outer side reports
+# with the console tail.
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -27,6 +28,13 @@ if [ "$STAGE" = 1 ]; then
     $BB mkdir -p /run/ovl/upper /run/ovl/work /run/ovl/root
     if $BB mount -t overlay -o lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work \
         overlay /run/ovl/root 2>/dev/console; then
+        # pivot_root rather than only chroot: a chrooted process may not create a user
+        # namespace (EPERM), and passt's sandbox makes one. The old root (the 9p share, the
+        # overlay's lower layer) stays mounted on /run, which stage 2 covers with a fresh tmpfs.
+        if cd /run/ovl/root && $BB pivot_root . run; then
+            exec $BB chroot . ${BB:-/bin/sh} ${BB:+sh} "$SELF" "$SELF" 2
+        fi
+        say "pivot_root into the overlay failed; chroot only (no user namespaces: passt fails)"
         exec $BB chroot /run/ovl/root ${BB:-/bin/sh} ${BB:+sh} "$SELF" "$SELF" 2
     fi
     say "overlayfs over the 9p root failed; the root stays read-only (tmpfs on /tmp, /var/tmp)"
@@ -56,6 +64,18 @@ if [ -n "$CWD" ]; then
     $BB mount -t 9p -o "$P9,cache=loose" igncwd "$CWD" || { say "cannot mount $CWD"; exit 1; }
 fi
 $BB ip link set lo up 2>/dev/null
+# passt (network=user) refuses to start without an interface that has a default route, and the
+# host has only lo: a dummy interface (CONFIG_DUMMY) gives it one. A dummy drops what it is sent,
+# so the two unreachable halves of the address space (more specific than the default) keep every
+# other destination failing at once (EHOSTUNREACH) instead of a connect hanging until its timeout.
+# passt only looks the default route up (prefix length 0, its device) to pick an interface.
+if $BB ip link add ign-dummy0 type dummy 2>/dev/null; then
+    $BB ip addr add 192.0.2.2/24 dev ign-dummy0
+    $BB ip link set ign-dummy0 up
+    $BB ip route add default via 192.0.2.1 dev ign-dummy0
+    $BB ip route add unreachable 0.0.0.0/1
+    $BB ip route add unreachable 128.0.0.0/1
+fi
 # While CMD runs only critical kernel messages reach the console (it carries CMD's output);
 # everything stays in dmesg. Raw console: CMD's bytes go out unchanged (no \n -> \r\n, no echo).
 echo 3 >/proc/sys/kernel/printk

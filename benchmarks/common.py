@@ -50,7 +50,8 @@ METRICS = (
     "kernel_to_init",
 )
 # "host": on this machine without any VM (e.g. Chromium started locally, for comparison)
-WHERE = ("direct", "nested", "tcg", "host")
+# "nested_arm64": inside the arm64 nested harness (KVM/arm64 under qemu-system-aarch64 TCG)
+WHERE = ("direct", "nested", "tcg", "host", "nested_arm64")
 ENGINES = ("ignition", "qemu")
 REQUIRED_KEYS = (
     "metric",

@@ -432,34 +432,25 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             via=_harness(image_timeout),
         )
     )
-    # The bundled VMM's tunnels and virtio-net (segment) in the harness.
+    # The bundled VMM's tunnels and virtio-net (segment) in the harness, beside QEMU+KVM in the
+    # same harness run (network.json, where=nested).
+    net_args = ["--engine", "both", "--parts", "tunnels,segment"]
     units.append(
         Unit(
             "network_nested",
             "network",
             "network",
-            "network_nested.json",
-            ["--engine", "ignition", "--parts", "tunnels,segment", "--rtts", "100"]
-            + [
-                "--mib",
-                "4",
-                "--repeats",
-                "2",
-                "--results",
-                "benchmarks/results/network_nested.json",
-            ],
-            ["--engine", "ignition", "--parts", "tunnels,segment", "--rtts", "10"]
-            + [
-                "--mib",
-                "1",
-                "--repeats",
-                "1",
-                "--results",
-                "benchmarks/results/network_nested.json",
-            ],
+            "network.json",
+            [*net_args, "--rtts", "100", "--mib", "4", "--repeats", "2"],
+            [*net_args, "--rtts", "10", "--mib", "1", "--repeats", "1"],
             [
-                Expect("net_rtt", "ignition", "nested", {"path": "agent-forward"}),
-                Expect("net_rtt", "ignition", "nested", {"path": "segment"}),
+                Expect(m, e, "nested", {"path": p})
+                for e in ("ignition", "qemu")
+                for m, p in (
+                    ("net_rtt", "agent-forward"),
+                    ("net_throughput", "agent-forward"),
+                    ("net_rtt", "segment"),
+                )
             ],
             nested_timeout,
             via=_harness(nested_timeout),

@@ -16,16 +16,24 @@ Metrics (records in ``benchmarks/results/network.json``, rewritten per engine an
   also carries ``mib_per_s``.
 
 Every VM is a restore of one snapshot per configuration. ``--engine ignition`` needs real KVM
-(the nested harness here): run it inside ``python -m pytest_ignition.nested run -- ...``.
+(the nested harness here): run it inside ``python -m pytest_ignition.nested run -- ...``;
+``--engine both`` measures the bundled VMM and QEMU (on the accelerator the product would pick:
+KVM in the harness) in one run, the engine that goes first alternating part by part. Inside the
+harness every record's ``where`` is ``nested``; each carries a ``note`` with the load average
+(and ``--note``). A part that fails becomes an absent record, and its VMs' console, VMM and
+passt logs are copied to ``build/bench-logs/network-<part>-<engine>/``.
 
-Usage: ``python -m benchmarks.network [--engine qemu|ignition] [--rtts 200] [--mib 16]
-[--repeats 3] [--no-write] [--results FILE]``.
+Usage: ``python -m benchmarks.network [--engine qemu|ignition|both] [--parts tunnels,slirp,segment]
+[--rtts 200] [--mib 16] [--repeats 3] [--note TEXT] [--no-write] [--results FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import socket
 import statistics
 import sys
@@ -38,6 +46,7 @@ from typing import Any
 from benchmarks import common
 
 RESULTS = common.RESULTS_DIR / "network.json"
+LOG_DIR = Path(__file__).resolve().parent.parent / "build" / "bench-logs"
 ECHO, SINK, SOURCE = 7000, 7001, 7002
 
 
@@ -129,7 +138,7 @@ def _snapshot(engine: Any, cfg: Any, tmp: Path, name: str) -> Path:
     return tmp / f"snap-{name}"
 
 
-def _slirp_engine(base_cls: type, hostfwd: str) -> Any:
+def _slirp_engine(base_cls: type, hostfwd: str, accelerator: str) -> Any:
     """A QEMU engine whose network=user device is QEMU's own slirp with ``hostfwd`` (for
     comparison only: the product uses passt)."""
 
@@ -150,125 +159,172 @@ def _slirp_engine(base_cls: type, hostfwd: str) -> Any:
             args[i + 1] = f"user,id=net0,restrict=on,net=10.0.2.0/24,hostfwd={hostfwd}"
             return args
 
-    return SlirpEngine()
+    return SlirpEngine(accelerator=accelerator)
+
+
+def _engines(which: str) -> list[tuple[str, Any, str]]:
+    """(name, engine, where) for ``--engine``: inside the nested harness every record's
+    ``where`` is ``nested`` and QEMU runs on the harness host's KVM, as the product picks it."""
+    from pytest_ignition.engines.select import decide, probe_host
+    from pytest_ignition.nested import inside
+
+    out: list[tuple[str, Any, str]] = []
+    for name in ("ignition", "qemu") if which == "both" else (which,):
+        if name == "qemu":
+            from pytest_ignition.engines.qemu import QemuEngine
+
+            accel = decide("qemu", probe_host()).accelerator
+            engine: Any = QemuEngine(accelerator=accel)
+            out.append((name, engine, "nested" if inside() else accel))
+        else:
+            from pytest_ignition.engines.ignition import IgnitionEngine
+
+            out.append((name, IgnitionEngine(), "nested" if inside() else "kvm"))
+    return out
+
+
+def _save_logs(src: Path, label: str) -> Path | None:
+    """Copy the console/VMM/passt logs under ``src`` (a failed part's VM dirs) to
+    build/bench-logs/network-<label>/ before the temporary directory goes."""
+    logs = sorted(src.rglob("*.log")) if src.exists() else []
+    if not logs:
+        return None
+    dest = LOG_DIR / f"network-{label}"
+    shutil.rmtree(dest, ignore_errors=True)
+    for f in logs:
+        target = dest / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copyfile(f, target)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", choices=("qemu", "ignition"), default="qemu")
+    ap.add_argument("--engine", choices=("qemu", "ignition", "both"), default="qemu")
     ap.add_argument("--rtts", type=int, default=200)
     ap.add_argument("--mib", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", default="tunnels,slirp,segment", help="which measurements")
+    ap.add_argument("--note", default="", help="added to every record (e.g. the outer load)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     from pytest_ignition.engines.base import VMConfig
     from pytest_ignition.guest import find_guest
-    from pytest_ignition.network import Network
-    from pytest_ignition.vm import VM
 
     g = find_guest()
     if g is None:
         print("guest not built: python -m pytest_ignition.guest build", file=sys.stderr)
         return 2
-    if args.engine == "qemu":
-        from pytest_ignition.engines.qemu import QemuEngine
-
-        engine: Any = QemuEngine()
-        where = engine.accelerator
-    else:
-        from pytest_ignition.engines.ignition import IgnitionEngine
-
-        engine = IgnitionEngine()
-        from pytest_ignition.nested import inside
-
-        where = "nested" if inside() else "kvm"
+    engines = _engines(args.engine)
     base = VMConfig(kernel=g.kernel, initrd=g.initrd, memory_mib=512, boot_timeout=300)
     records: list[dict] = []
+    parts = [p for p in ("tunnels", "slirp", "segment") if p in set(args.parts.split(","))]
     with tempfile.TemporaryDirectory(prefix="ign-netb-") as td:
         tmp = Path(td)
-        parts = set(args.parts.split(","))
-        if "tunnels" in parts:
-            records += _tunnels(engine, base, tmp, args, where)
-        if "slirp" in parts and args.engine == "qemu":
-            try:
-                records += _slirp(engine, base, tmp, args, where)
-            except Exception as e:  # comparison only: say why it is missing
-                records.append(
-                    common.absent_record(
-                        "net_rtt", "qemu", where, repr(e), path="qemu-slirp-hostfwd"
+        for i, part in enumerate(parts):
+            # Engines alternate going first, so that a drift in the shared machine hits both.
+            for name, engine, where in engines[:: -1 if i % 2 else 1]:
+                if part == "slirp" and name != "qemu":
+                    continue
+                work = tmp / f"{part}-{name}"
+                t0 = time.monotonic()
+                try:
+                    records += PARTS[part](engine, name, base, work, args, where)
+                except Exception as e:  # keep the other measurements; say why this one is absent
+                    saved = _save_logs(work, f"{part}-{name}")
+                    print(
+                        f"{name}/{part} failed after {time.monotonic() - t0:.0f} s: {e}\n"
+                        f"(console/VMM logs: {saved})",
+                        file=sys.stderr,
                     )
-                )
-        records.append(
-            common.absent_record(
-                "net_rtt",
-                args.engine,
-                where,
-                "passt forwards host ports only when started with -t; the product reaches "
-                "guest services through the agent channel instead",
-                path="passt-forward",
-            )
-        )
-        if "segment" not in parts:
-            return _finish(records, args)
-        seg = replace(base, network="segment")
-        ssnap = _snapshot(engine, seg, tmp, "segment")
-        net = Network("bench")
-        vms = []
-        try:
-            for h in ("a", "b"):
-                v = VM(engine, engine.restore(seg, ssnap, tmp / h), seg, snapshot_dir=ssnap)
-                vms.append(v)
-                net.add(v, h)
-            # The guests' clock is jiffies under TCG (4 ms steps), so the host times it: an
-            # echo on b reached through a relay on a, minus a's own echo over the same tunnel.
-            a, b = vms
-            _setup_servers(a, 1)
-            _setup_servers(b, 1)
-            a.write_file("/tmp/relay.sh", "#!/bin/sh\nexec nc b 7000\n", mode=0o755)
-            a.run("nc -ll -p 7100 -e /tmp/relay.sh >/dev/null 2>&1 &", timeout=30).check()
-            time.sleep(0.5)
-            with a.connect(ECHO, timeout=30) as s:
-                local = _rtts(s, args.rtts)
-            with a.connect(7100, timeout=30) as s:
-                relayed = _rtts(s, args.rtts)
-            extra = statistics.median(relayed) - statistics.median(local)
-            params = {"path": "segment", "method": "relay-on-a-minus-local-echo"}
+                    path = "qemu-slirp-hostfwd" if part == "slirp" else part
+                    path = "agent-forward" if part == "tunnels" else path
+                    reason = f"{type(e).__name__}: {str(e)[:300]} (logs: {saved})"
+                    records.append(common.absent_record("net_rtt", name, where, reason, path=path))
+                print(f"{name}/{part}: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        for name, _engine, where in engines:
             records.append(
-                common.unchecked_record(
+                common.absent_record(
                     "net_rtt",
-                    args.engine,
+                    name,
                     where,
-                    params,
-                    relayed,
-                    guest_to_guest_ms=round(extra, 3),
-                    local_echo_median_ms=round(statistics.median(local), 3),
+                    "passt forwards host ports only when started with -t; the product reaches "
+                    "guest services through the agent channel instead",
+                    path="passt-forward",
                 )
             )
-            print(f"{args.engine}/segment: a->b adds {extra:.3f} ms", file=sys.stderr)
-        except Exception as e:  # keep the measurements taken so far; say why this one is missing
-            print(f"{args.engine}/segment failed: {e!r}", file=sys.stderr)
-            records.append(
-                common.absent_record("net_rtt", args.engine, where, repr(e)[:300], path="segment")
-            )
-        finally:
-            for v in vms:
-                v.close()
-            net.close()
-
     return _finish(records, args)
 
 
+def _segment(
+    engine: Any, name: str, base: Any, tmp: Path, args: argparse.Namespace, where: str
+) -> list[dict]:
+    from pytest_ignition.network import Network
+    from pytest_ignition.vm import VM
+
+    seg = replace(base, network="segment")
+    ssnap = _snapshot(engine, seg, tmp, "segment")
+    net = Network("bench")
+    vms = []
+    try:
+        for h in ("a", "b"):
+            v = VM(engine, engine.restore(seg, ssnap, tmp / h), seg, snapshot_dir=ssnap)
+            vms.append(v)
+            net.add(v, h)
+        # The guests' clock is jiffies under TCG (4 ms steps), so the host times it: an
+        # echo on b reached through a relay on a, minus a's own echo over the same tunnel.
+        a, b = vms
+        _setup_servers(a, 1)
+        _setup_servers(b, 1)
+        a.write_file("/tmp/relay.sh", "#!/bin/sh\nexec nc b 7000\n", mode=0o755)
+        a.run("nc -ll -p 7100 -e /tmp/relay.sh >/dev/null 2>&1 &", timeout=30).check()
+        time.sleep(0.5)
+        with a.connect(ECHO, timeout=30) as s:
+            local = _rtts(s, args.rtts)
+        with a.connect(7100, timeout=30) as s:
+            relayed = _rtts(s, args.rtts)
+    finally:
+        for v in vms:
+            v.close()
+        net.close()
+    extra = statistics.median(relayed) - statistics.median(local)
+    params = {"path": "segment", "method": "relay-on-a-minus-local-echo"}
+    print(f"{name}/segment: a->b adds {extra:.3f} ms", file=sys.stderr)
+    return [
+        common.unchecked_record(
+            "net_rtt",
+            name,
+            where,
+            params,
+            relayed,
+            guest_to_guest_ms=round(extra, 3),
+            local_echo_median_ms=round(statistics.median(local), 3),
+        )
+    ]
+
+
+def _noted(rec: dict, args: argparse.Namespace) -> dict:
+    """The record with the run's load: this host's load average (inside the harness: the
+    harness host's) and ``--note`` (the caller's, e.g. the outer machine's ``uptime``)."""
+    note = f"loadavg here {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    rec["note"] = f"{note}; {args.note}" if args.note else note
+    return rec
+
+
 def _finish(records: list[dict], args: argparse.Namespace) -> int:
+    records = [r if "note" in r or common.is_absent(r) else _noted(r, args) for r in records]
     print(json.dumps(records, indent=2))
     if not args.no_write:
         common.replace_records(args.results, records)
     return 0
 
 
-def _tunnels(engine: Any, base: Any, tmp: Path, args: argparse.Namespace, where: str) -> list[dict]:
+def _tunnels(
+    engine: Any, name: str, base: Any, tmp: Path, args: argparse.Namespace, where: str
+) -> list[dict]:
     from pytest_ignition.vm import VM
 
     snap = _snapshot(engine, base, tmp, "none")
@@ -286,12 +342,14 @@ def _tunnels(engine: Any, base: Any, tmp: Path, args: argparse.Namespace, where:
             "agent-forward": via_forward,
             "agent-connect": lambda port: vm.connect(port, timeout=30),
         }
-        return _measure_paths(paths, args.rtts, args.mib, args.repeats, args.engine, where)
+        return _measure_paths(paths, args.rtts, args.mib, args.repeats, name, where)
     finally:
         vm.close()
 
 
-def _slirp(engine: Any, base: Any, tmp: Path, args: argparse.Namespace, where: str) -> list[dict]:
+def _slirp(
+    engine: Any, name: str, base: Any, tmp: Path, args: argparse.Namespace, where: str
+) -> list[dict]:
     ports = {}
     for p in (ECHO, SINK, SOURCE):
         s = socket.socket()
@@ -299,7 +357,7 @@ def _slirp(engine: Any, base: Any, tmp: Path, args: argparse.Namespace, where: s
         ports[p] = s.getsockname()[1]
         s.close()
     hostfwd = ",hostfwd=".join(f"tcp:127.0.0.1:{hp}-:{gp}" for gp, hp in ports.items())
-    slirp = _slirp_engine(type(engine), hostfwd)
+    slirp = _slirp_engine(type(engine), hostfwd, engine.accelerator)
     cfg = replace(base, network="user")
     snap = _snapshot(slirp, cfg, tmp, "slirp")
     from pytest_ignition.vm import VM
@@ -318,6 +376,8 @@ def _slirp(engine: Any, base: Any, tmp: Path, args: argparse.Namespace, where: s
     finally:
         vm.close()
 
+
+PARTS = {"tunnels": _tunnels, "slirp": _slirp, "segment": _segment}
 
 if __name__ == "__main__":
     sys.exit(main())

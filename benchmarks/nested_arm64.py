@@ -213,9 +213,7 @@ def ignition_snapshot_restore(kernel: str, initrd: str, mem: int, d: Path, n: in
         rproc, r = started[-1]
         for _ in range(n_rb):
             with AgentClient.connect_vsock_uds(r / "v.sock", AGENT_PORT, timeout=BOOT_TIMEOUT) as c:
-                res = c.exec(
-                    "dd if=/dev/zero of=/tmp/dirty bs=1M count=4 2>/dev/null", timeout=120
-                )
+                res = c.exec("dd if=/dev/zero of=/tmp/dirty bs=1M count=4 2>/dev/null", timeout=120)
                 if res.exit_code != 0:
                     raise RuntimeError(f"dd in the restored guest: {res}")
             rb = _control(r, "rollback")

@@ -453,7 +453,9 @@ class IgnitionEngine(Engine):
 
                 from pytest_ignition.vmm.forkserver import ForkServer
 
-                self._fs = ForkServer(self.python, spawn=_process.spawn)
+                self._fs = ForkServer(
+                    self.python, spawn=_process.spawn, mkdtemp=_process.owned_tempdir
+                )
                 atexit.register(self._fs.stop)
         return self._fs
 

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -359,9 +360,12 @@ class ForkedVmm:
 class ForkServer:
     """The client's handle on one fork server (started on first use, restarted when dead)."""
 
-    def __init__(self, python: str | None = None, spawn: Any = None):
+    def __init__(self, python: str | None = None, spawn: Any = None, mkdtemp: Any = None):
         self.python = python or sys.executable
         self._spawn = spawn  # e.g. engines._process.spawn (dies with this process)
+        # e.g. engines._process.owned_tempdir: an owner file, so that the session-start sweeper
+        # removes the dir (and its socket) of a run that was killed
+        self._mkdtemp = mkdtemp or (lambda prefix: Path(tempfile.mkdtemp(prefix=prefix)))
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: Path | None = None
         self.sock: Path | None = None
@@ -376,7 +380,7 @@ class ForkServer:
             if self.alive():
                 return
             self._stop_locked()
-            self.dir = Path(tempfile.mkdtemp(prefix="ign-fs-"))
+            self.dir = Path(self._mkdtemp("ign-fs-"))
             self.sock = self.dir / "fork.sock"
             argv = [self.python, "-m", "pytest_ignition.vmm.forkserver", str(self.sock)]
             spawn = self._spawn or (lambda a, **kw: subprocess.Popen(a, **kw))
@@ -470,11 +474,8 @@ class ForkServer:
                 if f is not None:
                     f.close()
         self.proc = None
-        if self.dir is not None:
-            with contextlib.suppress(OSError):
-                if self.sock is not None:
-                    self.sock.unlink(missing_ok=True)
-                self.dir.rmdir()
+        if self.dir is not None:  # its socket, and an owner file (see mkdtemp)
+            shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = self.sock = None
 
     def stop(self) -> None:

@@ -4,10 +4,12 @@ server or the client can go away leaves no process, socket or fd behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -217,3 +219,28 @@ def test_engine_launches_through_the_fork_server(tmp_path, monkeypatch):
     server_fds = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
     eng._fs.stop()
     assert open_fds() <= fds | server_fds and open_fds() <= fds, open_fds() - fds
+
+
+def test_the_engines_server_dir_has_an_owner_and_goes_on_stop(tmp_path, monkeypatch):
+    """The engine's fork server dir (its socket) carries an owner file, so that the session
+    sweeper removes it after a killed run (without one it was left in TMPDIR for ever); a
+    normal stop removes it, owner file and all."""
+    need_kvm()
+    from pytest_ignition.engines import _process
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fs = ForkServer(spawn=_process.spawn, mkdtemp=_process.owned_tempdir)
+    fs.start()
+    d = fs.dir
+    assert d is not None and d.parent == tmp_path and (d / "fork.sock").is_socket()
+    rec = _process._read_owner(str(d))
+    assert rec is not None and rec["pid"] == os.getpid()
+    fs.stop()
+    assert not d.exists()
+    # the sweeper removes such a dir once its owner is gone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = _process.owned_tempdir("ign-fs-", tmp_path)
+    rec = {**_process.owner_record(), "pid": dead.pid, "start": None}
+    (orphan / _process.OWNER_FILE).write_text(json.dumps(rec))
+    assert _process.sweep_dead_runs(tmp_path) == [orphan]

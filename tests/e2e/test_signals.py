@@ -1,4 +1,4 @@
-"""Signals to a pytest run in the middle of a VM test leave nothing behind (issue 16), QEMU engine.
+"""Signals to a pytest run in the middle of a VM test leave nothing behind (issue 16).
 
 One chain of real pytest runs on the real guest, each a child process with its own TMPDIR (so
 that everything the plugin puts in the temp dir is this test's to count): every run's tests sit
@@ -8,6 +8,12 @@ start by ten minutes; the real QEMU is exec'ed after it) and must end long befor
 timeout. Run 2 gets SIGTERM, run 3 SIGKILL, and in run 4 (``-n 2``) one xdist worker gets
 SIGKILL. Each time, once the next run is in the middle of its own test, the killed run must have
 left zero VM processes, sockets, overlays and work dirs (counted from ``/proc`` and the file tree).
+
+QEMU here; ``IGNITION_SIGNALS_ENGINE=ignition`` runs the same chain on the bundled VMM (inside the
+nested harness: tests/nested/test_signals_ignition.py), where the stuck restore is a
+``sitecustomize`` on PYTHONPATH that delays the VMM's ``restore`` command instead of a QEMU shim:
+run 1 spawns each VMM process (``IGNITION_VMM_FORKSERVER=0``, so the shim sees the command), the
+others fork them from the fork server (the default), whose dir, socket and children count too.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ from pytest_ignition.engines import _process
 from pytest_ignition.guest.build import cache_dir
 
 QEMU = shutil.which("qemu-system-x86_64")
-BOOT_TIMEOUT = 120  # --ignition-timeout of the inner runs: what a stuck restore would wait for
+ENGINE = os.environ.get("IGNITION_SIGNALS_ENGINE", "qemu")
+# --ignition-timeout of the inner runs: what a stuck restore would wait for (the bundled VMM in
+# the nested harness: a boot there missed 120 s with another harness beside it)
+BOOT_TIMEOUT = 120 if ENGINE == "qemu" else 300
 MARK_DEADLINE = 900.0  # first boot of a run under TCG on a loaded machine, plus its restore
 
 INNER = """
@@ -71,6 +80,23 @@ esac
 exec {qemu} "$@"
 """
 
+# The same for the bundled VMM: every ``python -m pytest_ignition.vmm restore`` but the first.
+SLOW_RESTORE_SITECUSTOMIZE = """import sys
+import time
+
+if sys.orig_argv[1:4] == ["-m", "pytest_ignition.vmm", "restore"]:
+    try:
+        with open({count!r}) as f:
+            n = int(f.read() or 0)
+    except OSError:
+        n = 0
+    n += 1
+    with open({count!r}, "w") as f:
+        f.write(str(n))
+    if n >= 2:
+        time.sleep(600)
+"""
+
 
 @dataclass
 class Run:
@@ -83,9 +109,8 @@ class Run:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def _start(
-    suite: Path, tmpdir: Path, name: str, *args: str, path_prefix: Path | None = None
-) -> Run:
+def _start(suite: Path, tmpdir: Path, name: str, *args: str, shim: Path | None = None) -> Run:
+    """A pytest run of the inner suite; with ``shim``, every restore but the first is stuck."""
     marks = suite / f"marks-{name}"
     marks.mkdir()
     env = dict(os.environ)
@@ -97,11 +122,14 @@ def _start(
         SIG_MARKS=str(marks),
         SIG_RELEASE=str(suite / "release"),
     )
-    if path_prefix is not None:
-        env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
+    if shim is not None:
+        var = "PATH" if ENGINE == "qemu" else "PYTHONPATH"
+        env[var] = os.pathsep.join(x for x in (str(shim), env.get(var)) if x)
+        if ENGINE == "ignition":
+            env["IGNITION_VMM_FORKSERVER"] = "0"  # forked VMMs never run a sitecustomize
     log = suite / f"{name}.log"
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_inner.py"]
-    argv += ["--ignition-engine=qemu", f"--ignition-timeout={BOOT_TIMEOUT}", *args]
+    argv += [f"--ignition-engine={ENGINE}", f"--ignition-timeout={BOOT_TIMEOUT}", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, cwd=suite, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
@@ -201,7 +229,12 @@ def _kill_and_wait(run: Run, sig: int, pid: int | None = None) -> float:
 
 
 def test_signals_to_pytest_and_an_xdist_worker_leave_nothing_behind(tmp_path: Path) -> None:
-    require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    if ENGINE == "qemu":
+        require(QEMU, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    else:
+        from pytest_ignition.engines.ignition import available
+
+        require(*available())
     from pytest_ignition.guest import GuestBuildError, build_guest
 
     try:
@@ -222,10 +255,12 @@ def test_signals_to_pytest_and_an_xdist_worker_leave_nothing_behind(tmp_path: Pa
 def _chain(suite: Path, tmpdir: Path, tmp_path: Path) -> None:
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "qemu-system-x86_64").write_text(
-        SLOW_RESTORE_SHIM.format(count=tmp_path / "incoming.count", qemu=QEMU)
-    )
-    (shim / "qemu-system-x86_64").chmod(0o755)
+    count = tmp_path / "incoming.count"
+    if ENGINE == "qemu":
+        (shim / "qemu-system-x86_64").write_text(SLOW_RESTORE_SHIM.format(count=count, qemu=QEMU))
+        (shim / "qemu-system-x86_64").chmod(0o755)
+    else:
+        (shim / "sitecustomize.py").write_text(SLOW_RESTORE_SITECUSTOMIZE.format(count=str(count)))
 
     def in_the_middle(run: Run, n: int = 1) -> list[Path]:
         _wait_marks(run, n)
@@ -236,7 +271,7 @@ def _chain(suite: Path, tmpdir: Path, tmp_path: Path) -> None:
         return mine
 
     # 1: SIGINT while test_b's VM is still restoring in the background
-    r1 = _start(suite, tmpdir, "sigint", path_prefix=shim)
+    r1 = _start(suite, tmpdir, "sigint", shim=shim)
     r1_dirs = in_the_middle(r1)
     seconds = _kill_and_wait(r1, signal.SIGINT)
     print(f"SIGINT during a background restore: pytest ended {seconds:.2f} s after the signal")
@@ -278,6 +313,8 @@ def _chain(suite: Path, tmpdir: Path, tmp_path: Path) -> None:
     _check_nothing_left("xdist worker SIGKILL", victim_dirs, tmpdir, {victim})
     (suite / "release").write_text("go")
     assert r5.proc.wait(timeout=600) == 0, r5.output()
+    if ENGINE == "ignition":  # the summary names the engine: no quiet fallback to QEMU
+        assert "(ignition (bundled VMM" in r5.output(), r5.output()
     # a run that ends normally removes its own dirs; nothing of any run is left
     assert _dirs(tmpdir) == {}, _dirs(tmpdir)
     assert _vm_processes([tmpdir]) == []

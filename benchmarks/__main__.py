@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
     ap.add_argument("--only", default="", help="comma-separated script names to run")
     ap.add_argument(
-        "--budget", type=float, default=1080.0, help="seconds for all scripts (default 18 min)"
+        "--budget", type=float, default=3600.0, help="seconds for all scripts (default 60 min)"
     )
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
     ap.add_argument(

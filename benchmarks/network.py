@@ -190,13 +190,20 @@ def _save_logs(src: Path, label: str) -> Path | None:
     if not logs:
         return None
     dest = LOG_DIR / f"network-{label}"
-    shutil.rmtree(dest, ignore_errors=True)
     for f in logs:
         target = dest / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             shutil.copyfile(f, target)
     return dest
+
+
+def _keep_logs(vms: list[Any], label: str) -> None:
+    """After a failure, copy the live VMs' logs (a machine's directory goes with its close)."""
+    for i, v in enumerate(vms):
+        with contextlib.suppress(Exception):
+            dest = _save_logs(Path(v.machine.dir), f"{label}/vm{i}")
+            print(f"{label}: vm{i} logs in {dest}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                 if part == "slirp" and name != "qemu":
                     continue
                 work = tmp / f"{part}-{name}"
+                shutil.rmtree(LOG_DIR / f"network-{part}-{name}", ignore_errors=True)
                 t0 = time.monotonic()
                 try:
                     records += PARTS[part](engine, name, base, work, args, where)
                 except Exception as e:  # keep the other measurements; say why this one is absent
-                    saved = _save_logs(work, f"{part}-{name}")
+                    _save_logs(work, f"{part}-{name}")  # what is left: boot, snapshot
+                    saved = LOG_DIR / f"network-{part}-{name}"
+                    saved = saved if saved.exists() else None
                     print(
                         f"{name}/{part} failed after {time.monotonic() - t0:.0f} s: {e}\n"
                         f"(console/VMM logs: {saved})",
@@ -286,6 +296,9 @@ def _segment(
             local = _rtts(s, args.rtts)
         with a.connect(7100, timeout=30) as s:
             relayed = _rtts(s, args.rtts)
+    except BaseException:
+        _keep_logs(vms, f"segment-{name}")
+        raise
     finally:
         for v in vms:
             v.close()
@@ -343,6 +356,9 @@ def _tunnels(
             "agent-connect": lambda port: vm.connect(port, timeout=30),
         }
         return _measure_paths(paths, args.rtts, args.mib, args.repeats, name, where)
+    except BaseException:
+        _keep_logs([vm], f"tunnels-{name}")
+        raise
     finally:
         vm.close()
 
@@ -373,6 +389,9 @@ def _slirp(
         return _measure_paths(
             {"qemu-slirp-hostfwd": via_slirp}, args.rtts, args.mib, args.repeats, "qemu", where
         )
+    except BaseException:
+        _keep_logs([vm], f"slirp-{name}")
+        raise
     finally:
         vm.close()
 

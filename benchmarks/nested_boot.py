@@ -85,8 +85,9 @@ _FORK_SERVER = None  # the engine's way by default: one warm VMM process forks e
 
 
 def forking() -> bool:
-    """Whether the bundled VMM's boots are forked like the engine's (IGNITION_VMM_FORKSERVER)."""
-    return os.environ.get("IGNITION_VMM_FORKSERVER", "1") != "0"
+    """Whether the bundled VMM's boots are forked, as the engine's are with
+    IGNITION_VMM_FORKSERVER=1 (opt-in, like the engine)."""
+    return os.environ.get("IGNITION_VMM_FORKSERVER", "0") == "1"
 
 
 def _fork_server():

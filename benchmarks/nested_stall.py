@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         quiet_median[kind] = statistics.median(ok)
                     med = quiet_median.get(kind)
                     limit = med * args.factor if med is not None else None
-                    more = {"fork_server": os.environ.get("IGNITION_VMM_FORKSERVER", "1") != "0"}
+                    more = {"fork_server": os.environ.get("IGNITION_VMM_FORKSERVER", "0") == "1"}
                     if kind == "restore" and args.restore_arg:
                         more["restore_args"] = args.restore_arg
                     rec = summarize(runs, kind, load, limit, **more)

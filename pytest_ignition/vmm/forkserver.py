@@ -217,7 +217,7 @@ def serve(path: str) -> int:
             for key, _ in sel.select(max(0.0, timeout)):
                 if key.data is None:
                     try:
-                        conn, _ = lsock.accept()
+                        conn, _ = lsock.accept()  # non-blocking listener: never waits
                     except (BlockingIOError, InterruptedError):
                         continue
                     conn.setblocking(True)

@@ -604,7 +604,7 @@ class Machine:
             self._log_dirty = True
         for slot, r in enumerate(mem.regions):
             self.vm.get_dirty_log(slot, r.size)  # reading clears it
-        mem.take_vmm_dirty()
+        mem.take_vmm_dirty_bitmap()  # reading clears it
         self._dirty_acc = None
         self._base_memory = memory_path
         self._base_state = state
@@ -810,16 +810,18 @@ class Machine:
         from . import snapshot as snap
 
         mem = self.mem
-        vmm_pages = mem.take_vmm_dirty()
+        vmm_bm = mem.take_vmm_dirty_bitmap()
         acc = self._dirty_acc or [b""] * len(mem.regions)
         merged: list[bytes | bytearray] = []
         for slot, r in enumerate(mem.regions):
             npages = r.size // PAGE_SIZE
             bitmap: bytes | bytearray = self.vm.get_dirty_log(slot, r.size)
             first = r.gpa // PAGE_SIZE
-            mine = [p - first for p in vmm_pages if first <= p < first + npages]
-            if mine:
-                bitmap = snap.or_bitmaps(bitmap, snap.pages_to_bitmap(mine, npages))
+            # memory.layout() starts regions MiB-aligned, so a region's VMM bits are a byte slice
+            assert first % 8 == 0, f"region at {r.gpa:#x} is not 8-page aligned"
+            mine = vmm_bm[first // 8 : (first + npages + 7) // 8]
+            if mine.count(0) != len(mine):  # bits beyond npages are clipped by the runs below
+                bitmap = snap.or_bitmaps(bitmap, mine)
             if acc[slot]:
                 bitmap = snap.or_bitmaps(bitmap, acc[slot])
             merged.append(bitmap)

@@ -869,7 +869,7 @@ class Aarch64Machine:
         assert vm is not None and mem is not None
         vm.start_dirty_tracking()
         vm.take_dirty()
-        mem.take_vmm_dirty()
+        mem.take_vmm_dirty_bitmap()  # reading clears it
         self._base_memory = memory_path
         self._base_state = state
 

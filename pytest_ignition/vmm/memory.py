@@ -180,11 +180,16 @@ class GuestMemory:
                 for page in range(first, last + 1):
                     bm[page >> 3] |= 1 << (page & 7)
 
-    def take_vmm_dirty(self) -> list[int]:
-        """Guest page numbers the VMM wrote since the last call; clears the bitmap."""
+    def take_vmm_dirty_bitmap(self) -> bytearray:
+        """The bitmap (bit n = guest page n) of pages the VMM wrote since the last take; clears
+        it. Also what a caller that only wants it cleared calls (no decoding)."""
         with self._dirty_lock:
             bm = self.vmm_dirty
             self.vmm_dirty = bytearray(len(bm))
+        return bm
+
+    def take_vmm_dirty(self) -> list[int]:
+        """Guest page numbers the VMM wrote since the last take; clears the bitmap."""
         from .snapshot import bitmap_pages
 
-        return bitmap_pages(bm)
+        return bitmap_pages(self.take_vmm_dirty_bitmap())

@@ -534,14 +534,6 @@ def bitmap_pages(bitmap: bytes | bytearray, first_page: int = 0) -> list[int]:
     return [s + i for s, n in bitmap_runs(bitmap, first_page) for i in range(n)]
 
 
-def pages_to_bitmap(pages: Iterable[int], npages: int) -> bytearray:
-    bm = bytearray((npages + 63) // 64 * 8)
-    for p in pages:
-        if 0 <= p < npages:
-            bm[p >> 3] |= 1 << (p & 7)
-    return bm
-
-
 def or_bitmaps(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
     n = max(len(a), len(b))
     x = int.from_bytes(a, "little") | int.from_bytes(b, "little")

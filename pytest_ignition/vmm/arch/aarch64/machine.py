@@ -295,7 +295,7 @@ class Arm64Machine(Machine):
         self.fdt_addr = L.fdt_addr(spec.mem_size)
         mem.write(self.fdt_addr, dtb)
         # what the VMM wrote at boot is the guest's, not dirt to revert
-        mem.take_vmm_dirty()
+        mem.take_vmm_dirty_bitmap()  # reading clears it
         k.set_boot_regs(self.runners[0].vcpu.fd, load, self.fdt_addr)
 
     # -- state ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -330,3 +331,15 @@ class ConsoleMarkerWatch(threading.Thread):
                 except OSError:
                     pass
             time.sleep(0.002)
+
+
+def stop_process(proc: Any) -> None:
+    """SIGTERM a VMM or QEMU process the benchmark started (a ``Popen`` or a fork-server
+    child), SIGKILL after 30 s; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)

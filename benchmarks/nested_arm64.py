@@ -94,16 +94,6 @@ def _guest() -> tuple[str, str]:
     return str(g.kernel), str(g.initrd)
 
 
-def _finish(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-
-
 def _vmm(d: Path, *args: str) -> tuple[subprocess.Popen[bytes], float]:
     d.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pytest_ignition.vmm", *args, "--vsock", str(d / "v.sock")]
@@ -150,7 +140,7 @@ def ignition_boot(kernel: str, initrd: str, mem: int, d: Path) -> dict[str, floa
         return {"boot_timer": _log_us(d, "Guest-boot-time"), "marker": watch.seen, "ready": ready}
     finally:
         watch.stop.set()
-        _finish(proc)
+        common.stop_process(proc)
 
 
 def qemu_boot(engine, config, d: Path) -> dict[str, float]:
@@ -197,7 +187,7 @@ def ignition_snapshot_restore(kernel: str, initrd: str, mem: int, d: Path, n: in
                 / 1000
             )
     finally:
-        _finish(proc)
+        common.stop_process(proc)
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
         for i in range(n):
@@ -209,7 +199,7 @@ def ignition_snapshot_restore(kernel: str, initrd: str, mem: int, d: Path, n: in
             out["restore_ready"].append(_agent_ready(r, rproc, rt0))
             out["restore_time"].append(_log_us(r, "Restore-time"))
             if i < n - 1:
-                _finish(rproc)
+                common.stop_process(rproc)
             print(f"ignition restore {i}: {out['restore_ready'][-1]:.3f}s", flush=True)
         from pytest_ignition.agent import AgentClient
 
@@ -227,7 +217,7 @@ def ignition_snapshot_restore(kernel: str, initrd: str, mem: int, d: Path, n: in
                 raise RuntimeError("rollback left the written file in the guest")
     finally:
         for rproc, _ in started:
-            _finish(rproc)
+            common.stop_process(rproc)
     return out
 
 

@@ -71,17 +71,7 @@ def record(metric: str, engine: str, params: dict, seconds: list[float]) -> dict
     }
 
 
-def _finish(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-
-
-_FORK_SERVER = None  # the engine's way by default: one warm VMM process forks each VM
+_FORK_SERVER = None  # with IGNITION_VMM_FORKSERVER=1: one warm VMM process forks each VM
 
 
 def forking() -> bool:
@@ -130,7 +120,7 @@ def run_ignition(guest, mem_mib: int, d: Path) -> dict[str, float]:
         return {"boot_timer": int(m.group(1)) / 1e6, "marker": watch.seen, "ready": ready}
     finally:
         watch.stop.set()
-        _finish(proc)
+        common.stop_process(proc)
 
 
 def run_qemu(guest, mem_mib: int, d: Path) -> dict[str, float]:
@@ -160,7 +150,7 @@ def run_qemu(guest, mem_mib: int, d: Path) -> dict[str, float]:
         return {"marker": watch.seen, "ready": ready}
     finally:
         watch.stop.set()
-        _finish(proc)
+        common.stop_process(proc)
 
 
 def measure_restores(guest, mem_mib: int, d: Path, n: int) -> dict[str, list[float]]:

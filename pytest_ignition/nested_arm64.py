@@ -36,6 +36,10 @@ QEMU = "qemu-system-aarch64"
 QEMU_HINT = "apt-get install qemu-system-arm"
 KERNEL_META = "linux-image-arm64"
 PYROOT_PACKAGES = "python3-minimal,libpython3.11-stdlib,python3-cffi-backend,python3-cffi"
+# Tools tests run inside the host (the e2e rootfs test builds an ext4 image with mke2fs), added
+# to the Python tree under a marker so that a root cached before they were listed gets them too.
+PYROOT_TOOLS = "e2fsprogs"
+PYROOT_TOOLS_MARKER = ".ignition-tools"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 # Loaded in this order (Debian's arm64 kernel has no modules.dep until depmod runs).
@@ -132,25 +136,31 @@ def _fetch_kernel(dest: Path) -> None:
         os.rename(out, dest)
 
 
+def _extract(packages: str, tree: Path) -> None:
+    """Debian's arm64 ``packages`` and their dependencies unpacked into ``tree`` (no scripts run:
+    nothing arm64 can run here)."""
+    _run(
+        [
+            "mmdebstrap",
+            "--mode=" + ("root" if os.geteuid() == 0 else "unshare"),
+            "--variant=extract",
+            "--arch=arm64",
+            "--skip=check/qemu",
+            f"--include={packages}",
+            SUITE,
+            str(tree),
+            MIRROR,
+        ],
+        f"mmdebstrap (arm64 {packages})",
+        timeout=900,
+    )
+
+
 def _fetch_pyroot(dest: Path) -> None:
     _need("mmdebstrap", "mmdebstrap")
     with tempfile.TemporaryDirectory(prefix=".pyroot-", dir=dest.parent) as tmpd:
         tree = Path(tmpd) / "root"
-        _run(
-            [
-                "mmdebstrap",
-                "--mode=" + ("root" if os.geteuid() == 0 else "unshare"),
-                "--variant=extract",
-                "--arch=arm64",
-                "--skip=check/qemu",
-                f"--include={PYROOT_PACKAGES}",
-                SUITE,
-                str(tree),
-                MIRROR,
-            ],
-            "mmdebstrap (arm64 Python tree)",
-            timeout=900,
-        )
+        _extract(PYROOT_PACKAGES, tree)
         # extract runs no maintainer scripts: no .pyc. The host's 3.11 writes the same magic,
         # and importing uncompiled modules under TCG costs seconds.
         if sys.version_info[:2] == (3, 11):
@@ -161,6 +171,24 @@ def _fetch_pyroot(dest: Path) -> None:
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tree, dest)
+
+
+def _marker_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _add_packages(root: Path, pyroot: Path, packages: str, marker: str) -> None:
+    """Extract Debian's arm64 ``packages`` (with their dependencies) into ``pyroot``, keeping the
+    files it already has, then write ``marker`` naming them. The caller holds the root's lock."""
+    _need("mmdebstrap", "mmdebstrap")
+    with tempfile.TemporaryDirectory(prefix=".add-", dir=root) as tmpd:
+        tree = Path(tmpd) / "root"
+        _extract(packages, tree)
+        _run(["cp", "-an", f"{tree}/.", str(pyroot)], f"copying {packages} into the root")
+    (pyroot / marker).write_text(packages + "\n")
 
 
 def _init_script(module_names: list[str]) -> bytes:
@@ -269,6 +297,9 @@ def ensure_host(progress=None) -> Arm64Host:
         if not (root / "pyroot" / "usr" / "bin" / "python3").exists():
             say("making the arm64 Python tree (mmdebstrap --variant=extract --arch=arm64)")
             _fetch_pyroot(root / "pyroot")
+        if _marker_text(root / "pyroot" / PYROOT_TOOLS_MARKER) != PYROOT_TOOLS:
+            say(f"adding {PYROOT_TOOLS} to the arm64 Python tree (mmdebstrap --variant=extract)")
+            _add_packages(root, root / "pyroot", PYROOT_TOOLS, PYROOT_TOOLS_MARKER)
         initrd = root / f"initrd-{INIT_VERSION}.gz"
         if not initrd.is_file():
             from .guest.build import fetch_busybox
@@ -305,25 +336,7 @@ def ensure_qemu(progress=None) -> str:
     with FileLock(str(root / ".lock")):
         if not (host.pyroot / QEMU_MARKER).is_file():
             say("adding arm64 QEMU to the host's root (mmdebstrap --variant=extract)")
-            with tempfile.TemporaryDirectory(prefix=".qemu-", dir=root) as tmpd:
-                tree = Path(tmpd) / "root"
-                _run(
-                    [
-                        "mmdebstrap",
-                        "--mode=" + ("root" if os.geteuid() == 0 else "unshare"),
-                        "--variant=extract",
-                        "--arch=arm64",
-                        "--skip=check/qemu",
-                        f"--include={QEMU_PACKAGES}",
-                        SUITE,
-                        str(tree),
-                        MIRROR,
-                    ],
-                    "mmdebstrap (arm64 QEMU)",
-                    timeout=900,
-                )
-                _run(["cp", "-an", f"{tree}/.", str(host.pyroot)], "copying QEMU into the root")
-            (host.pyroot / QEMU_MARKER).write_text(QEMU_PACKAGES + "\n")
+            _add_packages(root, host.pyroot, QEMU_PACKAGES, QEMU_MARKER)
     found = find_qemu(host)
     if found is None:
         raise HostSetupError(f"{QEMU} missing from {host.pyroot} after adding {QEMU_PACKAGES}")

@@ -177,6 +177,39 @@ def one(engine: Any, config: Any, kind: str, snap: Path, root: Path, i: int, arg
     return out
 
 
+def many_snapshots(engine: Any, config: Any, root: Path, load: str, args, log) -> list[dict]:
+    """Snapshots of one running guest, each taken after a command and a random pause, each
+    restored ``--per-snapshot`` times: a stall that belongs to the saved moment shows up as
+    every restore of one snapshot being late, while the other snapshots' restores are not."""
+    import random
+
+    rng = random.Random(1234)
+    runs: list[dict] = []
+    base = engine.boot(config, Path(tempfile.mkdtemp(prefix=f"many-{load}-", dir=root)))
+    try:
+        for s in range(args.snapshots):
+            delay = rng.random() * 1.5
+            base.agent.exec(["sh", "-c", f"sleep {delay:.2f}; echo x > /tmp/mark"], timeout=60)
+            time.sleep(rng.random() * 1.0)
+            snap = root / "snaps" / f"{load}-s{s}"
+            engine.snapshot(base, snap)
+            if base.agent.exec(["true"], timeout=60).exit_code != 0:
+                raise RuntimeError("the snapshotted guest cannot run `true` after resume")
+            for k in range(args.per_snapshot):
+                r = one(engine, config, "many", snap, root, s * 100 + k, args, log)
+                r["snapshot"] = s
+                runs.append(r)
+                ready = f"{r['ready_s']:.2f}s" if r["ready_s"] is not None else "NOT READY"
+                print(
+                    f"{load} snapshot {s} restore {k}: {ready} warnings={len(r['warnings'])} "
+                    f"probes={r['probes']}" + (f" {r['error']}" if r.get("error") else ""),
+                    flush=True,
+                )
+    finally:
+        base.close()
+    return runs
+
+
 def summarize(runs: list[dict], kind: str, load: str, limit_s: float | None, **extra: Any) -> dict:
     ready = [r["ready_s"] for r in runs if r["ready_s"] is not None]
     rec: dict[str, Any] = {
@@ -207,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0, help="per VM, to agent-ready (s)")
     p.add_argument("--probe-after", type=float, default=20.0, help="probe a VM this late (s)")
     p.add_argument("--probe-every", type=float, default=5.0)
+    p.add_argument(
+        "--snapshots",
+        type=int,
+        default=0,
+        help="also take this many snapshots of one running guest, each at a different moment, "
+        "and restore each --per-snapshot times (a stall can belong to the moment of the save)",
+    )
+    p.add_argument("--per-snapshot", type=int, default=2)
     p.add_argument("--loads", default="quiet,busy", help="quiet,busy (default both)")
     p.add_argument(
         "--restore-arg",
@@ -262,8 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         for load in loads:
             ctx = Busy() if load == "busy" else contextlib.nullcontext()
             with ctx:
-                for kind, n in (("boot", args.boots), ("restore", args.restores)):
-                    runs = []
+                kinds = [("boot", args.boots), ("restore", args.restores)]
+                if args.snapshots:
+                    kinds.append(("many", args.snapshots * args.per_snapshot))
+                for kind, n in kinds:
+                    if kind == "many":
+                        runs = many_snapshots(engine, config, root, load, args, log)
+                        n = 0
+                    else:
+                        runs = []
                     for i in range(n):
                         r = one(engine, config, kind, snap, root, i, args, log)
                         runs.append(r)

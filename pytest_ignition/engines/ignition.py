@@ -168,6 +168,52 @@ class _ConsoleRelay:
             self.vmm.close()
 
 
+class _LateProbes(threading.Thread):
+    """Diagnostics for a guest that is slow to answer: with ``IGNITION_PROBE_LOG=FILE``, once
+    a wait on the agent has lasted ``IGNITION_PROBE_AFTER`` seconds (default 15), the VMM's
+    ``probe`` is appended to FILE as a JSON line every 5 s until the wait ends."""
+
+    def __init__(self, m: IgnitionMachine, what: str) -> None:
+        super().__init__(daemon=True, name="ignition-late-probe")
+        self.m, self.what = m, what
+        self.log = os.environ.get("IGNITION_PROBE_LOG", "")
+        try:
+            self.after = float(os.environ.get("IGNITION_PROBE_AFTER", "15"))
+        except ValueError:
+            self.after = 15.0
+        self.done = threading.Event()
+
+    def __enter__(self) -> _LateProbes:
+        if self.log:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        if self.done.wait(self.after):
+            return
+        while not self.done.is_set() and self.m.is_alive():
+            try:
+                reply: dict[str, Any] = self.m.control("probe", timeout=20)
+            except EngineError as exc:
+                reply = {"error": str(exc)}
+            entry = {
+                "what": self.what,
+                "workdir": str(self.m.workdir),
+                "pid": self.m.pid,
+                "late_s": round(time.monotonic() - t0, 2),
+                "time": time.time(),
+                **reply,
+            }
+            with contextlib.suppress(OSError), open(self.log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if self.done.wait(5.0):
+                return
+
+
 class IgnitionMachine(Machine):
     """One VMM process and what it owns (a private directory under ``workdir``)."""
 
@@ -247,6 +293,19 @@ class IgnitionMachine(Machine):
             err = reply.get("error") if isinstance(reply, dict) else reply
             raise EngineError(f"VMM control {cmd!r} failed: {err}")
         return reply
+
+    def probe_text(self, timeout: float = 10.0) -> str | None:
+        """The VMM's ``probe`` (vCPU run state, timers, pending interrupts, virtqueue cursors)
+        in one paragraph, for an error about a guest that does not answer; None if the VMM
+        cannot say."""
+        from pytest_ignition.vmm.probe import describe
+
+        if not self.is_alive():
+            return None
+        try:
+            return describe(self.control("probe", timeout=timeout))
+        except (EngineError, KeyError, TypeError, ValueError) as exc:
+            return f"(the VMM did not answer a probe: {exc})"
 
     def boot_time_us(self) -> int | None:
         """The guest's boot time as the VMM's boot timer measured it (None if not yet)."""
@@ -483,8 +542,6 @@ class IgnitionEngine(Engine):
     ) -> None:
         """Connect ``m.agent`` and wait until it answers; with ``sync`` also set the restored
         guest's clock and reseed its CRNG, in the same round trip (``ready_and_sync``)."""
-        from pytest_ignition.agent import AgentClient, AgentError
-
         while not m.vsock_sock.exists():
             if not m.is_alive():
                 raise self._fail(m, f"the VMM exited before the guest {what}")
@@ -494,14 +551,25 @@ class IgnitionEngine(Engine):
         # A CONNECT is refused (the VMM closes it) until the guest agent listens, and after a
         # restore or rollback the guest may drop a fresh connection when it handles the
         # transport-reset event: retry both until the deadline.
+        with _LateProbes(m, what):
+            self._agent_loop(m, deadline, timeout, what, sync)
+
+    def _agent_loop(
+        self, m: IgnitionMachine, deadline: float, timeout: float, what: str, sync: bool
+    ) -> None:
+        from pytest_ignition.agent import AgentClient, AgentError
+
         last: BaseException | None = None
         while True:
             remaining = deadline - time.monotonic()
             if not m.is_alive():
                 raise self._fail(m, f"the guest stopped before it {what}") from last
             if remaining <= 0:
+                state = m.probe_text()
                 raise self._fail(
-                    m, f"the guest agent did not answer within {timeout:g}s ({last!r})"
+                    m,
+                    f"the guest agent did not answer within {timeout:g}s ({last!r})"
+                    + (f"\nVM state: {state}" if state else ""),
                 ) from last
             agent = None
             try:

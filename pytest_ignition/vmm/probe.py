@@ -156,3 +156,38 @@ def probe(machine: Machine) -> dict[str, Any]:
     out["interrupts_reraised"] = machine.interrupts_reraised
     out["probe_ms"] = round((time.perf_counter() - t0) * 1000, 3)
     return out
+
+
+def describe(p: dict[str, Any]) -> str:
+    """One paragraph of a :func:`probe` answer for an error message: per vCPU its run state,
+    timer and pending vectors; per virtio device its unacknowledged interrupt and any queue
+    whose guest and device cursors disagree."""
+    parts = []
+    for i, v in enumerate(p.get("vcpus", [])):
+        t = v.get("timer", {})
+        timer = t.get("mode", "?")
+        if t.get("masked"):
+            timer += " masked"
+        if timer.startswith("tsc-deadline"):
+            timer += f" in {v['deadline_in_ms']:g} ms" if "deadline_in_ms" in v else " not armed"
+        parts.append(
+            f"vcpu{i} {v.get('mp_state', '?')} IF={int(bool(v.get('if')))} rip={v.get('rip')} "
+            f"timer {timer} irr={v.get('irr', [])} isr={v.get('isr', [])}"
+        )
+    for d in p.get("virtio", []):
+        odd = []
+        for qi, q in enumerate(d.get("queues", [])):
+            if not q.get("ready"):
+                continue
+            if q.get("avail_idx") != q.get("next_avail") or q.get("used_idx") != q.get("next_used"):
+                odd.append(
+                    f"q{qi} avail {q.get('avail_idx')}/{q.get('next_avail')} "
+                    f"used {q.get('used_idx')}/{q.get('next_used')}"
+                )
+        if d.get("interrupt_status") or odd:
+            parts.append(
+                f"{d.get('type')}@{d.get('addr')} interrupt_status={d.get('interrupt_status')} "
+                + " ".join(odd)
+            )
+    parts.append(f"event-loop wakeups {p.get('loop_wakeups')}")
+    return "; ".join(parts)

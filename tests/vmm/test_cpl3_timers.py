@@ -117,3 +117,42 @@ def test_probe_of_a_running_vm(tmp_path, kvm_system):
         assert p["kvmclock"]["clock_ns"] > 0 and p["virtio"] == []
     finally:
         m.close()
+    text = probe.describe(p)
+    assert text.startswith("vcpu0 runnable IF=0 ")
+    assert "timer tsc-deadline in " in text and "event-loop wakeups" in text
+
+
+def test_describe_names_what_is_odd() -> None:
+    """The one-paragraph form of a probe (for errors about a silent guest) says what a halted
+    vCPU waits for and which queue's guest and device cursors disagree."""
+    p = {
+        "vcpus": [
+            {
+                "mp_state": "halted",
+                "if": True,
+                "rip": "0xffffffff81000000",
+                "timer": {"mode": "tsc-deadline", "masked": False},
+                "armed": False,
+                "irr": [],
+                "isr": [],
+            }
+        ],
+        "virtio": [
+            {
+                "type": "VirtioVsock",
+                "addr": "0xd0000000",
+                "interrupt_status": 1,
+                "queues": [
+                    {"ready": True, "avail_idx": 9, "next_avail": 7, "used_idx": 7, "next_used": 7},
+                    {"ready": True, "avail_idx": 3, "next_avail": 3, "used_idx": 3, "next_used": 3},
+                ],
+            },
+            {"type": "VirtioRng", "addr": "0xd0001000", "interrupt_status": 0, "queues": []},
+        ],
+        "loop_wakeups": 12,
+    }
+    text = probe.describe(p)
+    assert "vcpu0 halted IF=1" in text and "timer tsc-deadline not armed" in text
+    assert "VirtioVsock@0xd0000000 interrupt_status=1 q0 avail 9/7 used 7/7" in text
+    assert "q1" not in text and "VirtioRng" not in text
+    assert text.endswith("event-loop wakeups 12")

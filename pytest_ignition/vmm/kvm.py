@@ -592,6 +592,7 @@ class Vm:
         self.fd = fd
         self.system = system
         self.vcpus: list[Vcpu] = []
+        self._dirty_bufs: dict[int, tuple[int, Any, Any]] = {}  # slot -> (bytes, bitmap, log)
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
@@ -662,9 +663,14 @@ class Vm:
         """The slot's dirty-page bitmap (one bit per 4 KiB page, LSB first); clears it in KVM."""
         pages = (size + 4095) // 4096
         nbytes = ((pages + 63) // 64) * 8  # KVM writes whole longs
-        bitmap = ffi.new("char[]", max(nbytes, 8))
-        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
-        log.dirty_bitmap = bitmap
+        # one buffer per slot, kept: KVM overwrites all of it, so it needs no zeroing
+        cached = self._dirty_bufs.get(slot)
+        if cached is None or cached[0] != nbytes:
+            bitmap = ffi.new("char[]", max(nbytes, 8))
+            log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+            log.dirty_bitmap = bitmap
+            cached = self._dirty_bufs[slot] = (nbytes, bitmap, log)
+        _, bitmap, log = cached
         _ioctl(self.fd, KVM_GET_DIRTY_LOG, log)
         return ffi.buffer(bitmap, nbytes)[:]
 

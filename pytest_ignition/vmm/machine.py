@@ -820,7 +820,7 @@ class Machine:
             # memory.layout() starts regions MiB-aligned, so a region's VMM bits are a byte slice
             assert first % 8 == 0, f"region at {r.gpa:#x} is not 8-page aligned"
             mine = vmm_bm[first // 8 : (first + npages + 7) // 8]
-            if mine.count(0) != len(mine):  # bits beyond npages are clipped by the runs below
+            if not snap.is_zero(mine):  # bits beyond npages are clipped by the runs below
                 bitmap = snap.or_bitmaps(bitmap, mine)
             if acc[slot]:
                 bitmap = snap.or_bitmaps(bitmap, acc[slot])

@@ -491,39 +491,58 @@ def new_id() -> str:
 
 
 # -- dirty-page runs ------------------------------------------------------------------------
-_NONZERO = bytes([0] + [1] * 255)  # translate table: a zero byte stays 0, any other is 1
+# The zero scan: 4 KiB, then 512-byte, then 64-byte slices compared with zeros (memcmp),
+# so a mostly-zero bitmap costs a few compares per 4 KiB instead of a pass over every byte.
+_Z4K, _Z512, _Z64 = bytes(4096), bytes(512), bytes(64)
+
+
+def _nonzero_blocks(bitmap: bytes | bytearray) -> list[int]:
+    """The offsets, in order, of the 64-byte blocks of ``bitmap`` that hold a set bit (a
+    short last block is always listed; decoding it finds no bits if it has none)."""
+    out = []
+    n = len(bitmap)
+    for a in range(0, n, 4096):
+        if bitmap[a : a + 4096] == _Z4K:
+            continue
+        for c in range(a, min(a + 4096, n), 512):
+            if bitmap[c : c + 512] == _Z512:
+                continue
+            for d in range(c, min(c + 512, n), 64):
+                if bitmap[d : d + 64] != _Z64:
+                    out.append(d)
+    return out
+
+
+def is_zero(bitmap: bytes | bytearray) -> bool:
+    """Whether no bit is set (a compare with zeros per 4 KiB, at memcmp speed)."""
+    n = len(bitmap)
+    return all(
+        bitmap[a : a + 4096] == (_Z4K if a + 4096 <= n else bytes(n - a)) for a in range(0, n, 4096)
+    )
 
 
 def bitmap_runs(bitmap: bytes | bytearray, first_page: int = 0) -> list[tuple[int, int]]:
     """(first page, page count) runs of set bits in an LSB-first page bitmap, adjacent pages
-    merged into one run. The bitmap is mostly zero (16 KiB for a 512 MiB guest): its non-zero
-    bytes are found at C speed (``translate`` to 0/1, then ``find``) and each non-zero stretch
-    is decoded as one integer."""
+    merged into one run. The bitmap is mostly zero (16 KiB for a 512 MiB guest, one dirty
+    page after a trivial test): its zero stretches are skipped by comparing slices with zeros
+    (:func:`_nonzero_blocks`), and each non-zero 64-byte block is decoded as one integer."""
     runs: list[tuple[int, int]] = []
     start = end = -1
-    flags = bitmap.translate(_NONZERO)
-    pos = flags.find(1)
-    while pos >= 0:
-        stop = flags.find(0, pos)
-        if stop < 0:
-            stop = len(flags)
-        # at most 64 bytes per integer, so that a stretch of scattered pages costs O(bits)
-        for at in range(pos, stop, 64):
-            w = int.from_bytes(bitmap[at : min(at + 64, stop)], "little")
-            base = first_page + (at << 3)
-            while w:
-                low = (w & -w).bit_length() - 1
-                x = w >> low
-                n = (x ^ (x + 1)).bit_length() - 1  # trailing ones of x
-                s = base + low
-                if end == s:
-                    end += n
-                else:
-                    if end > start:
-                        runs.append((start, end - start))
-                    start, end = s, s + n
-                w = x >> n << (low + n)
-        pos = flags.find(1, stop)
+    for at in _nonzero_blocks(bitmap):
+        w = int.from_bytes(bitmap[at : at + 64], "little")
+        base = first_page + (at << 3)
+        while w:
+            low = (w & -w).bit_length() - 1
+            x = w >> low
+            n = (x ^ (x + 1)).bit_length() - 1  # trailing ones of x
+            s = base + low
+            if end == s:
+                end += n
+            else:
+                if end > start:
+                    runs.append((start, end - start))
+                start, end = s, s + n
+            w = x >> n << (low + n)
     if end > start:
         runs.append((start, end - start))
     return runs

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_ignition.vmm.memory import GuestMemory
-from pytest_ignition.vmm.snapshot import bitmap_pages, bitmap_runs
+from pytest_ignition.vmm.snapshot import bitmap_pages, bitmap_runs, is_zero
 
 
 def _naive(bitmap: bytes, first: int) -> list[tuple[int, int]]:
@@ -27,6 +27,19 @@ def test_runs_match_a_bit_by_bit_decoding(bitmap: bytes, first: int) -> None:
     assert bitmap_pages(bytearray(bitmap), first) == [
         s + i for s, n in _naive(bitmap, first) for i in range(n)
     ]
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 20000), st.lists(st.integers(0, 20000 * 8 - 1), max_size=40))
+def test_sparse_bits_in_a_large_bitmap_survive_the_zero_scan(size: int, bits: list[int]) -> None:
+    """Bitmaps past the zero scan's 4 KiB / 512 / 64-byte blocks (and not multiples of them),
+    with a few bits anywhere, including the last byte."""
+    bm = bytearray(size)
+    for b in bits:
+        if b < size * 8:
+            bm[b >> 3] |= 1 << (b & 7)
+    assert bitmap_runs(bytes(bm), 3) == _naive(bytes(bm), 3)
+    assert is_zero(bm) == (not any(bm))
 
 
 def test_runs_cross_byte_and_word_boundaries() -> None:

@@ -36,6 +36,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 # Taken at import, before argument parsing and KVM setup: the boot timer measures from here
@@ -178,7 +179,10 @@ def _store_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 # -- process plumbing -------------------------------------------------------------------
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send ``sig`` when the parent dies (best effort, Linux only)."""
+    """Ask the kernel to send ``sig`` when the parent dies (best effort, Linux only: elsewhere
+    the serving loop polls the parent)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
@@ -317,18 +321,59 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise SetupError(f"--cpus {args.cpus}: must be at least 1")
 
 
-def cmd_boot(args: argparse.Namespace) -> int:
-    """``boot`` and ``restore``: build the VM, serve it until it stops."""
-    from .kvm import KvmError, KvmUnavailable
-    from .machine import Machine, MachineError, MachineSpec
+@dataclass
+class _MachineKind:
+    """How this process builds its machine: the x86_64 one on KVM (``vmm/machine.py``) or the
+    aarch64 one on a hypervisor backend (``vmm/arch/aarch64/machine.py``)."""
+
+    create: Callable[[dict[str, Any]], Any]  # MachineSpec keywords -> a created machine
+    restore: Callable[..., Any]  # (snapshot or path, **keywords) -> a restored machine
+    check_kernel_file: Callable[[str], object]
+    # the machine's own failures (its MachineError first: also what control requests may
+    # raise), and what else means a setup failure: one line, exit status 2
+    errors: tuple[type[BaseException], ...]
+    hypervisor: str
+
+
+def _machine_kind(args: argparse.Namespace, hypervisor: str | None) -> _MachineKind:
+    """The machine for this host (aarch64 hosts and ``--hypervisor hvf``: the aarch64 one)."""
     from .memory import GuestMemoryError
-    from .vcpu import install_kick_handler
-    from .x86_64.loader import KernelLoadError, check_kernel_file
 
-    if os.uname().machine == "aarch64":  # the aarch64 machine (vmm/arch/aarch64/machine.py)
-        from .arch.aarch64.machine import Arm64Machine as Machine  # noqa: F811
-        from .arch.aarch64.machine import check_kernel_file  # noqa: F811
+    if hypervisor is None and os.uname().machine != "aarch64":
+        from .kvm import KvmUnavailable
+        from .machine import Machine, MachineError, MachineSpec
+        from .vcpu import install_kick_handler
+        from .x86_64.loader import KernelLoadError, check_kernel_file
 
+        install_kick_handler()
+        return _MachineKind(
+            create=lambda kw: Machine.create(MachineSpec(**kw, kvm_device=args.kvm_device)),
+            restore=lambda where, **kw: Machine.restore(where, kvm_device=args.kvm_device, **kw),
+            check_kernel_file=check_kernel_file,
+            errors=(MachineError, KernelLoadError, KvmUnavailable, GuestMemoryError),
+            hypervisor="kvm",
+        )
+    from .arch.aarch64 import machine as am
+    from .errors import MachineError as ArmMachineError
+
+    name = hypervisor or "kvm"
+    factory = am.hypervisor_factory(name, kvm_device=args.kvm_device)
+    if name == "hvf":
+        log.warning("EXPERIMENTAL: the aarch64 machine on hvf has never been run on a Mac before")
+    return _MachineKind(
+        create=lambda kw: am.Aarch64Machine.create(am.Aarch64Spec(**kw, hypervisor=name), factory),
+        restore=lambda where, **kw: am.Aarch64Machine.restore(
+            where, factory, hypervisor_name=name, **kw
+        ),
+        check_kernel_file=am.check_kernel_file,
+        errors=(ArmMachineError, GuestMemoryError),
+        hypervisor=name,
+    )
+
+
+def cmd_boot(args: argparse.Namespace, hypervisor: str | None = None) -> int:
+    """``boot`` and ``restore``: build the VM, serve it until it stops. ``hypervisor``: None
+    for this host's KVM (x86_64 or aarch64 machine by the host), or an aarch64 backend name."""
     set_parent_death_signal()
     parent = os.getppid()
     stop = threading.Event()
@@ -343,32 +388,32 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
     restoring = args.command == "restore"
     console: _Console | None = None
-    machine: Machine | None = None
+    machine: Any = None
+    kind: _MachineKind | None = None
     control = None
     sockets: list[str] = []  # socket files this process created: removed on every exit path
     try:
         _check_paths(args)
-        if not restoring:
-            check_kernel_file(args.kernel)
         console = _Console(args.console)
         handler = _CrlfHandler(console)
         handler.setFormatter(logging.Formatter("%(message)s"))
         root = logging.getLogger()
         root.handlers[:] = [handler]
         root.setLevel(args.log_level.upper())
-        install_kick_handler()
+        kind = _machine_kind(args, hypervisor)
+        if not restoring:
+            kind.check_kernel_file(args.kernel)
         # a raw terminal is read here (for the Ctrl-A x escape); anything else by the VM
         console_in = None if console.raw else console.in_fd
         if restoring:
             where = os.path.join(args.store, args.name)
-            machine = Machine.restore(
+            machine = kind.restore(
                 PRELOADED.get(where, where),
                 expected=_expected_fingerprint(args),
                 vsock=args.vsock,
                 net=args.net,
                 console_out=console.out,
                 console_in=console_in,
-                kvm_device=args.kvm_device,
                 start=False,
                 launch_ns=LAUNCH_NS,
                 rollback=not args.no_rollback,
@@ -376,25 +421,25 @@ def cmd_boot(args: argparse.Namespace) -> int:
             if machine.spec.vsock:
                 sockets.append(machine.spec.vsock)
         else:
-            spec = MachineSpec(
-                kernel=args.kernel,
-                initrd=args.initrd,
-                mem_size=args.mem,
-                cpus=args.cpus,
-                cmdline=args.cmdline,
-                vsock=args.vsock,
-                vsock_cid=args.vsock_cid,
-                net=args.net,
-                disks=list(args.disk),
-                disk_read_only=args.disk_read_only,
-                rng=not args.no_rng,
-                boot_timer=args.boot_timer,
-                console_out=console.out,
-                console_in=console_in,
-                launch_ns=LAUNCH_NS,
-                kvm_device=args.kvm_device,
+            machine = kind.create(
+                dict(
+                    kernel=args.kernel,
+                    initrd=args.initrd,
+                    mem_size=args.mem,
+                    cpus=args.cpus,
+                    cmdline=args.cmdline,
+                    vsock=args.vsock,
+                    vsock_cid=args.vsock_cid,
+                    net=args.net,
+                    disks=list(args.disk),
+                    disk_read_only=args.disk_read_only,
+                    rng=not args.no_rng,
+                    boot_timer=args.boot_timer,
+                    console_out=console.out,
+                    console_in=console_in,
+                    launch_ns=LAUNCH_NS,
+                )
             )
-            machine = Machine.create(spec)
             if args.vsock:
                 sockets.append(args.vsock)
         fault = os.environ.get("IGNITION_VMM_FAULT", "")
@@ -407,7 +452,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
         if args.control:
             from .control import ControlServer
 
-            control = ControlServer(args.control, _control_handler(machine, stop, args))
+            control = ControlServer(
+                args.control, _control_handler(machine, stop, args, kind.errors[:1])
+            )
         # Start before the control socket appears: a client that sees the socket sees the VM
         # in its final state (running, or created under --paused).
         if not args.paused:
@@ -434,20 +481,11 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except SetupError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return EXIT_SETUP
-    except (
-        KernelLoadError,
-        MachineError,
-        KvmUnavailable,
-        GuestMemoryError,
-        _snapshot_error(),
-    ) as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
-        return EXIT_SETUP
-    except KvmError as e:
-        sys.stderr.write(f"{PROG}: cannot create the VM: {e}\n")
-        return EXIT_SETUP
-    except OSError as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
+    except Exception as e:
+        msg = _setup_failure(e, kind)
+        if msg is None:
+            raise
+        sys.stderr.write(f"{PROG}: {msg}\n")
         return EXIT_SETUP
     finally:
         if control is not None:
@@ -464,6 +502,17 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 pass
         if console is not None:
             console.close()
+
+
+def _setup_failure(e: Exception, kind: _MachineKind | None) -> str | None:
+    """The one line for a VM that could not be set up (exit status 2), or None for a bug."""
+    from .errors import MachineError
+
+    kvm = sys.modules.get(__package__ + ".kvm")  # loaded only where KVM was used
+    if kvm is not None and isinstance(e, kvm.KvmError):
+        return f"cannot create the VM: {e}"
+    known = (MachineError, OSError, _snapshot_error(), *(kind.errors if kind else ()))
+    return str(e) if isinstance(e, known) else None
 
 
 def _snapshot_error() -> type[Exception]:
@@ -536,8 +585,17 @@ def _attach_tty(machine: Any, fd: int, escape: _EscapeFilter) -> None:
     machine.loop.add_reader(fd, on_input)
 
 
-def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespace):
-    from .machine import MachineError
+def _control_handler(
+    machine: Any,
+    stop: threading.Event,
+    args: argparse.Namespace,
+    machine_errors: tuple[type[BaseException], ...] = (),
+):
+    """The control socket's handler; ``machine_errors`` (the machine's MachineError) become
+    ``{"ok": false, "error": ...}`` replies."""
+    from .errors import MachineError
+
+    refused = (MachineError, *machine_errors)
 
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
@@ -572,7 +630,7 @@ def _control_handler(machine: Any, stop: threading.Event, args: argparse.Namespa
                 from .probe import probe
 
                 return {"ok": True, **probe(machine), "state": machine.state}
-        except (MachineError, _snapshot_error()) as e:
+        except (*refused, _snapshot_error()) as e:
             return {"ok": False, "error": str(e), "state": machine.state}
         except OSError as e:
             return {"ok": False, "error": f"{cmd}: {e}", "state": machine.state}

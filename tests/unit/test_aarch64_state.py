@@ -12,6 +12,7 @@ from pytest_ignition.vmm import kvm_arm64 as k
 from pytest_ignition.vmm._kvm_arm64_cdef import CDEF
 from pytest_ignition.vmm.arch.aarch64 import machine as am
 from pytest_ignition.vmm.arch.aarch64 import vgic
+from pytest_ignition.vmm.hypervisor import kvm_aarch64
 
 
 class FakeGic:
@@ -182,12 +183,12 @@ def test_vcpu_load_sets_mpidr_first_and_tolerates_unchanged_refusals(monkeypatch
         "mp_state": 0,
     }
     v = FakeVcpu()
-    assert am.load_vcpu(v, state, during="test") == 2
+    assert kvm_aarch64.load_vcpu(v, state, during="test") == 2
     assert order == [k.MPIDR_EL1, k.core_reg("pc")]
     assert v.mp == 0
     current[k.core_reg("x3")] = 10  # a refusal of a different value is an error
     with pytest.raises(ValueError, match="refused register"):
-        am.load_vcpu(v, state, during="test")
+        kvm_aarch64.load_vcpu(v, state, during="test")
 
 
 def test_barriers_are_callable_and_a_real_fence_here() -> None:

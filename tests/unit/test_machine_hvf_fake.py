@@ -21,9 +21,9 @@ from pathlib import Path
 import cffi
 import pytest
 
-from pytest_ignition.vmm import machine_aarch64 as ma
 from pytest_ignition.vmm import snapshot as snap
 from pytest_ignition.vmm.arch.aarch64 import layout as L
+from pytest_ignition.vmm.arch.aarch64 import machine as ma
 from pytest_ignition.vmm.hypervisor import arm64_exits as ax
 from pytest_ignition.vmm.hypervisor import hvf
 

@@ -1,9 +1,10 @@
 """The bundled VMM's thin hypervisor layer: what a VM and a vCPU can be asked to do
-(:mod:`.base`), the arm64 exit logic a userspace-PSCI hypervisor needs (:mod:`.arm64_exits`) and the
-Hypervisor.framework backend (:mod:`.hvf`, macOS on Apple silicon; written, never run on a Mac)
-with its SIMD register shim (:mod:`.hvf_simd`) and entitled interpreter (:mod:`.hvf_sign`). The
-machine on this seam is ``vmm/machine_aarch64.py``.
+(:mod:`.base`), and its backends for the aarch64 machine (``vmm/arch/aarch64/machine.py``): KVM
+(:mod:`.kvm_aarch64`, over the raw ioctls of ``vmm/kvm.py`` + ``vmm/kvm_arm64.py``) and
+Hypervisor.framework (:mod:`.hvf`, macOS on Apple silicon; written, never run on a Mac) with its
+SIMD register shim (:mod:`.hvf_simd`) and entitled interpreter (:mod:`.hvf_sign`); the arm64 exit
+logic a userspace-PSCI hypervisor needs (:mod:`.arm64_exits`).
 
-KVM's implementation still lives in ``vmm/kvm.py`` + ``vmm/kvm_arm64.py``; the seam refactor moves it
-here (docs/architecture.md, "Two architectures").
+The x86_64 machine (``vmm/machine.py``) still calls ``vmm/kvm.py`` directly (docs/architecture.md,
+"Two architectures").
 """

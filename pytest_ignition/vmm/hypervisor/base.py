@@ -1,6 +1,6 @@
 """The hypervisor layer's operations, as abstract classes a backend implements.
 
-A backend (KVM today in ``vmm/kvm.py``/``vmm/kvm_arm64.py``, Hypervisor.framework in :mod:`.hvf`)
+A backend (KVM in :mod:`.kvm_aarch64`, Hypervisor.framework in :mod:`.hvf`)
 gives the machine a :class:`HypervisorVm` and one :class:`HypervisorVcpu` per vCPU. The machine and
 the devices never call the hypervisor's C API themselves.
 
@@ -49,7 +49,10 @@ class HypervisorVm(abc.ABC):
     """A VM: memory map, interrupt controller, dirty tracking."""
 
     granule: int  # bytes; 4096 on KVM/x86, 16384 on HVF
-    name: str  # recorded in snapshots ("hvf"); a snapshot restores only on its own hypervisor
+    name: str  # recorded in snapshots ("kvm", "hvf"); a snapshot restores only on its own
+    # The hypervisor runs PSCI (CPU_ON/OFF), WFI and the timer itself (KVM): the machine runs
+    # every vCPU from the start and sees no "psci-cpu-on"/"psci-cpu-off" exits.
+    psci_in_kernel: bool = False
 
     @abc.abstractmethod
     def map(self, gpa: int, host_addr: int, size: int, *, writable: bool = True) -> None:

@@ -12,8 +12,8 @@ unless the process's main executable carries ``com.apple.security.hypervisor``: 
 ad-hoc-signed copy of the interpreter (:mod:`.hvf_sign`, ``python -m pytest_ignition.vmm.doctor
 --sign``). Constants are Apple's (``hv_vcpu_types.h``, ``hv_error.h``, ``hv_vm_types.h``).
 
-The machine that drives it is ``vmm/machine_aarch64.py`` (``--ignition-engine=ignition`` on
-macOS). SIMD/FP registers Q0-Q31 go through a C shim compiled on the Mac at first use
+The machine that drives it is ``vmm/arch/aarch64/machine.py``, in the process of
+``vmm/machine_aarch64.py`` (``--ignition-engine=ignition`` on macOS). SIMD/FP registers Q0-Q31 go through a C shim compiled on the Mac at first use
 (:mod:`.hvf_simd`: ``hv_vcpu_set_simd_fp_reg`` takes a 16-byte vector by value, in ``v0``, which
 ABI mode cannot pass); FPCR/FPSR are core registers.
 

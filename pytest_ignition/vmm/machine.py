@@ -70,6 +70,9 @@ I8042_PORT = 0x60
 I8042_LEN = 5
 KVM_CAP_TSC_DEADLINE_TIMER = 72  # 0x60..0x64: data port, and the command/status port at 0x64
 
+# What a snapshot of this machine records, and what a restore insists on (snapshot.check_machine).
+ARCH = "x86_64"
+HYPERVISOR = "kvm"
 # Stop reasons that end the VM the way its guest or owner intended.
 CLEAN_STOPS = frozenset({"requested", "shutdown", "reset", "triple_fault", "halt"})
 
@@ -515,6 +518,8 @@ class Machine:
         msr_list = self.system.msr_index_list()
         state: dict[str, Any] = {
             "format": snap.FORMAT_VERSION,
+            "arch": ARCH,
+            "hypervisor": HYPERVISOR,
             "id": snap.new_id(),
             "created": time.time(),
             "config": self.config(),
@@ -641,6 +646,7 @@ class Machine:
         if not isinstance(snapshot, snap.Snapshot):
             snapshot = snap.Snapshot.load(snapshot)
         st = snapshot.state
+        snap.check_machine(st, ARCH, HYPERVISOR, snapshot.state_path)
         if expected:
             snap.check_fingerprint(st, expected, snapshot.state_path)
         cfg = st["config"]

@@ -315,6 +315,20 @@ def fingerprint(
     }
 
 
+def check_machine(
+    state: dict[str, Any], arch: str, hypervisor: str, where: str | os.PathLike[str]
+) -> None:
+    """Refuse (:class:`SnapshotError`) a snapshot of another architecture or hypervisor than
+    the machine restoring it: its vCPU and interrupt-controller state mean nothing there. A
+    snapshot without the tags is an x86_64 one on KVM (written before they were recorded)."""
+    have = (state.get("arch", "x86_64"), state.get("hypervisor", "kvm"))
+    if have != (arch, hypervisor):
+        raise SnapshotError(
+            f"{os.fspath(where)}: a snapshot of an {have[0]} VM on {have[1]}; this VMM restores "
+            f"{arch} on {hypervisor}: restore it where it was taken"
+        )
+
+
 def check_fingerprint(
     state: dict[str, Any], expected: dict[str, Any], where: str | os.PathLike[str]
 ) -> None:

@@ -364,12 +364,44 @@ def test_snapshots_of_other_machines_are_refused(files, tmp_path) -> None:
         path = m.snapshot(tmp_path / "store", "s1")
     finally:
         m.close()
-    with pytest.raises(snap.SnapshotError, match="not aarch64 on hvf"):
+    with pytest.raises(
+        snap.SnapshotError, match="aarch64 VM on fake; this VMM restores aarch64 on hvf"
+    ):
         ma.Aarch64Machine.restore(path, FakeVm, hypervisor_name="hvf")
     with pytest.raises(snap.ConfigMismatch):
         ma.Aarch64Machine.restore(
             path, FakeVm, hypervisor_name="fake", expected={"mem_size": 128 * MIB}
         )
+
+
+def test_snapshots_record_arch_and_hypervisor_and_x86_refuses_this_one(files, tmp_path) -> None:
+    from pytest_ignition.vmm.machine import Machine
+
+    vm = FakeVm()
+    m, _ = make(vm, files, tmp_path)
+    try:
+        path = m.snapshot(tmp_path / "store", "s1")
+    finally:
+        m.close()
+    st = snap.Snapshot.load(path).state
+    assert (st["arch"], st["hypervisor"]) == ("aarch64", vm.name)
+    # the x86 machine says what the snapshot is before it opens /dev/kvm
+    with pytest.raises(snap.SnapshotError) as e:
+        Machine.restore(path)
+    assert f"a snapshot of an aarch64 VM on {vm.name}; this VMM restores x86_64 on kvm" in str(
+        e.value
+    )
+
+
+def test_check_machine_takes_an_untagged_snapshot_for_x86_on_kvm() -> None:
+    snap.check_machine({}, "x86_64", "kvm", "old")
+    snap.check_machine({"arch": "x86_64", "hypervisor": "kvm"}, "x86_64", "kvm", "new")
+    with pytest.raises(snap.SnapshotError, match="old: a snapshot of an x86_64 VM on kvm; this"):
+        snap.check_machine({}, "aarch64", "kvm", "old")
+    with pytest.raises(
+        snap.SnapshotError, match="aarch64 VM on kvm; this VMM restores aarch64 on hvf"
+    ):
+        snap.check_machine({"arch": "aarch64", "hypervisor": "kvm"}, "aarch64", "hvf", "s")
 
 
 def test_memory_must_fill_whole_granules(files, tmp_path) -> None:

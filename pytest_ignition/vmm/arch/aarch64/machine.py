@@ -915,11 +915,7 @@ class Aarch64Machine:
         if not isinstance(snapshot, snap.Snapshot):
             snapshot = snap.Snapshot.load(snapshot)
         st = snapshot.state
-        if st.get("arch") != ARCH or st.get("hypervisor") != hypervisor_name:
-            raise snap.SnapshotError(
-                f"{snapshot.state_path}: a snapshot of arch {st.get('arch', 'x86_64')!r} on "
-                f"{st.get('hypervisor', 'kvm')!r}, not {ARCH} on {hypervisor_name}"
-            )
+        snap.check_machine(st, ARCH, hypervisor_name, snapshot.state_path)
         if expected:
             snap.check_fingerprint(st, expected, snapshot.state_path)
         cfg = st["config"]

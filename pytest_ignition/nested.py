@@ -37,6 +37,12 @@ control protocol, cwd share and exit codes. There, ``python3`` is the arm64 inte
 At most ``IGNITION_NESTED_SLOTS`` hosts run at once on a machine (default: one per two CPUs;
 each is ``-smp 2`` under TCG, and more than the cores can carry only make every guest miss its
 deadlines); a run that finds them all busy waits, saying so (:mod:`._harness_slots`).
+``IGNITION_NESTED_HOST_ARGS`` adds words to the x86 host's kernel command line (debugging;
+``tests/nested/test_tsc_rate.py`` boots a host with a deliberately wrong ``tsc_early_khz``).
+
+The host builds KVM in, so KVM reads the host's TSC rate before the host kernel refines its
+calibration; when the refined rate differs by more than 250 ppm, KVM's default rate for new
+vCPUs is stale, and the bundled VMM asks for the current one (``vmm.kvm.use_host_tsc_rate``).
 
 Exit status: CMD's; 124 on timeout; 125 when the harness itself fails (no host kernel, no QEMU,
 kernel panic, host died before CMD ended); 130 on Ctrl-C or SIGTERM. QEMU is killed and the
@@ -219,6 +225,8 @@ def build_qemu_argv(
     else:
         append += ["init=/bin/sh"]
         init_args = [init, init]
+    # extra host kernel arguments, for debugging the host (e.g. tsc_early_khz=: see tests/nested)
+    append += os.environ.get("IGNITION_NESTED_HOST_ARGS", "").split()
     if not verbose:
         append.append("quiet")
     append += ["--", *init_args]

@@ -1009,15 +1009,55 @@ def restore_vcpu_state(vcpu: Vcpu, state: dict[str, Any]) -> None:
     if state.get("version") != VCPU_STATE_VERSION:
         raise ValueError(f"vCPU state version {state.get('version')!r}, need {VCPU_STATE_VERSION}")
     vcpu.set_cpuid2([CpuidEntry.from_dict(e) for e in state["cpuid"]])
+    host_khz = use_host_tsc_rate(vcpu)
     khz = int(state["tsc_khz"])
-    if khz and khz != vcpu.get_tsc_khz():
-        try:
-            vcpu.set_tsc_khz(khz)
-        except KvmError as e:
+    if khz and host_khz and not within_tsc_tolerance(khz, host_khz):
+        # Another rate needs TSC scaling in hardware: without it KVM would leave this vCPU's
+        # TSC multiplier unset (see use_host_tsc_rate), which is far worse than a guest
+        # whose TSC runs at the host's rate.
+        if vcpu.vm is not None and vcpu.vm.check_extension(KVM_CAP_TSC_CONTROL):
+            try:
+                vcpu.set_tsc_khz(khz)
+            except KvmError as e:
+                log.warning("vcpu%d: cannot set TSC to %d kHz (%s)", vcpu.index, khz, e)
+        else:
             log.warning(
-                "vcpu%d: cannot set TSC to %d kHz (%s); guest time may drift", vcpu.index, khz, e
+                "vcpu%d: the snapshot's TSC ran at %d kHz, this host's at %d kHz and KVM cannot "
+                "scale it: the guest's TSC runs at the host's rate",
+                vcpu.index,
+                khz,
+                host_khz,
             )
     restore_vcpu_registers(vcpu, state)
+
+
+TSC_TOLERANCE_PPM = 250  # KVM's tsc_tolerance_ppm default: closer rates need no scaling
+
+
+def within_tsc_tolerance(khz: int, host_khz: int) -> bool:
+    return abs(khz - host_khz) * 1_000_000 <= host_khz * TSC_TOLERANCE_PPM
+
+
+def use_host_tsc_rate(vcpu: Vcpu) -> int:
+    """Put a new vCPU's TSC on the host's *current* TSC rate; returns that rate in kHz (0 if
+    KVM would not say).
+
+    KVM gives a new vCPU the rate it read when it initialised (``max_tsc_khz``). When the host
+    kernel refines its TSC calibration later (``tsc: Refined TSC clocksource calibration``,
+    after a built-in KVM started: the nested harness host), the two can differ by more than
+    KVM's 250 ppm tolerance; without TSC scaling in hardware KVM then never sets the vCPU's TSC
+    multiplier, so its own view of the guest TSC stands still (``MSR_IA32_TSC`` reads 0) while
+    the guest's advances, and every TSC-deadline timer fires the host's uptime late: guests
+    that boot in 40 s instead of 3 s and take a minute for ``sleep 1``. ``KVM_SET_TSC_KHZ(0)``
+    asks for the host's current rate, which is always within tolerance."""
+    try:
+        vcpu.set_tsc_khz(0)
+    except KvmError as e:  # an old KVM, or a host whose TSC calibration failed
+        log.debug("vcpu%d: KVM_SET_TSC_KHZ(0) failed (%s)", vcpu.index, e)
+    try:
+        return vcpu.get_tsc_khz()
+    except KvmError:
+        return 0
 
 
 def set_msrs_each(vcpu: Vcpu, msrs: dict[int, int]) -> list[int]:

@@ -412,6 +412,7 @@ class Machine:
         setup = self.boot_setup
         for i in range(spec.cpus):
             vcpu = self.vm.create_vcpu(i)
+            kvm.use_host_tsc_rate(vcpu)  # before KVM_RUN: see its docstring
             table = cpuid.normalise(supported, i, spec.cpus, tsc_deadline=tsc_deadline)
             vcpu.set_cpuid2(table)
             self._set_msrs(vcpu)

@@ -71,13 +71,14 @@ def record(metric: str, engine: str, params: dict, seconds: list[float]) -> dict
     }
 
 
-_FORK_SERVER = None  # with IGNITION_VMM_FORKSERVER=1: one warm VMM process forks each VM
+_FORK_SERVER = None  # one warm VMM process forks each VM (unless IGNITION_VMM_FORKSERVER=0)
 
 
 def forking() -> bool:
-    """Whether the bundled VMM's boots are forked, as the engine's are with
-    IGNITION_VMM_FORKSERVER=1 (opt-in, like the engine)."""
-    return os.environ.get("IGNITION_VMM_FORKSERVER", "0") == "1"
+    """Whether the bundled VMM's boots are forked, as the engine's are (its rule)."""
+    from pytest_ignition.engines.ignition import fork_server_enabled
+
+    return fork_server_enabled()
 
 
 def _fork_server():

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from pytest_ignition.engines.base import VMConfig
-    from pytest_ignition.engines.ignition import IgnitionEngine
+    from pytest_ignition.engines.ignition import IgnitionEngine, fork_server_enabled
     from pytest_ignition.guest import find_guest
     from pytest_ignition.nested import inside
 
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                         quiet_median[kind] = statistics.median(ok)
                     med = quiet_median.get(kind)
                     limit = med * args.factor if med is not None else None
-                    more = {"fork_server": os.environ.get("IGNITION_VMM_FORKSERVER", "0") == "1"}
+                    more = {"fork_server": fork_server_enabled()}
                     if kind == "restore" and args.restore_arg:
                         more["restore_args"] = args.restore_arg
                     rec = summarize(runs, kind, load, limit, **more)

@@ -168,6 +168,13 @@ class _ConsoleRelay:
             self.vmm.close()
 
 
+def fork_server_enabled() -> bool:
+    """Whether bundled-VMM processes are forked from a warm fork server (the default) rather
+    than spawned; ``IGNITION_VMM_FORKSERVER=0`` (also ``no``, ``false``, ``off``) spawns."""
+    v = os.environ.get("IGNITION_VMM_FORKSERVER", "1").strip().lower()
+    return v not in ("0", "no", "false", "off")
+
+
 class _LateProbes(threading.Thread):
     """Diagnostics for a guest that is slow to answer: with ``IGNITION_PROBE_LOG=FILE``, once
     a wait on the agent has lasted ``IGNITION_PROBE_AFTER`` seconds (default 15), the VMM's
@@ -494,16 +501,13 @@ class IgnitionEngine(Engine):
         return started
 
     def _fork_server(self, argv: list[str]) -> Any:
-        """The session's warm VMM process (started on first use, restarted if it died) with
-        ``IGNITION_VMM_FORKSERVER=1``; None (VM processes spawned one by one) otherwise, under
-        the keep-failed keeper (it wraps each VM process), or for a VMM other than this
-        Python's. Opt-in: in the nested harness a forked restore reaches agent-ready in ~0.5 s
-        against ~3 s spawned and benchmarks/nested_stall.py passed with it (20 boots + 20
-        restores, quiet and busy), but forked guests still stall now and then (an agent silent
-        for 300 s after a restore at host load 0.1; boots whose agent answered minutes after
-        init), which is not understood yet. (The TSC that reads back as 0 there does so for
-        every vCPU that has not run yet, forked or not: not the cause.)"""
-        if os.environ.get("IGNITION_VMM_FORKSERVER", "0") != "1" or _process._keeper_mode:
+        """The session's warm VMM process (started on first use, restarted if it died); None
+        (VM processes spawned one by one) with ``IGNITION_VMM_FORKSERVER=0``, under the
+        keep-failed keeper (it wraps each VM process), or for a VMM other than this Python's.
+        In the nested harness a forked restore reaches agent-ready in ~0.25 s against ~2-3 s
+        spawned. (It was opt-in while guests in the harness stalled now and then; that was
+        KVM's stale TSC rate, fixed in ``vmm.kvm.use_host_tsc_rate``, not the fork.)"""
+        if not fork_server_enabled() or _process._keeper_mode:
             return None
         if argv[:3] != [self.python, "-m", "pytest_ignition.vmm"]:
             return None

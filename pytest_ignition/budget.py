@@ -9,6 +9,12 @@ reused pid does not count), the kernel's boot id (so nothing survives a reboot) 
 the directory is guarded by a :class:`filelock.FileLock`. Reservations of processes that are
 gone are stale: ignored and removed, so a crashed worker never leaks memory from the budget.
 
+A cache dir this process cannot write (a read-only mount, e.g. a guest cache shared into a
+nested host) does not stop the plugin: the reservations go to a per-user runtime directory
+instead (``/run/user/<uid>/pytest-ignition/``, else ``<tmp>/pytest-ignition-<uid>/``, made
+0700 and refused unless this user owns it), and the report header says where and why. Only
+processes that see the same fallback share it (:func:`state_directory`).
+
 A request that does not fit waits (polling, with a deadline, printing what it waits for)
 instead of letting the host swap or the OOM killer pick a victim; one that could never fit
 (larger than the whole budget, or larger than what this process's own VMs leave free) is an
@@ -21,6 +27,8 @@ import json
 import os
 import re
 import socket
+import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -101,9 +109,84 @@ def describe(text: str, source: str = "default", host_mib: int | None = None) ->
 def header_line(setting: str, source: str = "default") -> str:
     """The report header's line for the budget (never raises)."""
     try:
-        return f"memory budget {describe(setting, source)}: a VM waits for room past it"
+        line = f"memory budget {describe(setting, source)}: a VM waits for room past it"
+        _, why = state_directory()
+        return line + (f" ({why})" if why else "")
     except (OSError, ValueError, BudgetError) as e:
         return f"memory budget unknown ({e})"
+
+
+def _writable_dir(directory: Path) -> None:
+    """Make ``directory`` and prove a lock file can be opened there for writing (or raise)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    os.close(fd)
+
+
+def _private_dir(directory: Path) -> Path:
+    """``directory`` made 0700 if missing; refused unless it is a real directory of this user
+    (it may sit in a world-writable place such as /tmp)."""
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(
+            f"{directory} is not a directory of uid {os.getuid()} closed to others "
+            "(a symlink, another user's, or group/world-writable)"
+        )
+    return directory
+
+
+def fallback_roots() -> list[Path]:
+    """Per-user runtime directories for the budget's state when the cache dir is read-only,
+    best first. Fixed paths (not $XDG_RUNTIME_DIR/$TMPDIR alone), so that every process of
+    this user on this host picks the same one."""
+    uid = os.getuid()
+    roots = []
+    run = Path(f"/run/user/{uid}")
+    if run.is_dir():
+        roots.append(run / "pytest-ignition")
+    roots.append(Path(tempfile.gettempdir()) / f"pytest-ignition-{uid}")
+    return roots
+
+
+def state_directory() -> tuple[Path, str | None]:
+    """The directory of the reservation files and its lock, and why it is not the usual one.
+
+    Normally ``<cache dir>/budget-<hostname>`` (reason ``None``). When that cannot be written
+    (``OSError``: read-only file system, permissions), the first usable
+    :func:`fallback_roots` entry, with a reason naming both places. Raises
+    :class:`BudgetError` when no candidate is writable.
+    """
+    from pytest_ignition.guest import cache_dir
+
+    name = f"budget-{_safe(socket.gethostname())}"
+    primary = cache_dir() / name
+    try:
+        _writable_dir(primary)
+        return primary, None
+    except OSError as e:
+        first = e
+    problems = [f"{primary}: {first.strerror or first}"]
+    for root in fallback_roots():
+        try:
+            directory = _private_dir(root) / name
+            _writable_dir(directory)
+        except OSError as e:
+            problems.append(f"{root}: {e.strerror or e}")
+            continue
+        return directory, (
+            f"reservations in {directory}: the cache dir cannot be written "
+            f"({first.strerror or first}: {primary}); only processes that see the same cache "
+            "this way share the budget"
+        )
+    raise BudgetError(
+        "no writable place for the host memory budget's reservations ("
+        + "; ".join(problems)
+        + "); set IGNITION_CACHE_DIR to a writable directory"
+    )
 
 
 def boot_id() -> str:
@@ -210,9 +293,11 @@ class HostBudget:
         *,
         progress: Callable[[str], None] | None = None,
     ) -> HostBudget:
-        from pytest_ignition.guest import cache_dir
-
-        directory = cache_dir() / f"budget-{_safe(socket.gethostname())}"
+        """The budget for a ``memory_budget`` setting, its state in :func:`state_directory`
+        (a fallback's reason goes to ``progress`` once)."""
+        directory, why = state_directory()
+        if why and progress is not None:
+            progress(f"memory budget: {why}")
         return cls(
             resolve_mib(setting), directory, setting=setting, source=source, progress=progress
         )

@@ -286,3 +286,85 @@ def test_processes_racing_do_not_overbook(tmp_path: Path) -> None:
 def test_vm_mib_adds_the_engine_overhead() -> None:
     assert bmod.vm_mib(512, "qemu") == 512 + bmod.OVERHEAD_MIB["qemu"]
     assert bmod.vm_mib(512, "other") == 512 + bmod.DEFAULT_OVERHEAD_MIB
+
+
+def _unwritable_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache dir nothing can be created in, even by root: its parent is a regular file
+    (mkdir fails with ENOTDIR, as it fails with EROFS on a read-only mount)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    cache = blocker / "cache"
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(cache))
+    return cache
+
+
+def test_state_directory_is_the_cache_dir_when_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IGNITION_CACHE_DIR", str(tmp_path / "cache"))
+    directory, why = bmod.state_directory()
+    assert why is None
+    assert directory.parent == tmp_path / "cache"
+    assert directory.name.startswith("budget-")
+    assert (directory / ".lock").exists()
+
+
+def test_read_only_cache_falls_back_to_a_private_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = _unwritable_cache(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(bmod, "fallback_roots", lambda: [run / "pytest-ignition"])
+    directory, why = bmod.state_directory()
+    assert directory.parent == run / "pytest-ignition"
+    assert (run / "pytest-ignition").stat().st_mode & 0o777 == 0o700
+    assert why is not None and str(cache) in why and str(directory) in why
+    # The budget works there, and the reason is told once through progress.
+    notes: list[str] = []
+    b = HostBudget.for_settings("1000M", progress=notes.append)
+    assert b.directory == directory
+    assert len(notes) == 1 and "cannot be written" in notes[0]
+    with b.reserve(300, "vm"):
+        assert b.used_mib() == 300
+        assert len(list(directory.glob("*.json"))) == 1
+    assert b.used_mib() == 0
+    line = bmod.header_line("1000M", "cli")
+    assert "1000 MiB" in line and str(directory) in line
+
+
+def test_fallback_skips_a_root_that_is_not_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _unwritable_cache(tmp_path, monkeypatch)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    planted = tmp_path / "planted"
+    planted.symlink_to(elsewhere)  # someone else's link in a shared /tmp
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    good = tmp_path / "good"
+    monkeypatch.setattr(bmod, "fallback_roots", lambda: [planted, shared, good])
+    directory, _ = bmod.state_directory()
+    assert directory.parent == good
+    assert list(elsewhere.iterdir()) == [] and list(shared.iterdir()) == []
+
+
+def test_no_writable_place_is_an_error_naming_every_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = _unwritable_cache(tmp_path, monkeypatch)
+    also = tmp_path / "blocker" / "run"
+    monkeypatch.setattr(bmod, "fallback_roots", lambda: [also])
+    with pytest.raises(BudgetError) as e:
+        bmod.state_directory()
+    assert str(cache) in str(e.value) and str(also) in str(e.value)
+    assert "IGNITION_CACHE_DIR" in str(e.value)
+    assert "memory budget unknown" in bmod.header_line("75%")
+
+
+def test_fallback_roots_are_per_user_and_fixed() -> None:
+    roots = bmod.fallback_roots()
+    assert roots and all(str(os.getuid()) in str(r) for r in roots)
+    assert roots == bmod.fallback_roots()

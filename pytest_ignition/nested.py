@@ -216,6 +216,16 @@ def build_qemu_argv(
         # sync check fails under TCG's jitter and leaves the host on HPET, where every clock read
         # is an emulated MMIO access instead of a vDSO rdtsc.
         "tsc=reliable",
+        # The host's early TSC calibration fails under TCG now and then (about one boot in
+        # two here: "Fast TSC calibration failed", HPET gives ~780 ppm low) and the refined
+        # one, a second later, is right. KVM took the early rate at init and then refuses it
+        # for every new vCPU as "below hardware speed" (outside its 250 ppm tolerance, and
+        # emulated SVM has no TSC scaling), which leaves the vCPU's TSC scaling ratio unset:
+        # KVM's view of the guest TSC stands still, so a guest's TSC-deadline timer never
+        # fires (LOC 1, RCU "timer wakeup didn't happen", sleep and ip-link hang) for QEMU+KVM
+        # and the bundled VMM alike. The kernel keeps a refinement only within 1% of the early
+        # value, so a 1% tolerance always accepts it.
+        "kvm.tsc_tolerance_ppm=10000",
     ]
     # After "--" the kernel hands the words to init: [sh] SCRIPT SCRIPT (=$1, its own path).
     # A static busybox starts much faster under TCG than dash with its shared libraries.

@@ -146,6 +146,8 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert any(a.startswith("local,id=cwd,path=/work/x,") and "readonly" not in a for a in argv)
     append = argv[argv.index("-append") + 1]
     assert "root=ignroot" in append and "rootfstype=9p" in append and "panic=-1" in append
+    # KVM in the host must accept the refined TSC rate (else guests' timers never fire)
+    assert "kvm.tsc_tolerance_ppm=10000" in append.split()
     init = str(nested.INIT_SCRIPT)
     assert append.endswith(f" {init} {init}")  # the script gets its own path as $1
     shell = f"-- sh {init}" if Path(nested.BUSYBOX).exists() else f"-- {init}"

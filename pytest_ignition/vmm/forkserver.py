@@ -299,12 +299,12 @@ class ForkedVmm:
     """A VMM process forked by the server, with the parts of ``subprocess.Popen`` the engine
     uses. The exit status comes over the connection (the process is the server's child)."""
 
-    def __init__(self, conn: socket.socket, pid: int, argv: list[str]):
+    def __init__(self, conn: socket.socket, pid: int, argv: list[str], buffered: bytes = b""):
         self._conn = conn
         self.pid = pid
         self.args = argv
         self.returncode: int | None = None
-        self._buf = b""
+        self._buf = buffered  # what came after the pid line (a child that exited at once)
         self._lock = threading.Lock()
 
     def _read(self, timeout: float | None) -> None:
@@ -442,12 +442,15 @@ class ForkServer:
                 fds = array.array("i", [stdin, stdout, stderr])
                 conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 buf = b""
-                while not buf.endswith(b"\n"):
+                while b"\n" not in buf:
                     chunk = conn.recv(4096)
                     if not chunk:
                         raise ConnectionError("the fork server closed the connection")
                     buf += chunk
-                reply = json.loads(buf)
+                # A child that exits at once has its exit line sent right after the pid line:
+                # one recv may hold both; the rest is the ForkedVmm's.
+                line, _, rest = buf.partition(b"\n")
+                reply = json.loads(line)
             except (OSError, ValueError) as e:
                 conn.close()
                 if attempt == 0 and not self.alive():
@@ -460,7 +463,7 @@ class ForkServer:
                 conn.close()
                 raise ForkServerError(f"the VMM fork server refused: {reply.get('error')}")
             conn.settimeout(None)
-            return ForkedVmm(conn, int(reply["pid"]), argv)
+            return ForkedVmm(conn, int(reply["pid"]), argv, rest)
         raise ForkServerError("the VMM fork server keeps dying")  # pragma: no cover
 
     def _stop_locked(self) -> None:

@@ -244,3 +244,39 @@ def test_the_engines_server_dir_has_an_owner_and_goes_on_stop(tmp_path, monkeypa
     rec = {**_process.owner_record(), "pid": dead.pid, "start": None}
     (orphan / _process.OWNER_FILE).write_text(json.dumps(rec))
     assert _process.sweep_dead_runs(tmp_path) == [orphan]
+
+
+def test_pid_and_exit_in_one_read_are_both_kept(tmp_path, monkeypatch):
+    """A child that exits at once has its exit line sent right after its pid line: the client
+    must take the pid from the first line and the exit status from the rest, not fail to parse
+    both as one reply (a race the engine test above hit now and then). No KVM needed."""
+    import socket
+
+    sock_path = tmp_path / "fake.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+
+    def fake_server() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buf = b""
+            while b"\n" not in buf:
+                buf += conn.recv(4096)
+            conn.sendall(b'{"pid": 4242}\n{"exit": 3}\n')  # both in one segment
+
+    t = threading.Thread(target=fake_server, daemon=True)
+    t.start()
+    fs = ForkServer()
+    fs.sock = sock_path
+    monkeypatch.setattr(fs, "alive", lambda: True)
+    r, w = os.pipe()
+    try:
+        vmm = fs.spawn(["boot"], stdin=r, stdout=w, stderr=w)
+    finally:
+        os.close(r)
+        os.close(w)
+        t.join(10)
+        listener.close()
+    assert vmm.pid == 4242
+    assert vmm.wait(5) == 3

@@ -42,9 +42,9 @@ deadlines); a run that finds them all busy waits, saying so (:mod:`._harness_slo
 
 The host builds KVM in, so KVM reads the host's TSC rate before the host kernel refines its
 calibration; when the refined rate differs by more than 250 ppm, KVM's default rate for new
-vCPUs is stale, and the bundled VMM asks for the current one (``vmm.kvm.use_host_tsc_rate``).
-QEMU asks for no rate, so the host's KVM also gets a 1% tolerance (``kvm.tsc_tolerance_ppm``),
-within which it takes the refined rate for every vCPU.
+vCPUs is stale, and the bundled VMM asks for the current one
+(``vmm.arch.x86_64.state.use_host_tsc_rate``). QEMU asks for no rate, so the host's KVM also gets
+a 1% tolerance (``kvm.tsc_tolerance_ppm``), within which it takes the refined rate for every vCPU.
 
 Exit status: CMD's; 124 on timeout; 125 when the harness itself fails (no host kernel, no QEMU,
 kernel panic, host died before CMD ended); 130 on Ctrl-C or SIGTERM. QEMU is killed and the

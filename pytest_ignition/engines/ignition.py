@@ -506,7 +506,7 @@ class IgnitionEngine(Engine):
         keep-failed keeper (it wraps each VM process), or for a VMM other than this Python's.
         In the nested harness a forked restore reaches agent-ready in ~0.25 s against ~2-3 s
         spawned. (It was opt-in while guests in the harness stalled now and then; that was
-        KVM's stale TSC rate, fixed in ``vmm.kvm.use_host_tsc_rate``, not the fork.)"""
+        KVM's stale TSC rate, fixed in ``vmm.arch.x86_64.state.use_host_tsc_rate``, not the fork.)"""
         if not fork_server_enabled() or _process._keeper_mode:
             return None
         if argv[:3] != [self.python, "-m", "pytest_ignition.vmm"]:

@@ -340,10 +340,10 @@ def _machine_kind(args: argparse.Namespace, hypervisor: str | None) -> _MachineK
     from .memory import GuestMemoryError
 
     if hypervisor is None and os.uname().machine != "aarch64":
-        from .kvm import KvmUnavailable
+        from .arch.x86_64.loader import KernelLoadError, check_kernel_file
+        from .hypervisor.kvm import KvmUnavailable
         from .machine import Machine, MachineError, MachineSpec
         from .vcpu import install_kick_handler
-        from .x86_64.loader import KernelLoadError, check_kernel_file
 
         install_kick_handler()
         return _MachineKind(
@@ -508,7 +508,7 @@ def _setup_failure(e: Exception, kind: _MachineKind | None) -> str | None:
     """The one line for a VM that could not be set up (exit status 2), or None for a bug."""
     from .errors import MachineError
 
-    kvm = sys.modules.get(__package__ + ".kvm")  # loaded only where KVM was used
+    kvm = sys.modules.get(__package__ + ".hypervisor.kvm")  # loaded only where KVM was used
     if kvm is not None and isinstance(e, kvm.KvmError):
         return f"cannot create the VM: {e}"
     known = (MachineError, OSError, _snapshot_error(), *(kind.errors if kind else ()))

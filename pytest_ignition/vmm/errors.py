@@ -1,6 +1,6 @@
-"""The error the aarch64 machine (and the hypervisor backends' factory) raises when a VM cannot be
-built or operated. The x86_64 machine still has its own ``vmm.machine.MachineError`` (it moves
-here with the x86 seam step); ``vmm/__main__.py`` handles both."""
+"""The error both machines (x86_64: ``vmm/machine.py``; aarch64: ``vmm/arch/aarch64/machine.py``)
+and the hypervisor backends' factory raise when a VM cannot be built or operated;
+``vmm/machine.py`` re-exports it as ``machine.MachineError`` for old imports."""
 
 from __future__ import annotations
 

@@ -55,10 +55,11 @@ class ForkServerError(Exception):
 def _warm() -> None:
     """Import what a boot or restore needs, so that children start with it loaded."""
     from . import __main__ as vmm_main
-    from . import control, kvm, machine, snapshot  # noqa: F401
+    from . import control, machine, snapshot  # noqa: F401
+    from .arch.x86_64 import boot, loader, state  # noqa: F401
     from .devices import legacy  # noqa: F401
     from .devices.virtio import blk, mmio, rng, vsock  # noqa: F401
-    from .x86_64 import boot, loader  # noqa: F401
+    from .hypervisor import kvm
 
     vmm_main.parser()
     kvm.System().close()  # /dev/kvm opens and speaks our API version, or this raises

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._kvm_arm64_cdef import CDEF as _CDEF
-from .kvm import KvmError
+from .hypervisor.kvm import KvmError
 
 
 def _load_ffi() -> Any:

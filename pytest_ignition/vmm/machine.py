@@ -43,12 +43,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import kvm
+from .arch.x86_64 import boot, cpuid, layout, mptable, msrs
+from .arch.x86_64 import state as x86_state
 from .devices.bus import Bus
+from .errors import MachineError
 from .eventloop import EventLoop
+from .hypervisor import kvm
 from .memory import PAGE_SIZE, GuestMemory
 from .vcpu import StopReason, VcpuRunner
-from .x86_64 import boot, cpuid, layout, mptable, msrs
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -75,10 +77,6 @@ ARCH = "x86_64"
 HYPERVISOR = "kvm"
 # Stop reasons that end the VM the way its guest or owner intended.
 CLEAN_STOPS = frozenset({"requested", "shutdown", "reset", "triple_fault", "halt"})
-
-
-class MachineError(Exception):
-    """The VM cannot be built (bad spec, kernel, KVM capability); the message says what."""
 
 
 def default_cmdline() -> str:
@@ -194,8 +192,8 @@ class Machine:
         # The snapshot an in-place rollback returns to: its memory file (mapped privately
         # under guest RAM) and its state, device overlays included (see _set_rollback_base).
         self._base_state: dict[str, Any] | None = None
-        # the base's vCPU register loads, built on the first rollback to it (kvm.VcpuRegisterLoad)
-        self._base_loads: list[kvm.VcpuRegisterLoad] | None = None
+        # the base's vCPU register loads, built on the first rollback to it (x86_state.VcpuRegisterLoad)
+        self._base_loads: list[x86_state.VcpuRegisterLoad] | None = None
         self._base_memory: Path | None = None
         self._backing: Path | None = None  # the file guest RAM is privately mapped from
         self._dirty_acc: list[bytes | bytearray] | None = None  # see _dirty_runs
@@ -412,7 +410,7 @@ class Machine:
         setup = self.boot_setup
         for i in range(spec.cpus):
             vcpu = self.vm.create_vcpu(i)
-            kvm.use_host_tsc_rate(vcpu)  # before KVM_RUN: see its docstring
+            x86_state.use_host_tsc_rate(vcpu)  # before KVM_RUN: see its docstring
             table = cpuid.normalise(supported, i, spec.cpus, tsc_deadline=tsc_deadline)
             vcpu.set_cpuid2(table)
             self._set_msrs(vcpu)
@@ -425,7 +423,7 @@ class Machine:
 
     def _set_msrs(self, vcpu: kvm.Vcpu) -> None:
         wanted = dict(msrs.boot_msrs())
-        for index in kvm.set_msrs_each(vcpu, wanted):
+        for index in x86_state.set_msrs_each(vcpu, wanted):
             log.warning("vcpu%d: KVM refused MSR %#x = %#x", vcpu.index, index, wanted[index])
 
     def _set_boot_registers(self, vcpu: kvm.Vcpu) -> None:
@@ -530,8 +528,8 @@ class Machine:
                 "size": self.mem.size,
                 "regions": [[r.gpa, r.size] for r in self.mem.regions],
             },
-            "vm": kvm.save_vm_state(self.vm),
-            "vcpus": [kvm.save_vcpu_state(r.vcpu, msr_list) for r in self.runners],
+            "vm": x86_state.save_vm_state(self.vm),
+            "vcpus": [x86_state.save_vcpu_state(r.vcpu, msr_list) for r in self.runners],
             "devices": {
                 "uart": self.uart.state() if self.uart is not None else None,
                 "i8042": self.i8042.state() if self.i8042 is not None else None,
@@ -737,10 +735,10 @@ class Machine:
                 dev_state = {**dev_state, "overlay": dict(t.device.overlay)}
             loaded.append({**entry, "state": {**entry["state"], "device": dev_state}})
         try:
-            kvm.restore_vm_state(self.vm, st["vm"])
+            x86_state.restore_vm_state(self.vm, st["vm"])
             for i, vstate in enumerate(st["vcpus"]):
                 vcpu = self.vm.create_vcpu(i)
-                kvm.restore_vcpu_state(vcpu, vstate)
+                x86_state.restore_vcpu_state(vcpu, vstate)
                 self.runners.append(VcpuRunner(vcpu, self.pio, self.mmio, self._on_vcpu_stop))
         except ValueError as e:
             raise snap.SnapshotError(f"{where}: {e}") from None
@@ -782,9 +780,9 @@ class Machine:
             with self._devices_locked():
                 pages, ranges = self._revert_memory()
                 t_mem = time.perf_counter_ns()
-                kvm.restore_vm_state(self.vm, base["vm"])
+                x86_state.restore_vm_state(self.vm, base["vm"])
                 if self._base_loads is None:
-                    self._base_loads = [kvm.VcpuRegisterLoad(v) for v in base["vcpus"]]
+                    self._base_loads = [x86_state.VcpuRegisterLoad(v) for v in base["vcpus"]]
                 for r, load in zip(self.runners, self._base_loads, strict=True):
                     load.apply(r.vcpu, during="rollback")
                 self._load_device_state(base["devices"], base["devices"]["virtio"])
@@ -871,7 +869,7 @@ class Machine:
         the first few. What the nested stall reproducer showed about it (see
         ``benchmarks/nested_stall.py``): it fired in 1 of 16 boots and none of 26 restores,
         each time while the guest was starved of CPU, and no stall was traced to a lost edge;
-        the stall was the restored clock (see ``kvm.timer_msrs``, ``Vm.set_clock``). Kept as a
+        the stall was the restored clock (see ``x86_state.timer_msrs``, ``Vm.set_clock``). Kept as a
         one-timer safety net: a second edge is harmless."""
         if self._watchdog_stop.is_set():
             return

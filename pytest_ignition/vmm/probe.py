@@ -22,7 +22,8 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import kvm
+from .arch.x86_64 import state as x86_state
+from .hypervisor import kvm
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -80,7 +81,7 @@ def lapic_timer(page: bytes) -> dict[str, Any]:
 
 def vcpu_timers(vcpu: kvm.Vcpu) -> dict[str, Any]:
     """One (paused) vCPU's run state, TSC, timer and pending interrupts."""
-    msrs = kvm.readable_msrs(
+    msrs = x86_state.readable_msrs(
         vcpu, [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_IA32_TSC_ADJUST, MSR_KVM_SYSTEM_TIME_NEW]
     )
     page = vcpu.get_lapic()

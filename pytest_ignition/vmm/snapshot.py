@@ -5,7 +5,7 @@ A snapshot is a directory holding
 - ``vmstate``: a header (magic ``IGNSNAP\\0``, format version, payload length, sha256 of the
   payload) followed by the payload, a tagged JSON encoding of plain data (``bytes`` become
   ``{"$b": base64}``, dicts with non-string keys ``{"$d": [[k, v], ...]}``): per vCPU
-  state (:func:`kvm.save_vcpu_state`), VM state (:func:`kvm.save_vm_state`), every device's
+  state (``arch.x86_64.state.save_vcpu_state``), VM state (``save_vm_state``), every device's
   state, the machine configuration and its fingerprint;
 - ``memory.bin``: guest RAM, regions back to back, holes where whole chunks are zero. It is
   never written after the snapshot is committed: restores map it ``MAP_PRIVATE``;

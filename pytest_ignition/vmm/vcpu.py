@@ -28,8 +28,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import kvm
 from .devices.bus import Bus, RateLimitedLog
+from .hypervisor import kvm
 
 log = logging.getLogger(__name__)
 

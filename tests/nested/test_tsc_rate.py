@@ -8,7 +8,7 @@ TSC-deadline timer fires the host's uptime late (this was the nested "stall": bo
 in 40 s instead of 3, ``sleep 1`` taking a minute). Whether a harness boot hit it depended on
 how its early calibration went under load. Here the host is booted with ``tsc_early_khz`` 0.5%
 off the machine's rate, which reproduces it every time; the VMM's vCPUs must not care
-(``kvm.use_host_tsc_rate``).
+(``vmm.arch.x86_64.state.use_host_tsc_rate``).
 """
 
 from __future__ import annotations

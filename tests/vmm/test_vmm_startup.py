@@ -33,7 +33,7 @@ args = m.build_parser().parse_args(
 from pytest_ignition.vmm import control, kvm, machine, vcpu
 from pytest_ignition.vmm.devices import legacy
 from pytest_ignition.vmm.devices.virtio import mmio, rng, vsock
-from pytest_ignition.vmm.x86_64 import loader
+from pytest_ignition.vmm.arch.x86_64 import loader
 assert machine.default_cmdline()
 print(json.dumps(sorted(sys.modules)))
 """

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_ignition.vmm.memory import FOUR_GIB, MMIO_START, GuestMemory
-from pytest_ignition.vmm.x86_64 import (
+from pytest_ignition.vmm.arch.x86_64 import (
     boot,
     bootparams,
     cpuid,
@@ -20,7 +19,8 @@ from pytest_ignition.vmm.x86_64 import (
     msrs,
     paging,
 )
-from pytest_ignition.vmm.x86_64.loader import KernelLoadError
+from pytest_ignition.vmm.arch.x86_64.loader import KernelLoadError
+from pytest_ignition.vmm.memory import FOUR_GIB, MMIO_START, GuestMemory
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -1,7 +1,7 @@
 """The KVM backend of the hypervisor layer for the aarch64 machine (arm64 Linux hosts).
 
 :class:`KvmArm64Vm` and :class:`KvmArm64Vcpu` implement :mod:`.base` over the raw ioctls of
-``vmm/kvm.py`` (VM, memory slots, ``KVM_RUN``, dirty log) and ``vmm/kvm_arm64.py`` (vCPU init
+:mod:`.kvm` (VM, memory slots, ``KVM_RUN``, dirty log) and ``vmm/kvm_arm64.py`` (vCPU init
 with PSCI 0.2, ONE_REG, the vGICv3, SPI lines), so that ``vmm/arch/aarch64/machine.py`` runs on
 KVM as it does on Hypervisor.framework:
 
@@ -29,10 +29,10 @@ import signal
 import threading
 from typing import Any
 
-from .. import kvm
 from .. import kvm_arm64 as k
 from ..arch.aarch64 import layout as L
 from ..arch.aarch64 import vgic
+from . import kvm
 from .arm64_exits import GuestFault
 from .base import Exit, HypervisorVcpu, HypervisorVm
 

@@ -1,8 +1,18 @@
-"""x86_64 boot layout: pure functions that write the kernel, initrd, command line, zero page
-or PVH start info, e820 map, identity page tables, GDT and MP table into guest memory, and
-compute the CPUID, MSR, LAPIC and register state of the vCPUs. Nothing here needs KVM.
+"""Old import path of the x86_64 boot layout, kept for callers outside the VMM: the package is
+now :mod:`pytest_ignition.vmm.arch.x86_64`, and each of its modules is registered here under
+its old name too (``vmm.x86_64.loader`` is ``vmm.arch.x86_64.loader``). Owns nothing."""
 
-Modules: ``layout`` (addresses), ``loader`` (bzImage / ELF / initrd / cmdline),
-``bootparams`` (zero page, e820, PVH), ``paging``, ``gdt`` (GDT and sregs), ``mptable``,
-``cpuid``, ``msrs`` (MSRs and LAPIC LINT0/LINT1), ``regs``, ``boot`` (all of it at once).
-"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..arch import x86_64 as _new
+
+_MODULES = ("boot", "bootparams", "cpuid", "gdt", "layout", "loader", "mptable", "msrs", "paging")
+_MODULES += ("regs",)
+
+for _name in _MODULES:
+    _module = importlib.import_module(f"{_new.__name__}.{_name}")
+    sys.modules[f"{__name__}.{_name}"] = _module
+    globals()[_name] = _module

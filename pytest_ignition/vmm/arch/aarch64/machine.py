@@ -126,7 +126,7 @@ def hypervisor_factory(
     if name == "kvm":
 
         def make_kvm() -> HypervisorVm:
-            from ... import kvm
+            from ...hypervisor import kvm
             from ...hypervisor.kvm_aarch64 import KvmArm64Vm
 
             try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ... import kvm_arm64 as k
-from ...kvm import KvmError
+from ...hypervisor.kvm import KvmError
 
 # -- distributor ------------------------------------------------------------------------
 GICD_CTLR = 0x0000

@@ -6,7 +6,7 @@ Everything the VMM writes before the first instruction lives below 1 MiB except 
 
 from __future__ import annotations
 
-from ..memory import FOUR_GIB, MMIO_START
+from ...memory import FOUR_GIB, MMIO_START
 
 GDT_ADDR = 0x500  # null, code, data, TSS descriptors
 IDT_ADDR = 0x520  # an empty IDT (limit 7): any exception before the kernel's own IDT triple-faults

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from ..memory import GuestMemory
+from ...memory import GuestMemory
 from . import layout
 
 PRESENT = 0x1

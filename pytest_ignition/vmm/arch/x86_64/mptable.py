@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from ..memory import GuestMemory
+from ...memory import GuestMemory
 from . import layout
 
 MAX_CPUS = 254  # the IOAPIC takes APIC id num_cpus, and 0xff is broadcast

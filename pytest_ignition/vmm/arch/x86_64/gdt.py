@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import asdict, dataclass
 
-from ..memory import GuestMemory
+from ...memory import GuestMemory
 from . import layout
 
 CR0_PE = 1 << 0

@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ..memory import GuestMemory, GuestMemoryError
+from ...memory import GuestMemory, GuestMemoryError
 from . import layout
 
 SETUP_HEADER_OFFSET = 0x1F1

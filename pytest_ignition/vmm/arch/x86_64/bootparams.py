@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 
-from ..memory import GuestMemory
+from ...memory import GuestMemory
 from . import layout
 
 E820_RAM = 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..memory import GuestMemory
+from ...memory import GuestMemory
 from . import bootparams, gdt, loader, mptable, paging, regs
 
 

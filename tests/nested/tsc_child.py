@@ -12,7 +12,7 @@ from pathlib import Path
 from pytest_ignition.engines.base import VMConfig
 from pytest_ignition.engines.ignition import IgnitionEngine
 from pytest_ignition.guest import find_guest
-from pytest_ignition.vmm import kvm
+from pytest_ignition.vmm import kvm  # the shim: raw ioctls + the x86 state rules
 
 
 def main() -> None:

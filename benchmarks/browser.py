@@ -19,7 +19,11 @@ nested harness, else QEMU's accelerator, or ``direct`` for the bundled VMM on th
   nested host when run there: ``where`` says which), what users would do instead.
 
 With ``--engine qemu,ignition`` both engines are measured in the same run, interleaved (the
-engine that goes first alternates). Usage::
+engine that goes first alternates); host Chromium goes first (a failure there shows in
+minutes). A boot or restore that fails costs only its sample: it is named in the records'
+``failures``, its console and VMM logs are copied under ``--logs`` (default
+``build/bench-logs/``), and a column left with no sample is written as an absent record
+saying why (a cold boot that failed leaves that engine's restores unmeasured). Usage::
 
     python -m benchmarks.browser [--engine qemu] [--restores 10] [--host-starts 5] [--memory 2048]
     python -m pytest_ignition.nested run --mem 10240 -- .venv/bin/python -m benchmarks.browser \
@@ -47,6 +51,7 @@ from pathlib import Path
 from benchmarks import common
 
 RESULTS = common.RESULTS_DIR / "browser.json"
+LOG_DIR = Path(__file__).resolve().parent.parent / "build" / "bench-logs"
 PAGE = b"<!doctype html><title>bench</title><body style='background:#0a0'><h1>painted</h1>"
 
 
@@ -117,11 +122,32 @@ def host_chromium(pw, runs: int, url: str) -> tuple[list[float], list[float]]:
                 to_cdp.append(time.monotonic() - t0)
                 _paint(pw, f"http://127.0.0.1:{port}", url)
                 to_paint.append(time.monotonic() - t0)
+            except Exception as e:  # the starts before and after still count
+                print(f"host Chromium start: {e!r}", file=sys.stderr)
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
     return to_cdp, to_paint
+
+
+def _failed(
+    failures: dict[str, list[str]], name: str, what: str, exc: Exception, work: Path, logs: Path
+) -> None:
+    """Note a failed sample and keep the logs under its work dir (console, VMM: a machine's
+    directory goes with its close)."""
+    why = f"{what}: {type(exc).__name__}: {str(exc)[:500]}"
+    found = sorted(work.rglob("*.log*")) if work.exists() else []
+    if found:
+        dest = logs / f"browser-{name}-{work.name}-{int(time.time())}"
+        for f in found:
+            target = dest / f.relative_to(work)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copyfile(f, target)
+        why += f" (logs: {dest})"
+    failures[name].append(why)
+    print(f"{name} {why}", file=sys.stderr)
 
 
 def _engine(name: str):
@@ -174,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=2048, help="guest memory, MiB")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--logs",
+        type=Path,
+        default=LOG_DIR,
+        help="where a failed boot's or restore's console and VMM logs are copied",
+    )
     args = ap.parse_args(argv)
     names = [e.strip() for e in args.engine.split(",") if e.strip()]
     if not names or any(n not in ("qemu", "ignition") for n in names):
@@ -208,15 +240,25 @@ def main(argv: list[str] | None = None) -> int:
         n: {"cold": [], "boot": [], "guest_boot": [], "cdp": [], "paint": [], "rollback": []}
         for n in names
     }
+    snapped = dict.fromkeys(names, False)
+    failures: dict[str, list[str]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="ign-bench-browser-") as d, sync_playwright() as pw:
         root = Path(d)
+        # First: a failure here shows in minutes, not after the engines' long part.
+        try:
+            host_cdp, host_paint = host_chromium(pw, args.host_starts, f"http://127.0.0.1:{site}/")
+        except Exception as e:  # the engines' records are written all the same
+            print(f"host Chromium: {e!r}; not measured", file=sys.stderr)
+            host_cdp, host_paint = [], []
+        print(f"host Chromium: to CDP {host_cdp}, to paint {host_paint}", file=sys.stderr)
         for i in range(args.boots):
             for n in names if i % 2 == 0 else names[::-1]:
                 engine = engines[n]
                 t0 = time.monotonic()
-                m = engine.boot(config, root / f"{n}-boot{i}")
-                vm = VM(engine, m, config, command_timeout=900)
+                vm = None
                 try:
+                    m = engine.boot(config, root / f"{n}-boot{i}")
+                    vm = VM(engine, m, config, command_timeout=900)
                     t[n]["boot"].append(m.ready_seconds)
                     boot_us = getattr(m, "boot_time_us", lambda: None)()
                     if boot_us:
@@ -224,23 +266,29 @@ def main(argv: list[str] | None = None) -> int:
                     br.prepare_browser(vm, timeout=1800)
                     t[n]["cold"].append(time.monotonic() - t0)
                     print(f"{n}: cold boot to CDP-ready: {t[n]['cold'][-1]:.2f} s", file=sys.stderr)
-                    if i == 0:
+                    if not snapped[n]:
                         engine.snapshot(m, root / f"{n}-snap")
+                        snapped[n] = True
+                except Exception as e:  # the other samples and engines are measured all the same
+                    _failed(failures, n, f"boot {i}", e, root / f"{n}-boot{i}", args.logs)
                 finally:
-                    vm.close()
+                    if vm is not None:
+                        vm.close()
         url_path = "/"
         for i in range(max(args.restores, rollbacks)):
             for n in names if i % 2 == 0 else names[::-1]:
                 engine = engines[n]
                 roll = engine.supports_rollback and i < rollbacks
-                if i >= args.restores and not roll:
+                if (i >= args.restores and not roll) or not snapped[n]:
                     continue
                 snap = root / f"{n}-snap"
                 t0 = time.monotonic()
-                m = engine.restore(config, snap, root / f"{n}-r{i}")
                 mode = "rollback" if roll else "restore"
-                vm = VM(engine, m, config, snap, mode, command_timeout=900)
+                vm = None
+                line = f"{n} restore {i}: failed"
                 try:
+                    m = engine.restore(config, snap, root / f"{n}-r{i}")
+                    vm = VM(engine, m, config, snap, mode, command_timeout=900)
                     b = br.open_browser(vm, timeout=300)
                     cdp = time.monotonic() - t0
                     _paint(pw, b.cdp_url, b.page_url(site, url_path))
@@ -261,14 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                         if any(str(site) in str(p.get("url", "")) for p in pages):
                             raise RuntimeError(f"{n}: the page survived the rollback: {pages}")
                         line += f", rollback to CDP {t[n]['rollback'][-1] * 1000:.0f} ms"
+                except Exception as e:
+                    _failed(failures, n, f"restore {i} ({mode})", e, root / f"{n}-r{i}", args.logs)
                 finally:
-                    vm.close()
+                    if vm is not None:
+                        vm.close()
                 print(line, file=sys.stderr)
-        try:
-            host_cdp, host_paint = host_chromium(pw, args.host_starts, f"http://127.0.0.1:{site}/")
-        except Exception as e:  # the engines' records are written all the same
-            print(f"host Chromium: {e!r}; not measured", file=sys.stderr)
-            host_cdp, host_paint = [], []
     server.shutdown()
     notes["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
 
@@ -288,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
             extra["same_run_as"] = [x for x in names if x != n]
         cold, cdp = med(t[n]["cold"]), med(t[n]["cdp"])
 
+        if failures[n]:
+            extra["failures"] = failures[n]
+
         def rec(metric: str, xs: list[float], n=n, where=where, extra=extra, **kw) -> dict:
+            if not xs:  # a column that could not be measured says why instead of vanishing
+                why = "; ".join(failures[n]) or "not measured"
+                return common.absent_record(metric, n, where, why, **params)
             return common.unchecked_record(
                 metric, n, where, params, [x * 1000 for x in xs], **extra, **kw
             )
@@ -297,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             rec("browser_cold_to_cdp", t[n]["cold"]),
             rec("browser_boot_to_ready", t[n]["boot"]),
         ]
-        if t[n]["guest_boot"]:
+        if t[n]["guest_boot"] or getattr(engine, "supports_rollback", False):
+            # the bundled VMM's boot timer (QEMU's engine has none)
             records.append(rec("browser_guest_boot_time", t[n]["guest_boot"], method="boot-timer"))
         ratios = {}
         if cold and cdp:
@@ -306,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios["host_chromium_over_restore"] = round(host_cdp_med / cdp, 3)
         records.append(rec("browser_restore_to_cdp", t[n]["cdp"], **ratios))
         records.append(rec("browser_restore_to_paint", t[n]["paint"]))
-        if t[n]["rollback"]:
+        if t[n]["rollback"] or (engine.supports_rollback and rollbacks):
             rb = med(t[n]["rollback"])
             records.append(
                 rec(
@@ -329,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(records, indent=2))
     for r in records:
         ratio = {k: v for k, v in r.items() if "_over_" in k}
+        median = "absent" if r["median_ms"] is None else f"median {r['median_ms']:.0f} ms"
         print(
-            f"{r['metric']} {r['engine']}/{r['where']}: median {r['median_ms']:.0f} ms "
-            f"(n={r['n']}) {ratio or ''}",
+            f"{r['metric']} {r['engine']}/{r['where']}: {median} (n={r['n']}) {ratio or ''}",
             file=sys.stderr,
         )
     if not args.no_write:

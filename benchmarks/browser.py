@@ -67,6 +67,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a browser that resets its connection (it does when it goes) is not news
+
+
 def _paint(pw, cdp_url: str, url: str) -> None:
     b = pw.chromium.connect_over_cdp(cdp_url, timeout=300_000)
     try:
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     params = {"memory_mib": args.memory, "cpus": 1, "image": "debian:bookworm+chromium"}
     notes: dict[str, object] = {"loadavg_1m_before": round(os.getloadavg()[0], 2)}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = _Server(("127.0.0.1", 0), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     site = server.server_address[1]
     t: dict[str, dict[str, list[float]]] = {

@@ -174,6 +174,15 @@ def _where(name: str, engine) -> str:
     return engine.accelerator if name == "qemu" else "direct"
 
 
+def _nested_host() -> str:
+    import platform
+
+    return (
+        f"nested host (QEMU TCG, emulated AMD SVM) {platform.machine()} {os.cpu_count()}cpu "
+        f"{platform.release()} [{common.cpu_model()}]"
+    )
+
+
 def _replace(path: Path, records: list[dict]) -> None:
     """Write ``records`` in place of earlier ones of the same metric, engine and where (their
     params may differ: an older run's), keeping the others."""
@@ -205,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=2048, help="guest memory, MiB")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--note", help="a note every record carries (the run's date, outer load...)")
     ap.add_argument(
         "--logs",
         type=Path,
@@ -238,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     params = {"memory_mib": args.memory, "cpus": 1, "image": "debian:bookworm+chromium"}
     notes: dict[str, object] = {"loadavg_1m_before": round(os.getloadavg()[0], 2)}
+    if args.note:
+        notes["note"] = args.note
     server = _Server(("127.0.0.1", 0), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     site = server.server_address[1]
@@ -392,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['metric']} {r['engine']}/{r['where']}: {median} (n={r['n']}) {ratio or ''}",
             file=sys.stderr,
         )
+    if inside():  # "(none) ... kvm" would say nothing of where this ran
+        for r in records:
+            r["host"] = _nested_host()
     if not args.no_write:
         _replace(args.results, records)
     return 0

@@ -8,7 +8,11 @@ nested harness, else QEMU's accelerator, or ``direct`` for the bundled VMM on th
   guest-boot part of it (launch → agent ready); the bundled VMM also reports its boot timer
   (``browser_guest_boot_time``, launch → the guest's init wrote the boot marker).
 * ``browser_restore_to_cdp``: restore launched → agent ready → DevTools answers (the warm
-  browser from the snapshot); ``cold_over_restore`` on it is cold ÷ restore of this run.
+  browser from the snapshot); ``cold_over_restore`` on it is cold ÷ restore of this run;
+  ``agent_ready_median_ms`` is its launch → agent-ready part. Its samples are restore mode's
+  (``dirty_log: off``: the bundled VMM keeps no dirty-page log, as the plugin's restore mode);
+  the restores that are rolled back afterwards had the log on and are summarized in its
+  ``with_dirty_log`` (they make the column, ``dirty_log: on``, only when there are no others).
 * ``browser_restore_to_paint``: restore launched → Playwright connected over CDP → a page
   served from the host loaded and painted (two animation frames after ``load``).
 * ``browser_rollback_to_cdp`` (engines that roll back in place: the bundled VMM): after that
@@ -27,7 +31,7 @@ saying why (a cold boot that failed leaves that engine's restores unmeasured). U
 
     python -m benchmarks.browser [--engine qemu] [--restores 10] [--host-starts 5] [--memory 2048]
     python -m pytest_ignition.nested run --mem 10240 -- .venv/bin/python -m benchmarks.browser \
-        --engine qemu,ignition --boots 1 --restores 3 --rollbacks 3 --host-starts 2
+        --engine qemu,ignition --boots 1 --restores 6 --rollbacks 3 --host-starts 3
 
 Records of the same metric, engine and where are replaced; the others stay.
 """
@@ -136,6 +140,15 @@ def host_chromium(pw, runs: int, url: str) -> tuple[list[float], list[float]]:
     return to_cdp, to_paint
 
 
+_RESTORE_LISTS = ("ready", "cdp", "paint", "ready_dl", "cdp_dl", "paint_dl")
+
+
+def _rolls_back(i: int, iterations: int, rollbacks: int) -> bool:
+    """Whether restore ``i`` of ``iterations`` is one of the ``rollbacks`` rolled back after
+    its paint, spread evenly among them (the others are restore mode's: no dirty-page log)."""
+    return (i + 1) * rollbacks // iterations > i * rollbacks // iterations
+
+
 def _failed(
     failures: dict[str, list[str]], name: str, what: str, exc: Exception, work: Path, logs: Path
 ) -> None:
@@ -208,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rollbacks",
         type=int,
         default=None,
-        help="in-place rollbacks to CDP-ready (engines that roll back; default: --restores)",
+        help="in-place rollbacks to CDP-ready, among the restores (engines that roll back; "
+        "default: half of --restores)",
     )
     ap.add_argument("--host-starts", type=int, default=5)
     ap.add_argument("--memory", type=int, default=2048, help="guest memory, MiB")
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [e.strip() for e in args.engine.split(",") if e.strip()]
     if not names or any(n not in ("qemu", "ignition") for n in names):
         ap.error(f"--engine: qemu, ignition or qemu,ignition (not {args.engine!r})")
-    rollbacks = args.restores if args.rollbacks is None else args.rollbacks
+    rollbacks = args.restores // 2 if args.rollbacks is None else args.rollbacks
 
     from playwright.sync_api import sync_playwright
 
@@ -254,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     site = server.server_address[1]
     t: dict[str, dict[str, list[float]]] = {
-        n: {"cold": [], "boot": [], "guest_boot": [], "cdp": [], "paint": [], "rollback": []}
+        n: {k: [] for k in ("cold", "boot", "guest_boot", "rollback", *_RESTORE_LISTS)}
         for n in names
     }
     snapped = dict.fromkeys(names, False)
@@ -292,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                     if vm is not None:
                         vm.close()
         url_path = "/"
-        for i in range(max(args.restores, rollbacks)):
+        iterations = max(args.restores, rollbacks)
+        for i in range(iterations):
             for n in names if i % 2 == 0 else names[::-1]:
                 engine = engines[n]
-                roll = engine.supports_rollback and i < rollbacks
+                roll = engine.supports_rollback and _rolls_back(i, iterations, rollbacks)
                 if (i >= args.restores and not roll) or not snapped[n]:
                     continue
                 snap = root / f"{n}-snap"
@@ -304,15 +319,18 @@ def main(argv: list[str] | None = None) -> int:
                 vm = None
                 line = f"{n} restore {i}: failed"
                 try:
-                    m = engine.restore(config, snap, root / f"{n}-r{i}")
+                    # The dirty-page log only where a rollback follows (restore mode has none)
+                    m = engine.restore(config, snap, root / f"{n}-r{i}", rollback=roll)
                     vm = VM(engine, m, config, snap, mode, command_timeout=900)
                     b = br.open_browser(vm, timeout=300)
                     cdp = time.monotonic() - t0
                     _paint(pw, b.cdp_url, b.page_url(site, url_path))
                     paint = time.monotonic() - t0
                     if i < args.restores:
-                        t[n]["cdp"].append(cdp)
-                        t[n]["paint"].append(paint)
+                        suffix = "_dl" if roll else ""
+                        t[n]["ready" + suffix].append(m.ready_seconds)
+                        t[n]["cdp" + suffix].append(cdp)
+                        t[n]["paint" + suffix].append(paint)
                     line = (
                         f"{n} restore {i}: CDP {cdp * 1000:.0f} ms, painted {paint * 1000:.0f} ms"
                     )
@@ -349,7 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = {**notes, "engine_version": getattr(engine, "version", None) or engine.describe()}
         if len(names) > 1:
             extra["same_run_as"] = [x for x in names if x != n]
-        cold, cdp = med(t[n]["cold"]), med(t[n]["cdp"])
+        # restore mode's restores (no dirty-page log) make the column; those with the log
+        # (followed by a rollback) are a field beside it, or the column when there are no others
+        dl = "" if t[n]["cdp"] else "_dl"
+        cold, cdp = med(t[n]["cold"]), med(t[n]["cdp" + dl])
+        part = {"dirty_log": "on" if dl else "off"}
+        if t[n]["ready" + dl]:
+            part["agent_ready_median_ms"] = med(t[n]["ready" + dl])
 
         if failures[n]:
             extra["failures"] = failures[n]
@@ -374,8 +398,14 @@ def main(argv: list[str] | None = None) -> int:
             ratios["cold_over_restore"] = round(cold / cdp, 1)
         if host_cdp_med and cdp:
             ratios["host_chromium_over_restore"] = round(host_cdp_med / cdp, 3)
-        records.append(rec("browser_restore_to_cdp", t[n]["cdp"], **ratios))
-        records.append(rec("browser_restore_to_paint", t[n]["paint"]))
+        for metric, key in (
+            ("browser_restore_to_cdp", "cdp"),
+            ("browser_restore_to_paint", "paint"),
+        ):
+            more = dict(part) if metric.endswith("cdp") else {"dirty_log": part["dirty_log"]}
+            if not dl and t[n][key + "_dl"]:
+                more["with_dirty_log"] = common.summarize_ms([x * 1000 for x in t[n][key + "_dl"]])
+            records.append(rec(metric, t[n][key + dl], **more, **(ratios if key == "cdp" else {})))
         if t[n]["rollback"] or (engine.supports_rollback and rollbacks):
             rb = med(t[n]["rollback"])
             records.append(

@@ -35,3 +35,10 @@ def test_a_failed_sample_without_logs_is_still_named(tmp_path: Path) -> None:
     )
     (why,) = failures["qemu"]
     assert why == "boot 0: RuntimeError: " + "x" * 500
+
+
+def test_rollbacks_are_spread_among_the_restores() -> None:
+    assert [browser._rolls_back(i, 6, 3) for i in range(6)] == [False, True] * 3
+    assert all(browser._rolls_back(i, 5, 5) for i in range(5))
+    assert not any(browser._rolls_back(i, 5, 0) for i in range(5))
+    assert sum(browser._rolls_back(i, 7, 2) for i in range(7)) == 2

@@ -749,6 +749,10 @@ class Vcpu:
         self.kvm_run: Any = ffi.from_buffer("struct kvm_run *", self._mm)
         self._run_mv = memoryview(self._mm)
         self.run_lock = threading.Lock()  # held by a run loop for as long as it uses kvm_run
+        # kvm_run's lifetime against writes from other threads (a kick's immediate_exit): close()
+        # unmaps under it, so a kick racing a vCPU thread that is closing its vCPU cannot write
+        # to an unmapped page (that was a SIGSEGV at VM shutdown)
+        self._map_lock = threading.Lock()
 
     # -- running ---------------------------------------------------------------------
     def run(self) -> int:
@@ -781,7 +785,11 @@ class Vcpu:
         _ioctl(self.fd, KVM_SET_SIGNAL_MASK, m)
 
     def set_immediate_exit(self, value: bool) -> None:
-        self.kvm_run.immediate_exit = 1 if value else 0
+        """Set ``kvm_run.immediate_exit``; a no-op once the vCPU is closed (any thread)."""
+        with self._map_lock:
+            run = self.kvm_run
+            if run is not None:
+                run.immediate_exit = 1 if value else 0
 
     def io_data(self) -> memoryview:
         """The data area of a KVM_EXIT_IO (``size * count`` bytes), checked against the mapping."""
@@ -937,14 +945,15 @@ class Vcpu:
             return
         if self.run_lock.acquire(timeout=timeout):
             try:
-                ffi.release(self.kvm_run)
-                self._run_mv.release()
-                self._mm.close()
+                with self._map_lock:
+                    run, self.kvm_run = self.kvm_run, None
+                    ffi.release(run)
+                    self._run_mv.release()
+                    self._mm.close()
             except BufferError:
                 pass  # someone still holds a view of kvm_run; the mapping goes with the process
             finally:
                 self.run_lock.release()
-            self.kvm_run = None
         else:
             log.warning(
                 "vcpu%d: run loop still active; leaving its kvm_run page mapped", self.index

@@ -267,12 +267,14 @@ class GuestFailure(CommandError):
 _PANIC_MARKERS = ("Kernel panic - not syncing", "BUG: ", "Oops: ", "general protection fault")
 
 
-def diagnose(machine: Any, cause: str = "", wait: float = 1.0) -> str:
+def diagnose(machine: Any, cause: str = "", wait: float = 2.5) -> str:
     """What happened to a VM whose agent stopped answering, in one line.
 
     Waits up to ``wait`` seconds for a dying VM process to exit (a panicking guest exits its
-    VMM: ``panic=-1`` reboots, and the VMMs exit on reboot), then looks at its exit code and
-    the console tail (kernel panic line, OOM kills, power-off).
+    VMM: ``panic=-1`` reboots, and the VMMs exit on reboot; the bundled VMM exits ~0.5-1 s
+    after a guest halt or power-off), or until the console shows a halt (QEMU's process stays
+    after a power-off), then looks at its exit code and the console tail
+    (kernel panic line, OOM kills, power-off).
     """
     proc = getattr(machine, "proc", None)
     alive_fn = getattr(machine, "is_alive", None)
@@ -283,8 +285,19 @@ def diagnose(machine: Any, cause: str = "", wait: float = 1.0) -> str:
         except Exception:
             return False
 
+    def console_says() -> bool:
+        try:
+            tail = str(machine.console_tail(3000))
+        except Exception:
+            return False
+        return _halted(tail)  # a panic reboots, which ends both VMMs: wait for that
+
     end = time.monotonic() + wait
+    n = 0
     while alive() and time.monotonic() < end:
+        if n % 5 == 4 and console_says():  # every 0.25 s
+            break
+        n += 1
         time.sleep(0.05)
     try:
         tail = str(machine.console_tail(16000))
@@ -298,8 +311,15 @@ def diagnose(machine: Any, cause: str = "", wait: float = 1.0) -> str:
     parts: list[str] = []
     if not alive():
         code = getattr(proc, "returncode", None)
+        exit_cause = getattr(machine, "exit_cause", None)
+        try:
+            said = exit_cause() if exit_cause is not None else None
+        except Exception:
+            said = None
         if panic is not None:
             parts.append(f"the guest kernel panicked: {panic}")
+        elif said:
+            parts.append(str(said))
         elif "reboot: Power down" in tail or "reboot: System halted" in tail:
             parts.append("the guest powered off")
         elif "reboot: Restarting system" in tail:

@@ -178,6 +178,11 @@ class Machine(ABC):
     def close(self) -> None:
         """Kill and reap the VMM, remove sockets and overlays. Idempotent."""
 
+    def exit_cause(self) -> str | None:
+        """Once the VMM exited: what its exit status says happened to the guest, if more than
+        the code (``vm.diagnose`` uses it; the bundled VMM: a guest that halted for good)."""
+        return None
+
     def __enter__(self) -> Machine:
         return self
 

@@ -64,6 +64,9 @@ __all__ = ["IgnitionEngine", "IgnitionMachine", "SNAPSHOT_FORMAT", "available"]
 
 SNAPSHOT_FORMAT = 1
 AGENT_VSOCK_PORT = 52
+# The VMM's exit status for a guest that halted for good (vmm.machine.EXIT_HALTED, kept equal by
+# a unit test; not imported: the engine does not load the VMM's modules).
+VMM_EXIT_HALTED = 3
 _MAX_SOCK_PATH = 100  # sun_path is 108 bytes; the vsock convention appends "_<port>"
 
 
@@ -271,6 +274,17 @@ class IgnitionMachine(Machine):
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exit_cause(self) -> str | None:
+        """What the VMM's exit status says happened to the guest, when it says more than
+        the code (None while it runs, or for the other codes)."""
+        code = self.proc.poll() if self.proc is not None else None
+        if code == VMM_EXIT_HALTED:
+            return (
+                "the guest powered off or halted (every vCPU halted with interrupts disabled; "
+                "the bundled VMM ends such a VM)"
+            )
+        return None
 
     @property
     def pid(self) -> int | None:

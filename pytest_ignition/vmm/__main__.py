@@ -16,7 +16,9 @@ exit path (guest reboot/power-off, SIGTERM, SIGINT, SIGHUP, control ``shutdown``
 Exit status: 0 when the guest rebooted or powered off or a shutdown was requested, 1 when
 the VM broke (KVM internal error, failed entry, crash), 2 when it could not be set up (bad
 arguments or paths, no /dev/kvm, a kernel that cannot be loaded): one line on stderr, never
-a traceback (set ``IGNITION_VMM_DEBUG=1`` to get one).
+a traceback (set ``IGNITION_VMM_DEBUG=1`` to get one); 3 when the guest halted for good: every
+vCPU halted with interrupts disabled (x86 Linux's ``halt``, and its ``poweroff`` when the
+kernel has no power-off device, as the default guest, which has no ACPI; see ``halt.py``).
 
 Test hook: ``IGNITION_VMM_FAULT=boot`` (or ``restore``) makes that command fail on purpose with
 status 1 after the VM is set up and before any vCPU runs (KVM_RUN), as a broken VMM would; the

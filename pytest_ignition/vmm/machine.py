@@ -26,7 +26,8 @@ Lifecycle: ``created`` -> ``running`` <-> ``paused`` -> ``stopped``. The first v
 (guest reboot via i8042, triple fault, SYSTEM_EVENT, an error, or :meth:`shutdown`) stops
 the others; :meth:`wait` returns the exit status: 0 for a guest power-off/reboot or a
 requested shutdown, 1 for anything that means the VM broke (KVM internal error, failed
-entry, crash).
+entry, crash), 3 when every vCPU halted with interrupts disabled (x86 Linux's halt, and its
+power-off when it has no power-off device: the halt watch, :mod:`.halt`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from . import halt
 from .arch.x86_64 import boot, cpuid, layout, mptable, msrs
 from .arch.x86_64 import state as x86_state
 from .devices.bus import Bus
@@ -77,6 +79,12 @@ ARCH = "x86_64"
 HYPERVISOR = "kvm"
 # Stop reasons that end the VM the way its guest or owner intended.
 CLEAN_STOPS = frozenset({"requested", "shutdown", "reset", "triple_fault", "halt"})
+# Every vCPU halted with interrupts disabled (see .halt): the guest stopped itself for good.
+# Its own exit status, so that the owner can say "the guest powered off or halted".
+HALTED = "halted"
+EXIT_HALTED = 3
+# How often an idle VM (no vCPU exit to the VMM since the last look) is checked for that.
+HALT_CHECK_S = 0.5
 
 
 def default_cmdline() -> str:
@@ -216,6 +224,7 @@ class Machine:
         self.runners: list[VcpuRunner] = []
         self._watchdog_armed = False  # the interrupt watchdog: a timer on self.loop
         self._watchdog_stop = threading.Event()
+        self._halt_watch: threading.Thread | None = None
         self.interrupts_reraised = 0
         self.boot_timer = None
         self.uart = None
@@ -862,6 +871,63 @@ class Machine:
         self.loop.start()
         for r in self.runners:
             r.start()
+        if self.watches_halt and self._halt_watch is None:
+            self._halt_watch = threading.Thread(
+                target=self._watch_halt, name="vmm-halt-watch", daemon=True
+            )
+            self._halt_watch.start()
+
+    # x86: a guest's halt never leaves KVM (in-kernel LAPIC), so the VMM looks for it.
+    # Subclasses whose guests power off through the hypervisor (arm64 PSCI) turn it off.
+    watches_halt = True
+
+    def _watch_halt(self) -> None:
+        """Every ``HALT_CHECK_S`` s, when no vCPU exited to the VMM since the last look (a
+        halted guest makes no exits; a busy one is never paused for this), pause the vCPUs for
+        a moment and read their run state; when every vCPU is halted for good (:mod:`.halt`)
+        end the VM with ``halted`` (exit status 3)."""
+        last: int | None = None
+        while not self._watchdog_stop.wait(HALT_CHECK_S):
+            if self.stopped:
+                return
+            try:  # the vCPU threads add keys to these counters as we read them
+                exits = sum(sum(list(r.exits.values())) for r in self.runners)
+            except RuntimeError:
+                continue
+            if exits != last:
+                last = exits
+                continue
+            try:
+                done = self._halted_for_good()
+            except Exception:  # the watch must never take the VM down
+                log.exception("halt watch failed; it stops")
+                return
+            if done:
+                reason = StopReason(
+                    HALTED,
+                    "every vCPU halted with interrupts disabled (the guest halted or powered "
+                    "off without a power-off device)",
+                )
+                if self._finish(reason):
+                    for r in self.runners:
+                        r.request_stop(StopReason("requested", "the guest halted"))
+                return
+
+    def _halted_for_good(self) -> bool:
+        """Pause every vCPU (without a state change: a control request waits on the lock),
+        read their run states, resume them; True when none can ever run again."""
+        with self._lock:
+            if self.state != "running" or not self.runners:
+                return False
+            try:
+                for r in self.runners:
+                    if not r.pause(timeout=2.0) or not r.paused:
+                        return False
+                states = [halt.read_run_state(r.vcpu) for r in self.runners]
+            finally:
+                for r in self.runners:
+                    r.resume()
+        return halt.all_halted_for_good(states)
 
     def _watch_interrupts(self) -> None:
         """Every second (a timer on the event loop), raise again a virtio interrupt the driver
@@ -950,11 +1016,14 @@ class Machine:
             if self.stop_reason is not None:
                 return False
             self.stop_reason = reason
-            self.exit_status = 0 if reason.kind in CLEAN_STOPS else 1
+            if reason.kind == HALTED:
+                self.exit_status = EXIT_HALTED
+            else:
+                self.exit_status = 0 if reason.kind in CLEAN_STOPS else 1
             self.state = "stopped"
         if quiet:
             pass
-        elif reason.kind in CLEAN_STOPS:
+        elif reason.kind in CLEAN_STOPS or reason.kind == HALTED:
             log.info("VM stopped: %s", reason)
         else:
             log.error("VM stopped: %s", reason)

@@ -82,7 +82,7 @@ class StopReason:
         return self.kind not in ("requested", "shutdown", "reset", "halt")
 
     def __str__(self) -> str:
-        s = f"vcpu{self.vcpu}: {self.kind}"
+        s = f"vcpu{self.vcpu}: {self.kind}" if self.vcpu >= 0 else self.kind
         return f"{s}: {self.detail}" if self.detail else s
 
 

@@ -209,6 +209,23 @@ def test_guest_reboot_ends_the_vmm_cleanly(vmm_factory) -> None:
     assert "reset" in v.log_text() or "reboot" in v.log_text(), v.log_text()
 
 
+@pytest.mark.parametrize(("cmd", "cpus"), [("poweroff -f", "1"), ("halt -f", "2")])
+def test_guest_poweroff_or_halt_ends_the_vmm_with_status_3(vmm_factory, cmd, cpus) -> None:
+    """The default guest has no ACPI: its poweroff is a halt (every CPU in cli; hlt, which
+    KVM keeps to itself); the VMM's halt watch ends the VM with status 3 within seconds."""
+    v = vmm_factory("--cpus", cpus)
+    with v.agent() as client:
+        client.exec(["sh", "-c", f"(sleep 0.2; {cmd}) >/dev/null 2>&1 &"], timeout=30)
+        t0 = time.monotonic()
+        code = wait_exit(v, 60)
+    took = time.monotonic() - t0
+    assert code == 3, v.diagnostics()
+    assert "halted: every vCPU halted with interrupts disabled" in v.log_text(), v.log_text()
+    assert "reboot: System halted" in v.console_text()
+    assert not v.vsock.exists() and not v.control.exists()
+    assert took < 30, took
+
+
 def test_control_status_reports_the_running_guest(vmm_factory) -> None:
     import json
     import socket

@@ -442,6 +442,35 @@ def test_diagnose_vm_process_exit_and_panic_line() -> None:
         proc=SimpleNamespace(returncode=-9), is_alive=lambda: False, console_tail=lambda n=0: ""
     )
     assert diagnose(m3) == "the VM process was killed by signal 9"
+
+
+def test_diagnose_a_bundled_vmm_that_exited_because_its_guest_halted() -> None:
+    """The bundled VMM's exit status 3 (every vCPU halted with interrupts off: the default
+    guest's poweroff) says "powered off or halted" with no console line at all."""
+    from pytest_ignition.engines.ignition import VMM_EXIT_HALTED, IgnitionMachine
+    from pytest_ignition.vmm.machine import EXIT_HALTED
+
+    assert VMM_EXIT_HALTED == EXIT_HALTED
+    m = object.__new__(IgnitionMachine)  # only its process matters here
+    m.proc = None
+    assert m.exit_cause() is None
+    m.proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({EXIT_HALTED})"])
+    m.proc.wait()
+    m.console_tail = lambda n=0: ""  # type: ignore[method-assign]
+    d = diagnose(m, "disconnected", wait=0)
+    assert d.startswith("the guest powered off or halted (every vCPU halted"), d
+    assert d.endswith("the VM process exited with code 3"), d
+    m.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(0)"])
+    m.proc.wait()
+    assert m.exit_cause() is None
+    assert diagnose(m, "disconnected", wait=0) == "the VM process exited with code 0"
+
+
+def test_diagnose_killed_vm_process() -> None:
+    m3 = SimpleNamespace(
+        proc=SimpleNamespace(returncode=-9), is_alive=lambda: False, console_tail=lambda n=0: ""
+    )
+    assert diagnose(m3) == "the VM process was killed by signal 9"
     m4 = SimpleNamespace(
         is_alive=lambda: True,
         console_tail=lambda n=0: "Out of memory: Killed process 77 (ignition-agent)\n",

@@ -31,7 +31,10 @@ VMM = [sys.executable, "-m", "pytest_ignition.vmm"]
 # -- payloads (64-bit code, also valid as 32-bit code for the PVH entry) ----------------------
 PRINT_OK = b"\x66\xba\xf8\x03" + b"\xb0O\xee\xb0K\xee\xb0\x0a\xee"  # mov dx,0x3f8; out 'O','K','\n'
 RESET = b"\xb0\xfe\xe6\x64"  # mov al,0xfe; out 0x64,al  (i8042 pulse reset)
-HALT = b"\xf4\xeb\xfd"  # hlt; jmp back (IF=0: sleeps in KVM, costs nothing)
+# sti; hlt; jmp back: idle for good (nothing raises an interrupt) but wakeable, so the VMM keeps
+# it running; with IF=0 (HALTED_FOR_GOOD) the VMM's halt watch ends the VM with status 3.
+HALT = b"\xfb\xf4\xeb\xfd"
+HALTED_FOR_GOOD = b"\xfa\xf4\xeb\xfd"  # cli; hlt; jmp back: Linux's stop_this_cpu()
 BOOT_TIMER = b"\xb8\x00\x00\x00\xd0\xc6\x00\x7b"  # mov eax,0xd0000000; mov byte [rax],123
 # Read the first virtio-mmio slot's magic (low byte 'v') and device id; print both.
 READ_VIRTIO_SLOT = bytes.fromhex(
@@ -182,6 +185,36 @@ def test_triple_fault_ends_the_vm(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == b"OK\n"
     assert b"triple_fault" in r.stderr
+
+
+@pytest.mark.parametrize("cpus", ["1", "2"])
+def test_guest_halted_for_good_ends_the_vm_with_status_3(tmp_path, cpus):
+    """cli; hlt (Linux's halt, and its power-off without ACPI) never leaves KVM: the halt
+    watch sees every vCPU halted with interrupts off (with 2 vCPUs the AP was never started:
+    it waits for a SIPI nobody can send) and ends the VM with the documented status 3."""
+    need_kvm()
+    k = bzimage(tmp_path, PRINT_OK + HALTED_FOR_GOOD)
+    t0 = time.monotonic()
+    r = run_vmm("boot", "--kernel", str(k), "--mem", "64M", "--cpus", cpus, timeout=30)
+    took = time.monotonic() - t0
+    err = r.stderr.decode()
+    assert r.returncode == 3, err
+    assert r.stdout == b"OK\n"
+    assert "VM stopped: halted: every vCPU halted with interrupts disabled" in err, err
+    assert "Traceback" not in err
+    assert took < 20, took
+
+
+def test_idle_guest_keeps_running(vmm_factory):
+    """sti; hlt: halted but wakeable (interrupts on): the halt watch leaves it running."""
+    need_kvm()
+    v = vmm_factory(PRINT_OK + HALT)
+    time.sleep(3)  # several halt checks (every 0.5 s while no vCPU exits)
+    st = v.cmd("status")
+    assert st["state"] == "running" and "stop_reason" not in st, st
+    assert v.cmd("shutdown")["ok"]
+    rc, err = v.wait()
+    assert rc == 0, err.decode()
 
 
 def test_console_to_file_and_smp(tmp_path):

@@ -512,6 +512,15 @@ def _truthy(v: str | None) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def env_switch(name: str, default: bool = True) -> bool:
+    """An environment on/off switch that is on by default: ``0``, ``no``, ``false`` or ``off``
+    (any case) turn it off (``IGNITION_PREFETCH``, ``IGNITION_VMM_FORKSERVER``)."""
+    v = os.environ.get(name)
+    if v is None:
+        return default
+    return v.strip().lower() not in ("0", "no", "false", "off")
+
+
 def resolve(
     cli: Callable[[str], Any],
     ini: Callable[[str], Any],

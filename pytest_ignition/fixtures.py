@@ -202,12 +202,7 @@ class IgnitionSession:
         # needs again would only waste CPU.
         self.remaining: Counter[cfgmod.Overrides] = Counter()
         # IGNITION_PREFETCH=0 turns the background restore off (for benchmarks and debugging).
-        self.prefetch = os.environ.get("IGNITION_PREFETCH", "1").strip().lower() not in (
-            "0",
-            "no",
-            "false",
-            "off",
-        )
+        self.prefetch = cfgmod.env_switch("IGNITION_PREFETCH")
         self.restorer = ThreadPoolExecutor(1, thread_name_prefix="ignition-restore")
         self.closer = ThreadPoolExecutor(1, thread_name_prefix="ignition-close")
         self.closed = False

@@ -174,8 +174,9 @@ class _ConsoleRelay:
 def fork_server_enabled() -> bool:
     """Whether bundled-VMM processes are forked from a warm fork server (the default) rather
     than spawned; ``IGNITION_VMM_FORKSERVER=0`` (also ``no``, ``false``, ``off``) spawns."""
-    v = os.environ.get("IGNITION_VMM_FORKSERVER", "1").strip().lower()
-    return v not in ("0", "no", "false", "off")
+    from pytest_ignition.config import env_switch
+
+    return env_switch("IGNITION_VMM_FORKSERVER")
 
 
 class _LateProbes(threading.Thread):

@@ -152,8 +152,7 @@ class VcpuRunner:
 
     def _kick(self) -> None:
         # Order matters: the flag is set before immediate_exit (see _handle_interrupt).
-        if self.vcpu.kvm_run is not None:
-            self.vcpu.set_immediate_exit(True)
+        self.vcpu.set_immediate_exit(True)  # a no-op once the vCPU is closed
         t = self._thread
         if t is not None and t is not threading.current_thread() and t.is_alive():
             try:

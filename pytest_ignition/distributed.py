@@ -33,6 +33,7 @@ REMOTE_KEY = "ignition_remote"  # workerinput: True when the worker is not a loc
 TX_KEY = "ignition_tx"  # workerinput: how the controller reaches the worker ("ssh=root@h")
 RUN_PREFIX = "run-"
 RUN_KEY = pytest.StashKey[Path]()
+LEFT_KEY = pytest.StashKey[bool]()  # this worker has left its run (run_dir() must not rejoin)
 
 
 def workerinput(config: pytest.Config) -> dict[str, Any]:
@@ -61,14 +62,29 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[RUN_KEY] = join_run(config)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # After the plugin's own sessionfinish closed the VMs, and before xdist's wrapper tells
+    # the controller this worker is done: the controller then ends, its ssh connection
+    # closes, and sshd's SIGHUP can kill this worker before pytest_unconfigure runs.
+    _leave(session.config)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _leave(config)
+
+
+def _leave(config: pytest.Config) -> None:
     run = config.stash.get(RUN_KEY, None)
-    if run is not None:
+    if run is not None and not config.stash.get(LEFT_KEY, False):
+        config.stash[LEFT_KEY] = True
         leave_run(run)
 
 
 def run_dir(config: pytest.Config) -> Path:
     """The run directory this remote worker shares with the other workers on its host."""
+    if config.stash.get(LEFT_KEY, False):
+        raise RuntimeError("pytest-ignition: this worker already left its run directory")
     run = config.stash.get(RUN_KEY, None)
     if run is None:
         run = config.stash[RUN_KEY] = join_run(config)

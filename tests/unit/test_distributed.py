@@ -77,3 +77,21 @@ def test_a_foreign_runs_dir_is_refused(tmpdir_env: Path) -> None:
     base.symlink_to(target)
     with pytest.raises(pytest.UsageError, match="not a directory owned by this user"):
         dist.join_run(_config())  # type: ignore[arg-type]
+
+
+def test_a_worker_leaves_at_sessionfinish_before_xdist_reports_it_done(tmpdir_env: Path) -> None:
+    # The controller may end (and sshd hang up on this worker) as soon as xdist's sessionfinish
+    # wrapper reports the worker finished, so unconfigure can be too late to remove the dir.
+    cfg = _config("finish")
+    run = dist.run_dir(cfg)  # type: ignore[arg-type]
+    assert run.is_dir()
+    dist.pytest_sessionfinish(SimpleNamespace(config=cfg))  # type: ignore[arg-type]
+    assert not run.exists()
+    with pytest.raises(RuntimeError, match="already left"):
+        dist.run_dir(cfg)  # type: ignore[arg-type]
+    assert not run.exists()  # ...and nothing recreated it
+    dist.pytest_unconfigure(cfg)  # type: ignore[arg-type]  (a second leave is a no-op)
+    impl = dist.pytest_sessionfinish
+    assert getattr(impl, "pytest_impl", {}).get("trylast") or getattr(impl, "trylast", False), (
+        "must run after the plugin's own sessionfinish closed the VMs"
+    )

@@ -19,3 +19,46 @@ def require(condition: object, reason: str) -> None:
     if required():
         pytest.fail(f"IGNITION_REQUIRE=1 but: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+BAD_OUTCOMES = ("skipped", "failed", "error", "xfailed", "xpassed")
+
+
+def run_child_pytest(
+    argv: list[str],
+    timeout: float,
+    *,
+    cwd: str | os.PathLike[str],
+    env: dict[str, str] | None = None,
+    deselect_ok: bool = False,
+    engine_header: bool = True,
+) -> str:
+    """Run the command ``argv`` (a pytest) and check it like a tier's own run: exit 0, some
+    tests passed and none skipped, failed or (unless ``deselect_ok``) deselected, and, with
+    ``engine_header``, the bundled VMM named in its report header (a child that fell back to
+    QEMU or skipped its VM tests fails). Returns its output (the tail is printed, for the
+    calling test's failure report)."""
+    import re
+    import subprocess
+
+    proc = subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+        check=False,
+    )
+    out = proc.stdout.decode(errors="replace")
+    print(out[-6000:])
+    assert proc.returncode == 0, f"child pytest exited {proc.returncode}"
+    if engine_header:
+        assert re.search(r"^ignition: engine ignition \(bundled VMM", out, re.M), "engine not used"
+    summary = out.strip().splitlines()[-1]
+    m = re.search(r"(\d+) passed", summary)
+    assert m is not None and int(m.group(1)) > 0, summary
+    for bad in BAD_OUTCOMES + (() if deselect_ok else ("deselected",)):
+        assert bad not in summary, summary
+    return out

@@ -7,15 +7,13 @@ that quietly fell back to another engine or skipped its VM tests fails.
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
 from pathlib import Path
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import BAD_OUTCOMES, require, run_child_pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BAD_OUTCOMES = ("skipped", "failed", "error", "xfailed", "xpassed")
+__all__ = ["BAD_OUTCOMES", "ROOT", "run_on_bundled_vmm"]
 
 
 def run_on_bundled_vmm(
@@ -34,23 +32,4 @@ def run_on_bundled_vmm(
     # Default verbosity, not -q: -q hides the report header this checks.
     argv = [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "--color=no"]
     argv += ["-rfEs", "--ignition-engine=ignition"]
-    proc = subprocess.run(
-        argv,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=timeout,
-        check=False,
-    )
-    out = proc.stdout.decode(errors="replace")
-    print(out[-6000:])  # shown by pytest when the calling test fails
-    assert proc.returncode == 0, f"child pytest exited {proc.returncode}"
-    if header:
-        assert re.search(r"^ignition: engine ignition \(bundled VMM", out, re.M), "engine not used"
-    summary = out.strip().splitlines()[-1]
-    m = re.search(r"(\d+) passed", summary)
-    assert m is not None and int(m.group(1)) > 0, summary
-    for bad in BAD_OUTCOMES + (() if deselect_ok else ("deselected",)):
-        assert bad not in summary, summary
-    return out
+    return run_child_pytest(argv, timeout, cwd=ROOT, deselect_ok=deselect_ok, engine_header=header)

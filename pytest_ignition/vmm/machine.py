@@ -45,8 +45,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import halt
-from .arch.x86_64 import boot, cpuid, layout, mptable, msrs
+from .arch.x86_64 import boot, layout, mptable
+from .arch.x86_64 import devices as x86_devices
 from .arch.x86_64 import state as x86_state
+from .arch.x86_64 import vcpu as x86_vcpu
+from .arch.x86_64 import vm as x86_vm
+
+# Old homes of what moved to the x86 arch modules, kept importable from here.
+from .arch.x86_64.devices import I8042_LEN, I8042_PORT, UART_IRQ, UART_PORT  # noqa: F401
+from .arch.x86_64.vcpu import KVM_CAP_TSC_DEADLINE_TIMER  # noqa: F401
 from .devices.bus import Bus
 from .errors import MachineError
 from .eventloop import EventLoop
@@ -68,11 +75,6 @@ MiB = 1 << 20
 # two equal). Kept here so that a boot does not import the guest-build package (~1.5 s under
 # the nested TCG harness) and the VMM stays usable on its own.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
-UART_PORT = 0x3F8
-UART_IRQ = 4
-I8042_PORT = 0x60
-I8042_LEN = 5
-KVM_CAP_TSC_DEADLINE_TIMER = 72  # 0x60..0x64: data port, and the command/status port at 0x64
 
 # What a snapshot of this machine records, and what a restore insists on (snapshot.check_machine).
 ARCH = "x86_64"
@@ -258,12 +260,7 @@ class Machine:
     def _build(self) -> None:
         spec = self.spec
         vm = self.vm = self.system.create_vm()
-        # VMX needs these three pages + one outside RAM before the first vCPU exists.
-        vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        try:
-            vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        except kvm.KvmError as e:
-            log.debug("identity map address not settable (%s); KVM's default is used", e)
+        x86_vm.prepare(vm)  # TSS and identity-map pages, before memory and vCPUs
 
         restoring = self._restore is not None
         try:
@@ -283,8 +280,7 @@ class Machine:
         # Memory before the irqchip and PIT, as Firecracker does: a memory slot added after
         # KVM_CREATE_IRQCHIP cost ~7 ms here (512 MiB; ~0.3 ms before it), on every boot
         # and restore (measured with /dev/kvm on this host, 12 VMs each way).
-        vm.create_irqchip()
-        vm.create_pit2()
+        x86_vm.create_interrupt_controllers(vm)
 
         self.pio = Bus("pio", 1 << 16)
         self.mmio = Bus("mmio")
@@ -308,49 +304,19 @@ class Machine:
         self._create_vcpus()
 
     def _add_legacy_devices(self) -> None:
-        from .devices import legacy
-
         spec = self.spec
-        out = spec.console_out
-        if out is not None and not callable(out):
-            f = out
-
-            def out(data: bytes) -> None:
-                try:
-                    f.write(data)
-                    f.flush()
-                except (OSError, ValueError):
-                    pass  # the console reader went away; the guest keeps running
-
-        vm = self.vm
-        self.uart = legacy.Serial8250(out, irq=lambda level: vm.irq_line(UART_IRQ, level))
-        self.pio.insert(self.uart, UART_PORT, 8)
-        if spec.console_in is not None:
-            fd = spec.console_in
-
-            def on_input() -> None:
-                try:
-                    data = os.read(fd, 4096)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    data = b""
-                if not data:
-                    self.loop.remove_reader(fd)  # EOF: the guest sees no more input
-                    return
-                self.uart.feed(data)
-
-            try:
-                self.loop.add_reader(fd, on_input)
-            except PermissionError:
-                # epoll refuses regular files and /dev/null: there is no interactive input.
-                log.debug("console input fd %d cannot be polled; the console is output-only", fd)
-        self.i8042 = legacy.I8042(self._guest_reset)
-        self.pio.insert(self.i8042, I8042_PORT, I8042_LEN)
-        if spec.boot_timer:
-            start_ns = spec.launch_ns if spec.launch_ns is not None else self.created_ns
-            self.boot_timer = legacy.BootTimer(start_ns)
-            self.mmio.insert(self.boot_timer, layout.BOOT_TIMER_ADDR, 0x1000)
+        start_ns = spec.launch_ns if spec.launch_ns is not None else self.created_ns
+        legacy = x86_devices.add_legacy_devices(
+            self.vm,
+            self.pio,
+            self.mmio,
+            self.loop,
+            console_out=spec.console_out,
+            console_in=spec.console_in,
+            on_reset=self._guest_reset,
+            boot_timer_start_ns=start_ns if spec.boot_timer else None,
+        )
+        self.uart, self.i8042, self.boot_timer = legacy.uart, legacy.i8042, legacy.boot_timer
 
     def _add_virtio_devices(self) -> None:
         spec = self.spec
@@ -411,42 +377,14 @@ class Machine:
     def _create_vcpus(self) -> None:
         spec = self.spec
         supported = self.system.supported_cpuid()
-        try:
-            cap = getattr(kvm, "KVM_CAP_TSC_DEADLINE_TIMER", KVM_CAP_TSC_DEADLINE_TIMER)
-            tsc_deadline = bool(self.system.check_extension(cap))
-        except kvm.KvmError:
-            tsc_deadline = False
-        setup = self.boot_setup
+        tsc_deadline = x86_vcpu.tsc_deadline_timer(self.system)
         for i in range(spec.cpus):
             vcpu = self.vm.create_vcpu(i)
-            x86_state.use_host_tsc_rate(vcpu)  # before KVM_RUN: see its docstring
-            table = cpuid.normalise(supported, i, spec.cpus, tsc_deadline=tsc_deadline)
-            vcpu.set_cpuid2(table)
-            self._set_msrs(vcpu)
-            vcpu.set_lapic(msrs.set_lint(vcpu.get_lapic()))
-            vcpu.set_fpu(kvm.fpu_bytes(**setup.fpu))
-            if i == 0:
-                self._set_boot_registers(vcpu)
+            x86_vcpu.configure_for_boot(
+                vcpu, i, spec.cpus, supported, self.boot_setup, tsc_deadline=tsc_deadline
+            )
             runner = VcpuRunner(vcpu, self.pio, self.mmio, self._on_vcpu_stop)
             self.runners.append(runner)
-
-    def _set_msrs(self, vcpu: kvm.Vcpu) -> None:
-        wanted = dict(msrs.boot_msrs())
-        for index in x86_state.set_msrs_each(vcpu, wanted):
-            log.warning("vcpu%d: KVM refused MSR %#x = %#x", vcpu.index, index, wanted[index])
-
-    def _set_boot_registers(self, vcpu: kvm.Vcpu) -> None:
-        setup = self.boot_setup
-        regs = kvm.Regs(**setup.regs)
-        vcpu.set_regs(regs)
-        s = vcpu.get_sregs()
-        b = setup.sregs
-        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
-            setattr(s, name, kvm.Segment(**getattr(b, name).asdict()))
-        s.gdt = kvm.DTable(b.gdt_base, b.gdt_limit)
-        s.idt = kvm.DTable(b.idt_base, b.idt_limit)
-        s.cr0, s.cr3, s.cr4, s.efer = b.cr0, b.cr3, b.cr4, b.efer
-        vcpu.set_sregs(s)
 
     # -- snapshot / restore / rollback --------------------------------------------------------
     def config(self) -> dict[str, Any]:

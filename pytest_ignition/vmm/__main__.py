@@ -570,21 +570,14 @@ def _sync_agent(machine: Any, port: int = 52, timeout: float = 30.0) -> None:
 
 
 def _attach_tty(machine: Any, fd: int, escape: _EscapeFilter) -> None:
-    def on_input() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            machine.loop.remove_reader(fd)
-            return
+    from .console import reader
+
+    def feed(data: bytes) -> None:
         data = escape(data)
         if data and machine.uart is not None:
             machine.uart.feed(data)
 
-    machine.loop.add_reader(fd, on_input)
+    machine.loop.add_reader(fd, reader(machine.loop, fd, feed))
 
 
 def _control_handler(

@@ -58,6 +58,7 @@ from .devices.bus import Bus
 from .errors import MachineError
 from .eventloop import EventLoop
 from .hypervisor import kvm
+from .machine_common import MachineRecord
 from .memory import PAGE_SIZE, GuestMemory
 from .vcpu import StopReason, VcpuRunner
 
@@ -187,7 +188,7 @@ class _Irqfd:
             self.fd = -1
 
 
-class Machine:
+class Machine(MachineRecord):
     """One microVM. Build with :meth:`create` (idle) or :meth:`boot` (created and started)."""
 
     def __init__(
@@ -387,49 +388,6 @@ class Machine:
             self.runners.append(runner)
 
     # -- snapshot / restore / rollback --------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """The machine's configuration as recorded in a snapshot (enough to rebuild it)."""
-        spec = self.spec
-        return {
-            "kernel": os.path.abspath(spec.kernel) if spec.kernel else None,
-            "initrd": os.path.abspath(spec.initrd) if spec.initrd else None,
-            "mem_size": spec.mem_size,
-            "cpus": spec.cpus,
-            "cmdline": self.cmdline,
-            "base_cmdline": spec.cmdline,
-            "vsock": spec.vsock,
-            "vsock_cid": spec.vsock_cid,
-            "net": spec.net,
-            "disks": [os.path.abspath(d) for d in spec.disks],
-            "disk_read_only": spec.disk_read_only,
-            "rng": spec.rng,
-            "boot_timer": spec.boot_timer,
-        }
-
-    def fingerprint(self) -> dict[str, Any]:
-        """This machine's configuration fingerprint (a restored one keeps its snapshot's)."""
-        from . import snapshot as snap
-
-        if self._fingerprint is None:
-            spec = self.spec
-            try:
-                self._fingerprint = snap.fingerprint(
-                    kernel=spec.kernel,
-                    initrd=spec.initrd,
-                    mem_size=spec.mem_size,
-                    cpus=spec.cpus,
-                    cmdline=spec.cmdline,
-                    disks=spec.disks,
-                    disk_read_only=spec.disk_read_only,
-                    vsock=bool(spec.vsock),
-                    vsock_cid=spec.vsock_cid,
-                    rng=spec.rng,
-                    boot_timer=spec.boot_timer,
-                )
-            except OSError as e:
-                raise MachineError(f"cannot fingerprint the configuration: {e}") from None
-        return self._fingerprint
-
     @contextlib.contextmanager
     def _devices_locked(self) -> Iterator[None]:
         """Hold every virtio device's lock: the event loop (vsock rx) writes guest memory too,
@@ -990,19 +948,7 @@ class Machine:
             ],
             "interrupts_reraised": self.interrupts_reraised,
         }
-        bt = self.boot_timer
-        if bt is not None and getattr(bt, "boot_time_us", None) is not None:
-            st["boot_time_us"] = bt.boot_time_us
-        if self.restore_time_us is not None:
-            st["restore_time_us"] = self.restore_time_us
-        if self._base_memory is not None:
-            st["rollback_base"] = str(self._base_memory.parent)
-        if self.last_rollback is not None:
-            st["last_rollback"] = self.last_rollback
-        if self.stop_reason is not None:
-            st["stop_reason"] = {"kind": self.stop_reason.kind, "detail": self.stop_reason.detail}
-            st["exit_status"] = self.exit_status
-        return st
+        return self._add_status_records(st)
 
     def close(self) -> None:
         """Stop everything and release KVM, memory, fds. Idempotent."""

@@ -42,11 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ... import console
 from ...devices.bus import Bus, RateLimitedLog
 from ...errors import MachineError
 from ...eventloop import EventLoop
 from ...hypervisor.arm64_exits import GuestFault
 from ...hypervisor.base import Exit, HypervisorVcpu, HypervisorVm
+from ...machine_common import MachineRecord
 from ...memory import PAGE_SIZE, GuestMemory, Region
 from . import fdt, image
 from . import layout as L
@@ -331,7 +333,7 @@ class _VcpuThread:
         vcpu.complete_mmio_read(int.from_bytes(buf, "little"))
 
 
-class Aarch64Machine:
+class Aarch64Machine(MachineRecord):
     """One aarch64 microVM on a :class:`HypervisorVm`. Build with :meth:`create` or
     :meth:`restore`; then :meth:`start`, :meth:`pause`/:meth:`resume`, :meth:`snapshot`,
     :meth:`rollback`, :meth:`shutdown`, :meth:`wait`, :meth:`close` (the control socket's
@@ -470,35 +472,15 @@ class Aarch64Machine:
 
         spec, vm = self.spec, self.vm
         assert vm is not None and self.mem is not None
-        out = spec.console_out
-        if out is not None and not callable(out):
-            f = out
-
-            def out(data: bytes) -> None:
-                try:
-                    f.write(data)
-                    f.flush()
-                except (OSError, ValueError):
-                    pass  # the console reader went away; the guest keeps running
-
         uart_intid = L.SPI_BASE_INTID + L.UART_SPI
-        self.uart = legacy.Serial8250(out, irq=lambda level: vm.set_irq(uart_intid, bool(level)))
+        self.uart = legacy.Serial8250(
+            console.writer(spec.console_out),
+            irq=lambda level: vm.set_irq(uart_intid, bool(level)),
+        )
         self.mmio.insert(self.uart, L.UART_ADDR, L.UART_SIZE)
         if spec.console_in is not None:
             fd = spec.console_in
-
-            def on_input() -> None:
-                try:
-                    data = os.read(fd, 4096)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    data = b""
-                if not data:
-                    self.loop.remove_reader(fd)
-                    return
-                self.uart.feed(data)
-
+            on_input = console.reader(self.loop, fd, self.uart.feed)
             try:
                 self.loop.add_reader(fd, on_input)
             except (PermissionError, OSError, ValueError):
@@ -695,19 +677,7 @@ class Aarch64Machine:
             "exits": sum(t.exits for t in self.threads),
             "interrupts_reraised": self.interrupts_reraised,
         }
-        bt = self.boot_timer
-        if bt is not None and bt.boot_time_us is not None:
-            st["boot_time_us"] = bt.boot_time_us
-        if self.restore_time_us is not None:
-            st["restore_time_us"] = self.restore_time_us
-        if self._base_memory is not None:
-            st["rollback_base"] = str(self._base_memory.parent)
-        if self.last_rollback is not None:
-            st["last_rollback"] = self.last_rollback
-        if self.stop_reason is not None:
-            st["stop_reason"] = {"kind": self.stop_reason.kind, "detail": self.stop_reason.detail}
-            st["exit_status"] = self.exit_status
-        return st
+        return self._add_status_records(st)
 
     def close(self) -> None:
         """Stop everything and release the VM, memory and fds. Idempotent."""
@@ -752,47 +722,6 @@ class Aarch64Machine:
         self.close()
 
     # -- snapshot / restore / rollback -----------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        spec = self.spec
-        return {
-            "kernel": os.path.abspath(spec.kernel) if spec.kernel else None,
-            "initrd": os.path.abspath(spec.initrd) if spec.initrd else None,
-            "mem_size": spec.mem_size,
-            "cpus": spec.cpus,
-            "cmdline": self.cmdline,
-            "base_cmdline": spec.cmdline,
-            "vsock": spec.vsock,
-            "vsock_cid": spec.vsock_cid,
-            "net": spec.net,
-            "disks": [os.path.abspath(d) for d in spec.disks],
-            "disk_read_only": spec.disk_read_only,
-            "rng": spec.rng,
-            "boot_timer": spec.boot_timer,
-        }
-
-    def fingerprint(self) -> dict[str, Any]:
-        from ... import snapshot as snap
-
-        if self._fingerprint is None:
-            spec = self.spec
-            try:
-                self._fingerprint = snap.fingerprint(
-                    kernel=spec.kernel,
-                    initrd=spec.initrd,
-                    mem_size=spec.mem_size,
-                    cpus=spec.cpus,
-                    cmdline=spec.cmdline,
-                    disks=spec.disks,
-                    disk_read_only=spec.disk_read_only,
-                    vsock=bool(spec.vsock),
-                    vsock_cid=spec.vsock_cid,
-                    rng=spec.rng,
-                    boot_timer=spec.boot_timer,
-                )
-            except OSError as e:
-                raise MachineError(f"cannot fingerprint the configuration: {e}") from None
-        return self._fingerprint
-
     @contextlib.contextmanager
     def _quiesced(self, resume: bool = True) -> Iterator[None]:
         state = self.state

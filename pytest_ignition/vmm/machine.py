@@ -1,17 +1,24 @@
 """Assembling a microVM: guest memory, the KVM VM and vCPUs, buses, devices, threads.
 
-:class:`Machine` owns one VM from creation to teardown:
+:class:`Machine` owns one VM from creation to teardown and calls the x86 pieces where they
+live (``vmm/arch/x86_64/``), in this order:
 
-- memory: :class:`GuestMemory` with one KVM slot per region (dirty logging optional);
-- the VM: TSS and identity-map pages, in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT;
+- the VM: TSS and identity-map pages (:mod:`.arch.x86_64.vm`), then memory: :class:`GuestMemory`
+  with one KVM slot per region (dirty logging optional), then the in-kernel irqchip (PIC +
+  IOAPIC + LAPICs) and PIT (:mod:`.arch.x86_64.vm`; after the slots, see :meth:`_build`);
+- devices: on the PIO bus the 8250 UART at 0x3f8 on IRQ 4 with the console and the i8042 at
+  0x60/0x64, on the MMIO bus the boot timer at 0xd0000000 when asked (:mod:`.arch.x86_64.devices`),
+  then here the virtio-mmio slots from 0xd0001000 on IRQs 5+ through irqfds; backends run on an
+  :class:`EventLoop` thread;
 - boot layout: kernel, initrd, command line, zero page / PVH info, MP table, page tables
-  (:mod:`.x86_64.boot`); the command line gets one ``virtio_mmio.device=4K@0x<addr>:<irq>``
+  (:mod:`.arch.x86_64.boot`); the command line gets one ``virtio_mmio.device=4K@0x<addr>:<irq>``
   per virtio device;
-- vCPUs: normalised CPUID, boot MSRs, LAPIC LINT0 = ExtINT / LINT1 = NMI, and for vCPU 0
-  the entry registers; one :class:`VcpuRunner` thread each;
-- devices: PIO bus (8250 UART at 0x3f8 on IRQ 4, i8042 at 0x60/0x64), MMIO bus (the boot
-  timer at 0xd0000000 when asked, virtio-mmio slots from 0xd0001000 on IRQs 5+ through
-  irqfds); backends run on an :class:`EventLoop` thread.
+- vCPUs: each configured for boot by :mod:`.arch.x86_64.vcpu` (host TSC rate, normalised CPUID,
+  boot MSRs, LAPIC LINT0 = ExtINT / LINT1 = NMI, FPU, and for vCPU 0 the entry registers); one
+  :class:`VcpuRunner` thread each.
+
+``config()``, ``fingerprint()`` and the record entries of ``status()`` are shared with the
+aarch64 machine (:mod:`.machine_common`), as is the console wiring (:mod:`.console`).
 
 Snapshots (:mod:`.snapshot`): :meth:`Machine.snapshot` writes the paused VM (vCPU, VM and
 device state, RAM, disk overlays) into a store and makes it the rollback base: guest RAM is

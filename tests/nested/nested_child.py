@@ -10,10 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pytest_ignition._testing import BAD_OUTCOMES, require, run_child_pytest
+from pytest_ignition._testing import require, run_child_pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-__all__ = ["BAD_OUTCOMES", "ROOT", "run_on_bundled_vmm"]
 
 
 def run_on_bundled_vmm(

@@ -27,9 +27,9 @@ import sys
 import tempfile
 
 import pytest
-from nested_child import BAD_OUTCOMES, ROOT
+from nested_child import ROOT
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import BAD_OUTCOMES, require
 
 # Measured inside the harness on the 2-core machine; the ceiling only keeps a hung child from
 # holding the harness until the harness's own timeout.

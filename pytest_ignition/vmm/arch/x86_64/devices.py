@@ -26,12 +26,11 @@ from . import layout
 
 log = logging.getLogger(__name__)
 
-UART_PORT = 0x3F8
-UART_IRQ = 4
-UART_LEN = 8
-I8042_PORT = 0x60
-I8042_LEN = 5  # 0x60..0x64: data port, and the command/status port at 0x64
-BOOT_TIMER_LEN = 0x1000
+# devices/legacy.py's numbers, under the names vmm/machine.py exported them by
+UART_PORT = legacy.COM1_PORT
+UART_IRQ = legacy.COM1_IRQ
+I8042_PORT = legacy.I8042_PORT
+I8042_LEN = legacy.I8042_PORT_LEN
 
 
 @dataclass
@@ -58,7 +57,7 @@ def add_legacy_devices(
     uart = legacy.Serial8250(
         console.writer(console_out), irq=lambda level: vm.irq_line(UART_IRQ, level)
     )
-    pio.insert(uart, UART_PORT, UART_LEN)
+    pio.insert(uart, UART_PORT, legacy.UART_PORT_LEN)
     if console_in is not None:
         fd = console_in
         try:
@@ -71,5 +70,5 @@ def add_legacy_devices(
     boot_timer = None
     if boot_timer_start_ns is not None:
         boot_timer = legacy.BootTimer(boot_timer_start_ns)
-        mmio.insert(boot_timer, layout.BOOT_TIMER_ADDR, BOOT_TIMER_LEN)
+        mmio.insert(boot_timer, layout.BOOT_TIMER_ADDR, legacy.BOOT_TIMER_LEN)
     return LegacyDevices(uart, i8042, boot_timer)

@@ -225,9 +225,8 @@ class VcpuRegisterLoad:
         msrs, deadline = timer_msrs({int(k): int(v) for k, v in state["msrs"].items()}, lapic)
         # One KVM_SET_MSRS: KVM writes the entries in array order, so the deadline last in
         # the array is written after the TSC (one vCPU ioctl is ~6-10 us on this host).
-        items = list(msrs.items()) + list(deadline.items())
-        buf, m = _msrs_cdata(items)
-        self.msr_parts = [(items, buf, m)]
+        self.msr_items = list(msrs.items()) + list(deadline.items())
+        self._msrs_buf, self.msrs = _msrs_cdata(self.msr_items)
         self.events = _from_bytes("struct kvm_vcpu_events", state["vcpu_events"], "vcpu_events")
         self.kvmclock = bool(msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0) & 1)
 
@@ -241,13 +240,13 @@ class VcpuRegisterLoad:
         _ioctl(fd, KVM_SET_DEBUGREGS, self.debugregs)
         if self.lapic is not None:
             _ioctl(fd, KVM_SET_LAPIC, self.lapic)
-        for items, _buf, m in self.msr_parts:
-            n = _ioctl(fd, KVM_SET_MSRS, m) if items else 0
-            if n < len(items):
-                # KVM stops at the first MSR it refuses: the rest one by one (see set_msrs_each)
-                refused = [items[n][0]] + set_msrs_each(vcpu, dict(items[n + 1 :]))
-                for index in refused:
-                    log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
+        items = self.msr_items
+        n = _ioctl(fd, KVM_SET_MSRS, self.msrs) if items else 0
+        if n < len(items):
+            # KVM stops at the first MSR it refuses: the rest one by one (see set_msrs_each)
+            refused = [items[n][0]] + set_msrs_each(vcpu, dict(items[n + 1 :]))
+            for index in refused:
+                log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
         _ioctl(fd, KVM_SET_VCPU_EVENTS, self.events)
         if self.kvmclock:
             try:

@@ -49,6 +49,9 @@ a 1% tolerance (``kvm.tsc_tolerance_ppm``), within which it takes the refined ra
 Exit status: CMD's; 124 on timeout; 125 when the harness itself fails (no host kernel, no QEMU,
 kernel panic, host died before CMD ended); 130 on Ctrl-C or SIGTERM. QEMU is killed and the
 control directory removed in every case (QEMU also dies with us on SIGKILL: PR_SET_PDEATHSIG).
+``--retries N`` runs CMD again in a new host, up to N times, when the host's own kernel panicked
+(saying so; never when CMD failed or timed out). The error ends with the oops's telling lines
+(:func:`oops_digest`), so that the end of a CI log shows what died.
 
 The VMM's end-to-end tests run inside it (``tests/nested/`` skip anywhere else)::
 
@@ -94,6 +97,7 @@ __all__ = [
     "build_qemu_argv",
     "inside",
     "main",
+    "oops_digest",
     "run",
 ]
 
@@ -127,11 +131,52 @@ class NestedError(RuntimeError):
         super().__init__(message)
         self.console_tail = console_tail
 
+    @property
+    def host_panicked(self) -> bool:
+        """The host's own kernel died (not the command): worth one more try in a new host."""
+        return "Kernel panic" in self.console_tail
+
     def __str__(self) -> str:
         msg = super().__str__()
         if self.console_tail:
             msg += "\n--- console tail ---\n" + self.console_tail.rstrip() + "\n---"
+        digest = oops_digest(self.console_tail)
+        if digest:  # last, so that a log viewer showing only the end still shows what died
+            msg += "\n--- the host kernel's oops, in short ---\n" + digest + "\n---"
         return msg
+
+
+# The lines of a kernel oops that say what died and where (the rest is registers and code bytes).
+_OOPS_START = re.compile(
+    r"BUG: |Oops: |general protection fault|kernel BUG at|Unable to handle kernel|"
+    r"Kernel panic - not syncing|WARNING: CPU:"
+)
+_OOPS_KEEP = re.compile(
+    r"BUG: |Oops: |general protection fault|kernel BUG at|Unable to handle|CPU: \d+ PID: |"
+    r"RIP: |Call Trace:|^\s+(\? )?[A-Za-z_][\w.]*\+0x|Kernel panic|WARNING: CPU:|Modules linked"
+)
+_OOPS_MAX_LINES = 40
+
+
+def oops_digest(console: str) -> str:
+    """The telling lines of the first kernel oops (or panic) in ``console``; "" when none.
+
+    The host kernel has kallsyms, so its call traces name functions; the digest keeps the
+    first oops's header (what, which CPU, process and RIP) and its symbolic trace, and the
+    "Kernel panic" line, at most ``_OOPS_MAX_LINES`` lines.
+    """
+    lines = console.splitlines()
+    start = next((i for i, line in enumerate(lines) if _OOPS_START.search(line)), None)
+    if start is None:
+        return ""
+    kept: list[str] = []
+    for line in lines[start:]:
+        line = line.rstrip()
+        if _OOPS_KEEP.search(line) and line not in kept[-1:]:
+            kept.append(line)
+        if "Kernel panic" in line or len(kept) >= _OOPS_MAX_LINES:
+            break
+    return "\n".join(kept)
 
 
 class NestedTimeout(NestedError):
@@ -590,6 +635,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("-v", "--verbose", action="store_true", help="show the host's boot log")
     r.add_argument("--times", action="store_true", help="print boot and total time to stderr")
+    r.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="run CMD again in a new host this many times when the host's kernel panics "
+        "(never when CMD fails or times out)",
+    )
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     sub.add_parser("check", help="say whether the harness can run here")
     return p
@@ -611,6 +663,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error("--cpus must be at least 1")
         if args.timeout < 0:
             p.error("--timeout must not be negative")
+        if args.retries < 0:
+            p.error("--retries must not be negative")
         args.cmd = cmd
     return args
 
@@ -636,28 +690,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt  # unwinds through run()'s cleanup: QEMU killed, files removed
 
     signal.signal(signal.SIGTERM, on_term)
-    try:
-        res = run(
-            args.cmd,
-            timeout=args.timeout or None,
-            mem_mb=args.mem,
-            cpus=args.cpus,
-            kernel=args.kernel,
-            stream=stream,
-            console=console if args.verbose else None,
-            verbose=args.verbose,
-            keep_output=False,
-            arch=args.arch,
-        )
-    except NestedTimeout as e:
-        print(f"pytest_ignition.nested: {e}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except NestedError as e:
-        print(f"pytest_ignition.nested: {e}", file=sys.stderr)
-        return EXIT_HARNESS
-    except KeyboardInterrupt:
-        print("pytest_ignition.nested: interrupted; host stopped", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    attempt = 0
+    while True:
+        try:
+            res = run(
+                args.cmd,
+                timeout=args.timeout or None,
+                mem_mb=args.mem,
+                cpus=args.cpus,
+                kernel=args.kernel,
+                stream=stream,
+                console=console if args.verbose else None,
+                verbose=args.verbose,
+                keep_output=False,
+                arch=args.arch,
+            )
+            break
+        except NestedTimeout as e:
+            print(f"pytest_ignition.nested: {e}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        except NestedError as e:
+            print(f"pytest_ignition.nested: {e}", file=sys.stderr)
+            if not (e.host_panicked and attempt < args.retries):
+                return EXIT_HARNESS
+            attempt += 1
+            # The TCG-emulated host's kernel died under CMD (see the oops above): CMD's result
+            # is unknown, not failed, so it runs once more in a fresh host, saying so.
+            print(
+                "pytest_ignition.nested: the host's kernel panicked (not the command); "
+                f"running the command again in a new host (retry {attempt} of {args.retries})",
+                file=sys.stderr,
+                flush=True,
+            )
+        except KeyboardInterrupt:
+            print("pytest_ignition.nested: interrupted; host stopped", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if args.times:
         print(
             f"pytest_ignition.nested: host boot to command {res.boot_time:.2f} s, "

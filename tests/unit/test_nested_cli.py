@@ -55,6 +55,7 @@ def test_defaults() -> None:
         ["run", "--cpus", "0", "--", "true"],
         ["run", "--timeout", "-1", "--", "true"],
         ["run", "--mem", "lots", "--", "true"],
+        ["run", "--retries", "-1", "--", "true"],
         [],
         ["frobnicate"],
     ],
@@ -126,6 +127,107 @@ def test_cli_entry_point_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert p.returncode == 1
     assert "not usable" in p.stdout
+
+
+# ----------------------------------------------------------------------------- host panics
+
+# The end of a real host-kernel oops under TCG (CI, 2026-12-02; function names as kallsyms
+# prints them, the call trace shortened).
+PANIC_CONSOLE = """\
+tests/nested/test_chaos_ignition.py::test_chaos_on_the_bundled_vmm[restore]
+BUG: kernel NULL pointer dereference, address: 0000000000000018
+#PF: supervisor read access in kernel mode
+Oops: 0000 [#1] SMP NOPTI
+CPU: 1 PID: 812 Comm: python3 Not tainted 6.1.192 #1
+Hardware name: QEMU Standard PC (Q35 + ICH9, 2009), BIOS 1.16.2-debian-1.16.2-1 04/01/2014
+RIP: 0010:lock_mm_and_find_vma+0x65/0x101
+Code: 4c 89 e7 e8 2a 4a 25 00 85 c0 75 35 eb d8 f6 85 88 00 00 00 03 75 e9 48 8b bd 80 00
+RSP: 0000:ffff888100bebee0 EFLAGS: 00000206
+RAX: 0000000000000018 RBX: 0000000000000018 RCX: ffff88810e42afd8
+Call Trace:
+ <TASK>
+ do_user_addr_fault+0x1a1/0x3b0
+ exc_page_fault+0x5c/0x110
+ asm_exc_page_fault+0x22/0x30
+ ? 0xffffffff810a2ed9
+ </TASK>
+---[ end trace 0000000000000000 ]---
+RIP: 0010:lock_mm_and_find_vma+0x65/0x101
+Kernel panic - not syncing: Fatal exception in interrupt
+Shutting down cpus with NMI
+"""
+
+
+def test_oops_digest_keeps_what_died_and_where() -> None:
+    d = nested.oops_digest(PANIC_CONSOLE).splitlines()
+    assert d[0] == "BUG: kernel NULL pointer dereference, address: 0000000000000018"
+    assert "CPU: 1 PID: 812 Comm: python3 Not tainted 6.1.192 #1" in d
+    assert "RIP: 0010:lock_mm_and_find_vma+0x65/0x101" in d
+    assert " do_user_addr_fault+0x1a1/0x3b0" in d
+    assert d[-1] == "Kernel panic - not syncing: Fatal exception in interrupt"
+    assert not any(line.startswith(("RAX:", "Code:", "RSP:", "tests/")) for line in d)
+
+
+def test_oops_digest_of_a_clean_console_is_empty() -> None:
+    assert nested.oops_digest("booted\n@@ignition-nested:x:start@@\nok\n") == ""
+
+
+def test_oops_digest_is_bounded() -> None:
+    flood = "BUG: soft lockup\n" + "".join(f" f{i}+0x1/0x2\n" for i in range(1000))
+    assert len(nested.oops_digest(flood).splitlines()) == nested._OOPS_MAX_LINES
+
+
+def test_error_ends_with_the_digest() -> None:
+    e = nested.NestedError("nested host exited: the command never ended", PANIC_CONSOLE)
+    assert e.host_panicked
+    text = str(e)
+    assert text.rstrip().endswith("Fatal exception in interrupt\n---")
+    assert text.index("console tail") < text.index("oops, in short")
+    assert not nested.NestedError("no QEMU", "").host_panicked
+
+
+def _fake_runs(monkeypatch: pytest.MonkeyPatch, outcomes: list[object]) -> list[int]:
+    """nested.run replaced: each call takes the next outcome (an exception is raised)."""
+    calls: list[int] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> nested.NestedResult:
+        calls.append(1)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert isinstance(outcome, nested.NestedResult)
+        return outcome
+
+    monkeypatch.setattr(nested, "run", fake_run)
+    return calls
+
+
+def test_a_host_panic_runs_the_command_again_in_a_new_host(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok = nested.NestedResult(exit_code=3, output="", duration=1.0, boot_time=0.5)
+    calls = _fake_runs(monkeypatch, [nested.NestedError("host died", PANIC_CONSOLE), ok])
+    assert nested.main(["run", "--retries", "1", "--", "true"]) == 3  # CMD's own status
+    assert len(calls) == 2
+    err = capsys.readouterr().err
+    assert "lock_mm_and_find_vma" in err
+    assert "running the command again in a new host (retry 1 of 1)" in err
+
+
+def test_retries_are_bounded_and_only_for_host_panics(monkeypatch: pytest.MonkeyPatch) -> None:
+    panic = nested.NestedError("host died", PANIC_CONSOLE)
+    calls = _fake_runs(monkeypatch, [panic, panic, panic])
+    assert nested.main(["run", "--retries", "1", "--", "true"]) == nested.EXIT_HARNESS
+    assert len(calls) == 2
+    calls = _fake_runs(monkeypatch, [nested.NestedError("QEMU not found")])
+    assert nested.main(["run", "--retries", "3", "--", "true"]) == nested.EXIT_HARNESS
+    assert len(calls) == 1
+    calls = _fake_runs(monkeypatch, [nested.NestedTimeout("timed out", PANIC_CONSOLE)])
+    assert nested.main(["run", "--retries", "3", "--", "true"]) == nested.EXIT_TIMEOUT
+    assert len(calls) == 1
+    calls = _fake_runs(monkeypatch, [panic])
+    assert nested.main(["run", "--", "true"]) == nested.EXIT_HARNESS  # default: no retry
+    assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- QEMU argv

@@ -62,9 +62,13 @@ test: guest guest-aarch64 host-kernel
 # Both architectures: the x86 tier, then the arm64 one (~3-4 min more: tests/nested_arm64 took
 # 17.8 s of pytest without the e2e suite on the bundled VMM, which took 142 s beside another
 # harness, plus the arm64 host's 7-21 s boot).
-# --retries 1: when the TCG-emulated host's own kernel panics (seen once in CI, 2026-12-02: a
-# corrupted VMA tree in the host during the chaos tier), the tier runs once more in a new host,
-# after printing the oops; a test failure or timeout is never retried.
+# --retries 1: when the TCG-emulated host's own kernel panics, the tier runs once more in a new
+# host, after printing the oops; a test failure or timeout is never retried. Seen once in CI
+# (2026-12-02, x86 tier): an interrupt on a secondary CPU's idle stack faulted on a user address
+# (0x7f8f9d3b2ff0) and then found garbage for current->mm (lock_mm_and_find_vma, find_vma gave
+# 0x18, "Fatal exception in interrupt"): the host kernel ran with a user value as its per-CPU
+# (GS) base, which no user process can set; the suspect is TCG's emulation of the SVM world
+# switch (VMRUN/VMLOAD), not the command.
 test-nested: guest guest-aarch64 host-kernel bytecode
 	$(VPY) -m pytest_ignition.nested run --retries 1 -- $(VPY) -m pytest tests/nested -v --color=no $(PYTEST_ARGS)
 	$(NESTED_ARM64)

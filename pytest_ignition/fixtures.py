@@ -661,7 +661,7 @@ class IgnitionSession:
             boot_seconds = time.monotonic() - t0
             self._run_prepare_hooks(vm, vmcfg)
             try:
-                engine.snapshot(machine, directory)
+                engine.snapshot(machine, directory, keep_agent=False)  # closed just below
             except EngineError as e:
                 raise _SnapshotFailed(f"pytest-ignition: snapshot failed: {e}") from None
         finally:

@@ -238,8 +238,11 @@ class Engine(ABC):
         """Boot ``config`` with its files under ``workdir``; agent ready on return."""
 
     @abstractmethod
-    def snapshot(self, machine: Machine, directory: Path) -> None:
-        """Write a snapshot of ``machine`` into ``directory``; the machine keeps running."""
+    def snapshot(self, machine: Machine, directory: Path, *, keep_agent: bool = True) -> None:
+        """Write a snapshot of ``machine`` into ``directory``; the machine keeps running.
+
+        ``keep_agent=False``: the caller closes the machine next, so its agent need not be
+        connected afterwards (the bundled VMM snapshots with the agent disconnected)."""
 
     @abstractmethod
     def restore(

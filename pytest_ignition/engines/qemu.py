@@ -567,7 +567,7 @@ class QemuEngine(Engine):
             m.close()
             raise
 
-    def snapshot(self, machine: Machine, directory: Path) -> None:
+    def snapshot(self, machine: Machine, directory: Path, *, keep_agent: bool = True) -> None:
         if not isinstance(machine, QemuMachine) or machine.engine is not self:
             raise TypeError("snapshot() needs a machine of this engine")
         if not machine.is_alive():

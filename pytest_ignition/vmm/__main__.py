@@ -7,7 +7,9 @@
         [--console ...] [--control PATH] [--paused] [--sync-agent]
         [--kernel K] [--initrd I] [--mem M] [--cpus N] [--cmdline ...]   (must match)
 
-``boot --store/--name`` set where the control command ``snapshot`` writes by default;
+``boot --store/--name`` set where the control command ``snapshot`` writes by default (its
+``settle``: seconds to wait first for vsock connections to close, so that restores need no
+transport reset);
 ``restore`` maps the snapshot's memory lazily and logs ``Restore-time = <us> us <ms> ms``.
 The process serves a JSON-lines control socket (:mod:`.control`: status, pause, resume,
 shutdown, snapshot, rollback), dies with its parent (``PR_SET_PDEATHSIG``), and removes its sockets on every
@@ -51,6 +53,8 @@ PROG = "python -m pytest_ignition.vmm"
 PRELOADED: dict[str, Any] = {}
 EXIT_SETUP = 2
 PR_SET_PDEATHSIG = 1
+# The longest a snapshot request may ask the VMM to wait for vsock connections to close.
+MAX_SETTLE_S = 30
 
 log = logging.getLogger("pytest_ignition.vmm")
 
@@ -614,8 +618,13 @@ def _control_handler(
                 name = req.get("name", args.name)
                 if not isinstance(store, str) or not isinstance(name, str):
                     return {"ok": False, "error": "snapshot needs a store and a name (strings)"}
+                settle = req.get("settle", 0)
+                if isinstance(settle, bool) or not isinstance(settle, (int, float)):
+                    return {"ok": False, "error": "snapshot: settle must be a number of seconds"}
+                if not 0 <= settle <= MAX_SETTLE_S:
+                    return {"ok": False, "error": f"snapshot: settle must be 0..{MAX_SETTLE_S} s"}
                 t0 = time.perf_counter()
-                path = machine.snapshot(store, name)
+                path = machine.snapshot(store, name, settle=float(settle))
                 ms = round((time.perf_counter() - t0) * 1000, 3)
                 return {"ok": True, "path": str(path), "snapshot_ms": ms, "state": machine.state}
             if cmd == "rollback":

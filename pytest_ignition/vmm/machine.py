@@ -65,7 +65,7 @@ from .devices.bus import Bus
 from .errors import MachineError
 from .eventloop import EventLoop
 from .hypervisor import kvm
-from .machine_common import MachineRecord
+from .machine_common import MachineRecord, settle_vsock
 from .memory import PAGE_SIZE, GuestMemory
 from .vcpu import StopReason, VcpuRunner
 
@@ -459,15 +459,25 @@ class Machine(MachineRecord):
         }
         return state
 
-    def snapshot(self, store: str | os.PathLike[str] | snap.SnapshotStore, name: str) -> Path:
+    def snapshot(
+        self,
+        store: str | os.PathLike[str] | snap.SnapshotStore,
+        name: str,
+        *,
+        settle: float = 0.0,
+    ) -> Path:
         """Write snapshot ``name`` into ``store`` (a running VM is paused meanwhile) and make
-        it this machine's rollback target. Returns the snapshot's directory."""
+        it this machine's rollback target. Returns the snapshot's directory. ``settle``: wait
+        up to that many seconds first for the vsock connections to finish closing
+        (:func:`machine_common.settle_vsock`)."""
         from . import snapshot as snap
 
         if not isinstance(store, snap.SnapshotStore):
             store = snap.SnapshotStore(store)
         snap.check_name(name)
         t0 = time.perf_counter()
+        if settle > 0 and self.state == "running" and not settle_vsock(self.virtio_devices, settle):
+            log.info("snapshot %s: vsock connections still open after %.1f s", name, settle)
         with self._snap_lock, self._quiesced(), self._devices_locked():
             state = self.capture_state()
             file_state = copy.copy(state)
@@ -543,7 +553,7 @@ class Machine(MachineRecord):
         rollback: bool = True,
     ) -> Machine:
         """Rebuild a VM from a snapshot: RAM mapped privately from its memory file (pages
-        load on first touch), KVM and device state loaded, the vsock transport reset posted.
+        load on first touch), KVM and device state loaded, vsock told (``after_restore``).
         With ``start`` the vCPUs are handed to their run loops before this returns. Without
         ``rollback`` KVM logs no dirty pages, and :meth:`rollback` is refused until a
         :meth:`snapshot` (which turns the log on) made a new base.
@@ -659,9 +669,9 @@ class Machine(MachineRecord):
         self._base_loads = None
         self._base_memory = self._backing = snapshot.memory_path
         for _, _, t in self.virtio_devices:
-            reset = getattr(t.device, "send_transport_reset", None)
-            if reset is not None:
-                reset()  # the guest's vsock connections died with the old process
+            after = getattr(t.device, "after_restore", None)
+            if after is not None:
+                after()  # vsock: the old process's connections are gone (see after_restore)
 
     def _load_device_state(self, devs: dict[str, Any], virtio: list[dict[str, Any]]) -> None:
         if self.uart is not None and devs.get("uart") is not None:
@@ -677,7 +687,7 @@ class Machine(MachineRecord):
         """Return a live VM to its rollback base (the snapshot it was restored from or last
         took) in place: revert exactly the pages dirtied since (KVM's dirty log plus the
         VMM's own writes) with ``MADV_DONTNEED`` on the private file mapping, reload vCPU, VM
-        and device state, revert disk overlays, post the vsock transport reset. A VM that was
+        and device state, revert disk overlays, settle vsock (``after_restore``). A VM that was
         running resumes unless ``resume`` is False. Returns what was done and how long it took."""
         if self._base_state is None or self._base_memory is None:
             raise MachineError("no snapshot to roll back to: restore from one or take one first")
@@ -699,9 +709,9 @@ class Machine(MachineRecord):
                     load.apply(r.vcpu, during="rollback")
                 self._load_device_state(base["devices"], base["devices"]["virtio"])
             for _, _, t in self.virtio_devices:
-                reset = getattr(t.device, "send_transport_reset", None)
-                if reset is not None:
-                    reset()
+                after = getattr(t.device, "after_restore", None)
+                if after is not None:
+                    after()
             t1 = time.perf_counter_ns()
         info = {
             "pages": pages,

@@ -372,6 +372,66 @@ def test_transport_reset_event(guest, uds):
     host2.close()
 
 
+def test_state_says_whether_a_connection_was_open(guest, uds):
+    guest.barrier()
+    assert guest.t.state()["device"]["idle"] is True
+    host, hport = host_initiated(guest, uds)
+    guest.barrier()
+    assert guest.t.state()["device"]["idle"] is False
+    host.close()
+    op, *_ = guest.recv("SHUTDOWN")  # the host's EOF, told to the guest
+    assert op == OP_SHUTDOWN
+    assert guest.t.state()["device"]["idle"] is False  # until the guest closed its side
+    guest.send(OP_RST, 52, hport)
+    guest.barrier()
+    assert guest.t.state()["device"]["idle"] is True
+
+
+def test_after_restore_of_an_idle_state_closes_host_side_without_a_reset(guest, uds):
+    """A rollback to a snapshot taken with no connection: the guest has nothing to lose, so no
+    TRANSPORT_RESET is posted; the host's live connections are closed, and a new one reaches
+    the guest at once (not held back for a reset the guest will never see)."""
+    guest.barrier()
+    assert guest.t.state()["device"]["idle"] is True  # the base
+    host, _ = host_initiated(guest, uds)
+    guest.barrier()
+    # What a rollback loads: the base's device state. This test's guest memory does not
+    # revert, so the queues stay where the driver has them; only the base's flag is taken.
+    now = guest.t.state()
+    now["device"]["idle"] = True
+    guest.t.set_state(now)
+    guest.dev.after_restore()
+    guest.barrier()
+    assert host.recv(16) == b""  # the test's connection is gone on the host side
+    assert not guest.dev.conns and not guest.dev.deferred
+    assert guest.handle_events() == []  # and nothing was said to the guest
+    host2, _ = host_initiated(guest, uds)  # straight to OP_REQUEST
+    host2.close()
+
+
+def test_after_restore_of_a_busy_state_posts_the_reset(guest, uds):
+    host, _ = host_initiated(guest, uds)
+    guest.barrier()
+    busy = guest.t.state()
+    assert busy["device"]["idle"] is False
+    guest.t.set_state(busy)
+    guest.dev.after_restore()
+    guest.barrier()
+    assert guest.handle_events() == [0]  # TRANSPORT_RESET
+    assert host.recv(16) == b""
+
+
+def test_state_without_idle_is_treated_as_busy(guest, uds):
+    """Snapshots from before ``idle`` was recorded keep the reset."""
+    guest.barrier()
+    old = guest.t.state()
+    del old["device"]["idle"]
+    guest.t.set_state(old)
+    guest.dev.after_restore()
+    guest.barrier()
+    assert guest.handle_events() == [0]
+
+
 def test_host_connect_waits_until_the_guest_handled_the_reset(guest, uds):
     """A client connecting between a transport reset and the guest's handling of it is not
     offered to the guest yet (Linux handles rx before the event queue and would accept it, then
@@ -604,9 +664,13 @@ def test_restore_from_state_then_transport_reset(guest, uds, tmp_path):
     dev2 = VirtioVsock(uds2, guest.loop, guest_cid=CID)
     t2 = mmio.MmioTransport(dev2, guest.mem, guest._irq)
     t2.set_state(state)
-    assert t2.state() == state
+    assert state["device"]["idle"] is False  # a connection was open
+    again = t2.state()
+    assert again["device"].pop("idle") is True  # idle describes the live device, not the state
+    state["device"].pop("idle")
+    assert again == state
     guest.dev, guest.t, guest.d.t = dev2, t2, t2
-    dev2.send_transport_reset()
+    dev2.after_restore()
     guest.barrier()
     assert guest.handle_events() == [0]
     host2, _ = host_initiated(guest, uds2)

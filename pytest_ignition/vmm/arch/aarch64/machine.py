@@ -48,7 +48,7 @@ from ...errors import MachineError
 from ...eventloop import EventLoop
 from ...hypervisor.arm64_exits import GuestFault
 from ...hypervisor.base import Exit, HypervisorVcpu, HypervisorVm
-from ...machine_common import MachineRecord
+from ...machine_common import MachineRecord, settle_vsock
 from ...memory import PAGE_SIZE, GuestMemory, Region
 from . import fdt, image
 from . import layout as L
@@ -772,15 +772,17 @@ class Aarch64Machine(MachineRecord):
             },
         }
 
-    def snapshot(self, store: Any, name: str) -> Path:
+    def snapshot(self, store: Any, name: str, *, settle: float = 0.0) -> Path:
         """Write snapshot ``name`` into ``store`` (pausing a running VM meanwhile) and make it
-        the rollback base."""
+        the rollback base; ``settle`` as in the x86 machine's."""
         from ... import snapshot as snap
 
         if not isinstance(store, snap.SnapshotStore):
             store = snap.SnapshotStore(store)
         snap.check_name(name)
         t0 = time.perf_counter()
+        if settle > 0 and self.state == "running" and not settle_vsock(self.virtio_devices, settle):
+            log.info("snapshot %s: vsock connections still open after %.1f s", name, settle)
         with self._snap_lock, self._quiesced():
             state = self.capture_state()
             file_state = copy.copy(state)
@@ -922,9 +924,9 @@ class Aarch64Machine(MachineRecord):
         if self.spec.log_dirty:
             self._set_rollback_base(snapshot.memory_path, base)
         for _, _, t in self.virtio_devices:
-            reset = getattr(t.device, "send_transport_reset", None)
-            if reset is not None:
-                reset()  # the guest's vsock connections died with the old process
+            after = getattr(t.device, "after_restore", None)
+            if after is not None:
+                after()  # vsock: the old process's connections are gone (see after_restore)
 
     def _load_cpu_state(self, plain: dict[str, Any]) -> None:
         """vCPU registers (each on its thread), then the interrupt controller, then what each
@@ -970,9 +972,9 @@ class Aarch64Machine(MachineRecord):
                 raise MachineError(f"rollback: {e}") from None
             self._load_device_state(base["devices"], base["devices"]["virtio"])
             for _, _, t in self.virtio_devices:
-                reset = getattr(t.device, "send_transport_reset", None)
-                if reset is not None:
-                    reset()
+                after = getattr(t.device, "after_restore", None)
+                if after is not None:
+                    after()
             t1 = time.perf_counter_ns()
         g = self.vm.granule if self.vm is not None else PAGE_SIZE
         info = {

@@ -16,8 +16,12 @@ so an fd is never closed while the loop could still select on it.
 Everything the guest sends is hostile: a bad length, unknown op or type, wrong CIDs, data
 beyond the credit we gave, or a packet for an unknown connection gets that connection reset
 (OP_RST) and a log line; the device keeps serving. Connections are not part of
-:meth:`VirtioVsock.state`: after a restore the machine calls :meth:`send_transport_reset`, the
-guest drops its stale connections and its listeners start over.
+:meth:`VirtioVsock.state`; whether the snapshot had any is (``idle``). After a restore or
+rollback the machine calls :meth:`after_restore`: from an idle snapshot (the engine closes its
+agent connection and lets it settle before a snapshot) the guest has no connection to lose, so
+the host's live ones are just closed and the host may connect at once; otherwise the device
+posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, the guest drops its stale connections and its
+listeners start over.
 
 A host client that connects after the reset was posted but before the guest handled it would
 be reset with the stale ones: Linux handles the rx queue before the event queue, so the
@@ -163,6 +167,7 @@ class VirtioVsock(VirtioDevice):
         self.handshakes: dict[int, tuple[socket.socket, bytearray]] = {}
         self.evt_pending = 0
         self._reset_unhandled = False  # a transport reset the guest has not handled yet
+        self._restored_idle = False  # the state last loaded had no connection open
         self.deferred: list[tuple[socket.socket, int, bytes]] = []  # (client, port, early data)
         self._notify_pending: set[int] = set()
         self.next_host_port = FIRST_HOST_PORT
@@ -264,14 +269,28 @@ class VirtioVsock(VirtioDevice):
         """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop every connection (any thread)."""
         self._post(self._transport_reset)
 
+    def after_restore(self) -> None:
+        """The guest now runs from the state last loaded (restore or rollback; any thread).
+
+        From an idle snapshot the guest has no connection: the host's live ones (of the run
+        since) are closed without a word to the guest, and new ones go through at once.
+        Otherwise the guest holds connections the host no longer has: transport reset."""
+        self._post(self._drop_host_side if self._restored_idle else self._transport_reset)
+
+    def idle(self) -> bool:
+        """No connection open or being made, nothing queued for the guest (under the lock)."""
+        return not (self.conns or self.handshakes or self.deferred or self.pending_ctrl)
+
     def state(self) -> dict:
         d = super().state()
         d["guest_cid"] = self.guest_cid
+        d["idle"] = self.idle()
         return d
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         self.guest_cid = int(state["guest_cid"])
+        self._restored_idle = state.get("idle") is True  # absent in older snapshots: reset
 
     # -- queue processing (loop thread) ---------------------------------------------------
     def _on_notify(self, index: int) -> None:
@@ -288,11 +307,14 @@ class VirtioVsock(VirtioDevice):
             if self._reset_unhandled and not self.evt_pending:
                 self._release_deferred()  # the guest handled the reset and refilled the queue
 
-    def _transport_reset(self) -> None:
+    def _drop_host_side(self) -> None:
         for conn in list(self.conns.values()):
             self._drop(conn)
         self.pending_ctrl.clear()
         self.rx_ready.clear()
+
+    def _transport_reset(self) -> None:
+        self._drop_host_side()
         self.evt_pending += 1
         self._reset_unhandled = True
         call_later = getattr(self.loop, "call_later", None)

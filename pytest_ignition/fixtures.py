@@ -867,14 +867,36 @@ class IgnitionSession:
             live = list(self.live)
         # Ctrl-C during a background restore: kill the VM being restored (and every other one)
         # now, so that the restore thread fails at once instead of waiting for its guest.
+        killed: set[int] = set()
         for m in inflight:
+            killed.add(id(m))
             with contextlib.suppress(Exception):
                 m.close()
-        for vm in live:
-            self.close_vm(vm, background=False)
-        for p in pools:
-            p.close()
-        self.restorer.shutdown(wait=True, cancel_futures=True)
+        # A restore that had not made its machine yet makes it after this point: until the
+        # restore threads are gone, kill every machine that appears (CI saw a Ctrl-C land
+        # right after a background restore started wait out its boot timeout).
+        stop = threading.Event()
+
+        def reap() -> None:
+            while not stop.wait(0.05):
+                with self.lock:
+                    fresh = [m for made in self._inflight for m in made if id(m) not in killed]
+                for m in fresh:
+                    killed.add(id(m))
+                    with contextlib.suppress(Exception):
+                        m.close()
+
+        reaper = threading.Thread(target=reap, name="ignition-close-reaper", daemon=True)
+        reaper.start()
+        try:
+            for vm in live:
+                self.close_vm(vm, background=False)
+            for p in pools:
+                p.close()
+            self.restorer.shutdown(wait=True, cancel_futures=True)
+        finally:
+            stop.set()
+            reaper.join(timeout=5)
         for p in pools:  # a restore that finished during shutdown
             p.close()
         self.closer.shutdown(wait=True)

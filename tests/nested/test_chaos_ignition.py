@@ -43,3 +43,6 @@ def test_chaos_on_the_bundled_vmm(reset: str, monkeypatch: pytest.MonkeyPatch) -
     out = run_on_bundled_vmm(args, CHILD_TIMEOUT, deselect_ok=reset == "rollback")
     assert re.search(rf"^ignition: .*, reset {reset},", out, re.M), f"reset mode {reset} not used"
     assert "chaos session:" in out
+    for line in out.splitlines():  # the inner session's RSS and disk figures (shown with -s)
+        if "chaos session:" in line:
+            print(f"[{reset}] {line.strip()}")

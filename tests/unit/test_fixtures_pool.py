@@ -112,3 +112,64 @@ def test_prefetch_never_waits_for_host_memory_and_spares_can_be_dropped() -> Non
     assert nxt is not spare and session.waits[-1] is True
     pool.close()
     session.restorer.shutdown(wait=True)
+
+
+class StubMachine:
+    def __init__(self) -> None:
+        self.killed = threading.Event()
+
+    def close(self) -> None:
+        self.killed.set()
+
+
+class ClosingSession:
+    """What IgnitionSession.close uses of the session."""
+
+    close = IgnitionSession.close
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.closed = False
+        self.pools: dict[Any, Pool] = {}
+        self._inflight: list[list[Any]] = []
+        self.live: set[Any] = set()
+        self.restorer = ThreadPoolExecutor(1)
+        self.closer = ThreadPoolExecutor(1)
+        self._tmp = None
+        self.kept_dirs: list[Any] = []
+
+    def close_vm(self, vm: Any, background: bool = True) -> None:
+        pass
+
+
+def test_close_kills_a_machine_that_a_restore_makes_after_close_began() -> None:
+    """Ctrl-C right after a background restore started: the restore makes its machine only
+    once close() is under way. close() must still kill it, not wait for its guest."""
+    import time
+
+    session = ClosingSession()
+    made: list[Any] = []
+    machine = StubMachine()
+    started = threading.Event()
+
+    def restore() -> bool:
+        with session.lock:
+            session._inflight.append(made)
+        started.set()
+        while not session.closed:  # the machine appears only after close() began
+            time.sleep(0.01)
+        time.sleep(0.2)
+        made.append(machine)
+        waited = machine.killed.wait(30)  # a guest that would take the boot timeout
+        with session.lock:
+            session._inflight.remove(made)
+        return waited
+
+    fut = session.restorer.submit(restore)
+    assert started.wait(10)
+    t0 = time.monotonic()
+    session.close()
+    took = time.monotonic() - t0
+    assert machine.killed.is_set()
+    assert fut.result(timeout=1) is True
+    assert took < 10, took  # not the 30 s the restore would have waited

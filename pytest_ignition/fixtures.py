@@ -863,28 +863,28 @@ class IgnitionSession:
                 return
             self.closed = True
             pools = list(self.pools.values())
-            inflight = [m for made in self._inflight for m in made]
             live = list(self.live)
         # Ctrl-C during a background restore: kill the VM being restored (and every other one)
-        # now, so that the restore thread fails at once instead of waiting for its guest.
+        # now, so that the restore thread fails at once instead of waiting for its guest. A
+        # restore that had not made its machine yet makes it later: until the restore threads
+        # are gone, kill every machine that appears (CI saw a Ctrl-C land right after a
+        # background restore started wait out its boot timeout).
         killed: set[int] = set()
-        for m in inflight:
-            killed.add(id(m))
-            with contextlib.suppress(Exception):
-                m.close()
-        # A restore that had not made its machine yet makes it after this point: until the
-        # restore threads are gone, kill every machine that appears (CI saw a Ctrl-C land
-        # right after a background restore started wait out its boot timeout).
+
+        def kill_inflight() -> None:
+            with self.lock:
+                fresh = [m for made in self._inflight for m in made if id(m) not in killed]
+            for m in fresh:
+                killed.add(id(m))
+                with contextlib.suppress(Exception):
+                    m.close()
+
+        kill_inflight()
         stop = threading.Event()
 
         def reap() -> None:
             while not stop.wait(0.05):
-                with self.lock:
-                    fresh = [m for made in self._inflight for m in made if id(m) not in killed]
-                for m in fresh:
-                    killed.add(id(m))
-                    with contextlib.suppress(Exception):
-                        m.close()
+                kill_inflight()
 
         reaper = threading.Thread(target=reap, name="ignition-close-reaper", daemon=True)
         reaper.start()

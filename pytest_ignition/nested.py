@@ -134,7 +134,7 @@ class NestedError(RuntimeError):
     @property
     def host_panicked(self) -> bool:
         """The host's own kernel died (not the command): worth one more try in a new host."""
-        return "Kernel panic" in self.console_tail
+        return _panicked(self.console_tail)
 
     def __str__(self) -> str:
         msg = super().__str__()
@@ -146,14 +146,18 @@ class NestedError(RuntimeError):
         return msg
 
 
+def _panicked(console: str) -> bool:
+    return "Kernel panic" in console
+
+
 # The lines of a kernel oops that say what died and where (the rest is registers and code bytes).
 _OOPS_START = re.compile(
     r"BUG: |Oops: |general protection fault|kernel BUG at|Unable to handle kernel|"
     r"Kernel panic - not syncing|WARNING: CPU:"
 )
 _OOPS_KEEP = re.compile(
-    r"BUG: |Oops: |general protection fault|kernel BUG at|Unable to handle|CPU: \d+ PID: |"
-    r"RIP: |Call Trace:|^\s+(\? )?[A-Za-z_][\w.]*\+0x|Kernel panic|WARNING: CPU:|Modules linked"
+    _OOPS_START.pattern
+    + r"|CPU: \d+ PID: |RIP: |Call Trace:|^\s+(\? )?[A-Za-z_][\w.]*\+0x|Modules linked"
 )
 _OOPS_MAX_LINES = 40
 
@@ -592,7 +596,7 @@ def run(
             stderr_file.seek(0)
             qerr = stderr_file.read()[-4096:].decode("utf-8", "replace").strip()
             why = "the command never started" if not splitter.started else "the command never ended"
-            if "Kernel panic" in tail:
+            if _panicked(tail):
                 why += " (kernel panic)"
             msg = f"nested host exited (QEMU status {proc.returncode}): {why}"
             if qerr:

@@ -674,28 +674,28 @@ class IgnitionEngine(Engine):
                 name=directory.name,
                 settle=SNAPSHOT_SETTLE_S,
             )
+            try:
+                meta = {
+                    "format": SNAPSHOT_FORMAT,
+                    "engine": self.name,
+                    "config_key": machine.config.key(),
+                    "cmdline": self.cmdline(machine.config),
+                    "snapshot_ms": reply.get("snapshot_ms"),
+                    "created": time.time(),
+                }
+                tmp = directory / "meta.json.tmp"
+                tmp.write_text(json.dumps(meta, indent=2) + "\n")
+                os.replace(tmp, directory / "meta.json")
+            finally:
+                if reply.get("state") == "paused" and machine.is_alive():
+                    machine.control("resume")
         except BaseException:
-            if had_agent and machine.is_alive():
+            if had_agent and machine.is_alive():  # best effort: the snapshot's error matters
                 with contextlib.suppress(Exception):
                     self._reconnect_after_snapshot(machine)
             raise
-        try:
-            meta = {
-                "format": SNAPSHOT_FORMAT,
-                "engine": self.name,
-                "config_key": machine.config.key(),
-                "cmdline": self.cmdline(machine.config),
-                "snapshot_ms": reply.get("snapshot_ms"),
-                "created": time.time(),
-            }
-            tmp = directory / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, directory / "meta.json")
-        finally:
-            if reply.get("state") == "paused" and machine.is_alive():
-                machine.control("resume")
-            if had_agent and machine.is_alive():
-                self._reconnect_after_snapshot(machine)
+        if had_agent and machine.is_alive():
+            self._reconnect_after_snapshot(machine)
 
     def _reconnect_after_snapshot(self, machine: IgnitionMachine) -> None:
         timeout = machine.config.boot_timeout

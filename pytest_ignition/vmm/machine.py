@@ -65,7 +65,7 @@ from .devices.bus import Bus
 from .errors import MachineError
 from .eventloop import EventLoop
 from .hypervisor import kvm
-from .machine_common import MachineRecord, settle_vsock
+from .machine_common import MachineRecord
 from .memory import PAGE_SIZE, GuestMemory
 from .vcpu import StopReason, VcpuRunner
 
@@ -476,8 +476,7 @@ class Machine(MachineRecord):
             store = snap.SnapshotStore(store)
         snap.check_name(name)
         t0 = time.perf_counter()
-        if settle > 0 and self.state == "running" and not settle_vsock(self.virtio_devices, settle):
-            log.info("snapshot %s: vsock connections still open after %.1f s", name, settle)
+        self._settle_before_snapshot(name, settle)
         with self._snap_lock, self._quiesced(), self._devices_locked():
             state = self.capture_state()
             file_state = copy.copy(state)
@@ -668,10 +667,7 @@ class Machine(MachineRecord):
         self._base_state = {**st, "devices": {**devs, "virtio": loaded}}
         self._base_loads = None
         self._base_memory = self._backing = snapshot.memory_path
-        for _, _, t in self.virtio_devices:
-            after = getattr(t.device, "after_restore", None)
-            if after is not None:
-                after()  # vsock: the old process's connections are gone (see after_restore)
+        self._devices_after_restore()
 
     def _load_device_state(self, devs: dict[str, Any], virtio: list[dict[str, Any]]) -> None:
         if self.uart is not None and devs.get("uart") is not None:
@@ -708,10 +704,7 @@ class Machine(MachineRecord):
                 for r, load in zip(self.runners, self._base_loads, strict=True):
                     load.apply(r.vcpu, during="rollback")
                 self._load_device_state(base["devices"], base["devices"]["virtio"])
-            for _, _, t in self.virtio_devices:
-                after = getattr(t.device, "after_restore", None)
-                if after is not None:
-                    after()
+            self._devices_after_restore()
             t1 = time.perf_counter_ns()
         info = {
             "pages": pages,

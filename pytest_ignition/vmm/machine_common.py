@@ -6,12 +6,15 @@ rollback and stop entries of ``status()``. A mixin over attributes each machine 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from .errors import MachineError
+
+log = logging.getLogger(__name__)
 
 # The spec fields a restore must be given again (snapshot.fingerprint's keywords, but for
 # vsock: only whether there is one counts, not its socket path).
@@ -39,6 +42,8 @@ class MachineRecord:
     boot_timer: Any
     restore_time_us: int | None
     last_rollback: dict[str, Any] | None
+    state: str
+    virtio_devices: list[Any]
     stop_reason: Any
     exit_status: int | None
     _base_memory: Path | None
@@ -92,6 +97,20 @@ class MachineRecord:
             st["stop_reason"] = {"kind": self.stop_reason.kind, "detail": self.stop_reason.detail}
             st["exit_status"] = self.exit_status
         return st
+
+    def _settle_before_snapshot(self, name: str, settle: float) -> None:
+        """A running VM's vsock connections get up to ``settle`` seconds to finish closing."""
+        if settle > 0 and self.state == "running":
+            if not settle_vsock(self.virtio_devices, settle):
+                log.info("snapshot %s: vsock connections still open after %.1f s", name, settle)
+
+    def _devices_after_restore(self) -> None:
+        """Tell each device that the guest now runs from the state last loaded (vsock: the
+        old process's or run's connections are gone; see ``VirtioVsock.after_restore``)."""
+        for _, _, t in self.virtio_devices:
+            after = getattr(t.device, "after_restore", None)
+            if after is not None:
+                after()
 
 
 # How often a snapshot's settle wait looks at the vsock devices.

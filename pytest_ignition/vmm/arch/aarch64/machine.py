@@ -48,7 +48,7 @@ from ...errors import MachineError
 from ...eventloop import EventLoop
 from ...hypervisor.arm64_exits import GuestFault
 from ...hypervisor.base import Exit, HypervisorVcpu, HypervisorVm
-from ...machine_common import MachineRecord, settle_vsock
+from ...machine_common import MachineRecord
 from ...memory import PAGE_SIZE, GuestMemory, Region
 from . import fdt, image
 from . import layout as L
@@ -781,8 +781,7 @@ class Aarch64Machine(MachineRecord):
             store = snap.SnapshotStore(store)
         snap.check_name(name)
         t0 = time.perf_counter()
-        if settle > 0 and self.state == "running" and not settle_vsock(self.virtio_devices, settle):
-            log.info("snapshot %s: vsock connections still open after %.1f s", name, settle)
+        self._settle_before_snapshot(name, settle)
         with self._snap_lock, self._quiesced():
             state = self.capture_state()
             file_state = copy.copy(state)
@@ -923,10 +922,7 @@ class Aarch64Machine(MachineRecord):
         base = {**st, "devices": {**devs, "virtio": loaded}}
         if self.spec.log_dirty:
             self._set_rollback_base(snapshot.memory_path, base)
-        for _, _, t in self.virtio_devices:
-            after = getattr(t.device, "after_restore", None)
-            if after is not None:
-                after()  # vsock: the old process's connections are gone (see after_restore)
+        self._devices_after_restore()
 
     def _load_cpu_state(self, plain: dict[str, Any]) -> None:
         """vCPU registers (each on its thread), then the interrupt controller, then what each
@@ -971,10 +967,7 @@ class Aarch64Machine(MachineRecord):
             except ValueError as e:
                 raise MachineError(f"rollback: {e}") from None
             self._load_device_state(base["devices"], base["devices"]["virtio"])
-            for _, _, t in self.virtio_devices:
-                after = getattr(t.device, "after_restore", None)
-                if after is not None:
-                    after()
+            self._devices_after_restore()
             t1 = time.perf_counter_ns()
         g = self.vm.granule if self.vm is not None else PAGE_SIZE
         info = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 
 import pytest
@@ -21,6 +22,15 @@ def require(condition: object, reason: str) -> None:
     if required():
         pytest.fail(f"IGNITION_REQUIRE=1 but: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: default disposition first.
+
+    An ignored SIGINT stays ignored across exec, and Python then installs no KeyboardInterrupt
+    handler; a suite started as a background job of a non-interactive shell (``make test &``)
+    has it ignored, and its Ctrl-C tests would wait in vain."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 BAD_OUTCOMES = ("skipped", "failed", "error", "xfailed", "xpassed")

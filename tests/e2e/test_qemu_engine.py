@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import require, sigint_default
 from pytest_ignition.engines.base import BootError, SnapshotMismatch, VMConfig
 
 pytestmark = pytest.mark.vm
@@ -297,7 +297,12 @@ def _child(engine, config, workdir: Path) -> subprocess.Popen[str]:
     import sys
 
     argv = [sys.executable, "-c", CHILD, str(config.kernel), str(config.initrd), str(workdir)]
-    return subprocess.Popen([*argv, engine.accelerator], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*argv, engine.accelerator],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_default,
+    )
 
 
 def test_ctrl_c_during_boot_kills_qemu_and_removes_files(engine, config, tmp_path):

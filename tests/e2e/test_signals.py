@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import require, sigint_default
 from pytest_ignition.engines import _process
 from pytest_ignition.guest.build import cache_dir
 
@@ -132,7 +132,13 @@ def _start(suite: Path, tmpdir: Path, name: str, *args: str, shim: Path | None =
     argv += [f"--ignition-engine={ENGINE}", f"--ignition-timeout={BOOT_TIMEOUT}", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=suite, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            argv,
+            cwd=suite,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=sigint_default,  # run 1 is ended by SIGINT
         )
     return Run(proc, log, marks)
 

@@ -76,8 +76,10 @@ def test_snapshot_restore_and_rollback(engine, config, machine, tmp_path: Path) 
     snap = tmp_path / "snaps" / "s1"
     engine.snapshot(machine, snap)
     assert (snap / "meta.json").exists()
-    # The snapshotted machine keeps running.
-    assert a.exec("cat /tmp/state", timeout=60).stdout == b"before\n"
+    # The snapshotted machine keeps running; its agent is a new client (the snapshot was
+    # taken with the old one disconnected), as after a rollback.
+    assert machine.agent is not a
+    assert machine.agent.exec("cat /tmp/state", timeout=60).stdout == b"before\n"
 
     r = engine.restore(config, snap, tmp_path / "work2")
     try:

@@ -153,6 +153,7 @@ def plan(quick: bool, qwhere: str) -> list[Unit]:
             + [
                 Expect("rollback_time", "ignition", "direct"),
                 Expect("snapshot_time", "ignition", "direct"),
+                Expect("process_restore", "ignition", "direct", {"via": "fork"}),
             ],
             300,
             pass_quick_flag=True,

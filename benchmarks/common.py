@@ -32,6 +32,7 @@ METRICS = (
     "launch_to_ready",
     "snapshot_time",
     "restore_time_host",
+    "process_restore",
     "restore_to_ready",
     "rollback_time",
     "pytest_per_test",

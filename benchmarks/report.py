@@ -45,6 +45,11 @@ CLOCKS: dict[str, tuple[str, str]] = {
         "host-side clock from the restore entry (state file read, guest memory mapped) until "
         "the vCPU is handed to the run loop; the guest has not run yet. The seed's Restore-time.",
     ),
+    "process_restore": (
+        "restore request → vCPU running (new VMM process)",
+        "host wall clock from asking for a restore until the new VMM process's control socket "
+        "exists (its vCPU runs): `via` fork (the fork server) or spawn (a fresh interpreter).",
+    ),
     "restore_to_ready": (
         "restore→ready",
         "host wall clock from launching the restore until the restored guest's agent answers.",

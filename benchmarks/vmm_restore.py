@@ -140,9 +140,8 @@ def bench_process_restore(tmp: Path, reps: int) -> list[dict]:
     finally:
         os.close(null)
         fs.stop()
-    # not one of common.METRICS (the report's table): a figure of its own for the fork server
     return [
-        common.unchecked_record(
+        common.record(
             "process_restore",
             "ignition",
             "direct",

@@ -10,6 +10,7 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,13 @@ def test_timeout_kills_the_host(
     usable: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # A command that outlives any timeout: the host itself boots in ~2.7 s here when quiet, so
+    # `true` under a 2 s timeout could finish in time (it once did in a CI dry run).
+    t0 = time.monotonic()
     with pytest.raises(nested.NestedTimeout) as e:
-        nested.run(["true"], cwd=tmp_path, timeout=2)
-    assert "timed out" in str(e.value)
+        nested.run(["sleep", "600"], cwd=tmp_path, timeout=5)
+    assert "timed out after 5 s" in str(e.value)
+    assert time.monotonic() - t0 < 60
     assert list(tmp_path.iterdir()) == []
 
 

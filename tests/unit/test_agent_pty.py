@@ -144,7 +144,7 @@ def test_closing_a_pty_process_kills_its_session(client: AgentClient) -> None:
     while True:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited while read
             break
         if state == "Z":
             break

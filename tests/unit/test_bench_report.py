@@ -287,7 +287,7 @@ def test_run_unit_timeout_kills_the_script_and_its_children(tmp_path: Path) -> N
     def state() -> str:
         try:
             return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited while read
             return "gone"
 
     # The child was in the script's process group: it dies (a signalled process may need a

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,16 @@ def sigint_default() -> None:
     handler; a suite started as a background job of a non-interactive shell (``make test &``)
     has it ignored, and its Ctrl-C tests would wait in vain."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of ``pid`` in /proc (``R``, ``S``, ``Z``...), or None once it is gone.
+
+    A process that exits while its ``stat`` is read gives ESRCH, not only ENOENT."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
 
 
 BAD_OUTCOMES = ("skipped", "failed", "error", "xfailed", "xpassed")

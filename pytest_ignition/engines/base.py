@@ -241,11 +241,9 @@ class Engine(ABC):
     def snapshot(self, machine: Machine, directory: Path, *, keep_agent: bool = True) -> None:
         """Write a snapshot of ``machine`` into ``directory``; the machine keeps running.
 
-        ``machine.agent`` may be a new client afterwards (the bundled VMM snapshots with the
-        agent disconnected and reconnects), as after :meth:`rollback`: read it again.
-
-        ``keep_agent=False``: the caller closes the machine next, so its agent need not be
-        connected afterwards (the bundled VMM snapshots with the agent disconnected)."""
+        The bundled VMM snapshots with the agent disconnected, so ``machine.agent`` may be a
+        new client afterwards, as after :meth:`rollback`: read it again. ``keep_agent=False``:
+        the caller closes the machine next, so no agent need be connected afterwards."""
 
     @abstractmethod
     def restore(

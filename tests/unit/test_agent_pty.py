@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import proc_state, require
 from pytest_ignition.agent import AgentClient, AgentError, ErrorCode, PtyProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,11 +142,7 @@ def test_closing_a_pty_process_kills_its_session(client: AgentClient) -> None:
     p.close()
     deadline = time.monotonic() + 10
     while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited while read
-            break
-        if state == "Z":
+        if proc_state(pid) in (None, "Z"):
             break
         assert time.monotonic() < deadline, f"pid {pid} still runs after close()"
         time.sleep(0.05)

@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import __main__ as runner
 from benchmarks import common, report
+from pytest_ignition._testing import proc_state
 
 
 def rec(metric, engine, where, samples=(10.0, 20.0, 30.0), **params):
@@ -285,10 +286,7 @@ def test_run_unit_timeout_kills_the_script_and_its_children(tmp_path: Path) -> N
     child = int(pidfile.read_text())
 
     def state() -> str:
-        try:
-            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited while read
-            return "gone"
+        return proc_state(child) or "gone"
 
     # The child was in the script's process group: it dies (a signalled process may need a
     # moment to be scheduled and exit; then it is a zombie until its new parent reaps it).

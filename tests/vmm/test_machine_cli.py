@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import proc_state, require
 from pytest_ignition.vmm.control import request
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -485,11 +485,7 @@ def test_exits_when_parent_dies(tmp_path):
 
 def _alive(pid: int) -> bool:
     # the orphan is reparented (to init or a subreaper) which reaps it; /proc tells zombies apart
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+    return proc_state(pid) not in (None, "Z")
 
 
 # -- the Machine API in-process -------------------------------------------------------------------

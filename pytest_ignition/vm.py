@@ -344,9 +344,26 @@ def diagnose(machine: Any, cause: str = "", wait: float = 2.5) -> str:
             )
         else:
             parts.append(f"the guest is unresponsive ({cause or 'no answer'}; VM process running)")
+            state = _probe(machine)
+            if state:
+                parts.append(f"VM state: {state}")
     if oom:
         parts.append(f"OOM killer: {oom[-1]}")
     return "; ".join(parts)
+
+
+def _probe(machine: Any) -> str | None:
+    """The VMM's own view of an unresponsive guest (the bundled VMM: vCPU run state, timers,
+    pending interrupts, virtqueue cursors), so that a rare stall can be told apart after the
+    fact; None for an engine without one."""
+    probe_text = getattr(machine, "probe_text", None)
+    if probe_text is None:
+        return None
+    try:
+        text = probe_text(timeout=5.0)
+    except Exception as exc:  # the diagnosis must not fail for want of a probe
+        return f"(no probe: {exc!r})"
+    return str(text) if text else None
 
 
 def _halted(tail: str) -> bool:

@@ -5,7 +5,8 @@ state can only be read from outside it), reads per vCPU the run state, the TSC a
 TSC-deadline MSR, the kvmclock MSR, the LAPIC timer registers (LVTT, TMICT, TMCCT, TDCR) and
 the pending/in-service interrupt vectors (IRR/ISR), plus the VM's kvmclock, and per virtio
 device the transport's interrupt status and each queue's indices (the guest's avail/used
-``idx`` read from guest RAM next to the device's own cursors), then resumes. The control
+``idx`` read from guest RAM next to the device's own cursors) and, for vsock, what the host
+side holds (connections, bytes queued each way), then resumes. The control
 socket's ``probe`` request returns it; ``benchmarks/nested_stall.py`` takes one whenever a
 guest is late.
 
@@ -138,16 +139,18 @@ def probe(machine: Machine) -> dict[str, Any]:
         for addr, irq, t in machine.virtio_devices:
             dev = t.device
             with dev.lock:
-                devs.append(
-                    {
-                        "addr": hex(addr),
-                        "irq": irq,
-                        "type": type(dev).__name__,
-                        "status": t.status,
-                        "interrupt_status": t.interrupt_status,
-                        "queues": [queue_indices(machine.mem, q) for q in dev.queues],
-                    }
-                )
+                d = {
+                    "addr": hex(addr),
+                    "irq": irq,
+                    "type": type(dev).__name__,
+                    "status": t.status,
+                    "interrupt_status": t.interrupt_status,
+                    "queues": [queue_indices(machine.mem, q) for q in dev.queues],
+                }
+                debug_state = getattr(dev, "debug_state", None)
+                if debug_state is not None:
+                    d["host"] = debug_state()
+                devs.append(d)
         out["virtio"] = devs
     out["exits"] = {
         r.name: {kvm.EXIT_NAMES.get(k, str(k)): v for k, v in r.exits.items()}
@@ -162,7 +165,8 @@ def probe(machine: Machine) -> dict[str, Any]:
 def describe(p: dict[str, Any]) -> str:
     """One paragraph of a :func:`probe` answer for an error message: per vCPU its run state,
     timer and pending vectors; per virtio device its unacknowledged interrupt and any queue
-    whose guest and device cursors disagree."""
+    whose guest and device cursors disagree; for a device that reports its host side (vsock)
+    that state and how many buffers the guest has posted on each queue."""
     parts = []
     for i, v in enumerate(p.get("vcpus", [])):
         t = v.get("timer", {})
@@ -185,6 +189,13 @@ def describe(p: dict[str, Any]) -> str:
                     f"q{qi} avail {q.get('avail_idx')}/{q.get('next_avail')} "
                     f"used {q.get('used_idx')}/{q.get('next_used')}"
                 )
+        host = d.get("host")
+        if host:  # the device's own queues and connections (vsock): always worth a look
+            odd.append(" ".join(f"{k}={v}" for k, v in host.items()))
+            for qi, q in enumerate(d.get("queues", [])):
+                if q.get("ready") and "avail_idx" in q:
+                    free = (q["avail_idx"] - q["next_avail"]) & 0xFFFF
+                    odd.append(f"q{qi} buffers posted {free}")
         if d.get("interrupt_status") or odd:
             parts.append(
                 f"{d.get('type')}@{d.get('addr')} interrupt_status={d.get('interrupt_status')} "

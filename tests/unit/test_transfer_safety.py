@@ -444,6 +444,35 @@ def test_diagnose_vm_process_exit_and_panic_line() -> None:
     assert diagnose(m3) == "the VM process was killed by signal 9"
 
 
+def test_diagnose_an_unresponsive_guest_carries_the_vmms_probe() -> None:
+    """A running VM whose agent stopped answering: the diagnosis quotes the VMM's probe (the
+    bundled VMM's vCPU, timer and queue state), and a probe that fails is said, not raised."""
+    asked: list[float] = []
+
+    def probe_text(timeout: float = 10.0) -> str:
+        asked.append(timeout)
+        return "vcpu0 halted IF=1; vsock rx avail 12 used 12"
+
+    m = SimpleNamespace(
+        proc=None, is_alive=lambda: True, console_tail=lambda n=0: "", probe_text=probe_text
+    )
+    d = diagnose(m, "timeout: no answer for 1 s", wait=0)
+    assert d == (
+        "the guest is unresponsive (timeout: no answer for 1 s; VM process running); "
+        "VM state: vcpu0 halted IF=1; vsock rx avail 12 used 12"
+    )
+    assert asked and asked[0] <= 10
+
+    def broken_probe(timeout: float = 10.0) -> str:
+        raise OSError("control socket gone")
+
+    m.probe_text = broken_probe
+    assert "VM state: (no probe: OSError('control socket gone'))" in diagnose(m, "timeout", wait=0)
+    # QEMU's machines have no probe: the line is as before
+    del m.probe_text
+    assert diagnose(m, "timeout", wait=0).endswith("(timeout; VM process running)")
+
+
 def test_diagnose_a_bundled_vmm_that_exited_because_its_guest_halted() -> None:
     """The bundled VMM's exit status 3 (every vCPU halted with interrupts off: the default
     guest's poweroff) says "powered off or halted" with no console line at all."""

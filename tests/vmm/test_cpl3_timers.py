@@ -156,3 +156,35 @@ def test_describe_names_what_is_odd() -> None:
     assert "VirtioVsock@0xd0000000 interrupt_status=1 q0 avail 9/7 used 7/7" in text
     assert "q1" not in text and "VirtioRng" not in text
     assert text.endswith("event-loop wakeups 12")
+
+
+def test_describe_shows_a_vsock_devices_host_side_and_posted_buffers() -> None:
+    """A device that reports its host side (vsock's ``debug_state``) gets it in the paragraph,
+    with how many buffers the guest has posted per queue: an RX queue with none posted and
+    bytes queued for the guest is a guest that stopped refilling, not a lost interrupt."""
+    host = {"conns": 1, "pending_ctrl": 0, "rx_ready": 1, "to_guest": 22, "to_host": 0}
+    p = {
+        "vcpus": [],
+        "virtio": [
+            {
+                "type": "VirtioVsock",
+                "addr": "0xd0000000",
+                "interrupt_status": 0,
+                "host": host,
+                "queues": [
+                    {"ready": True, "avail_idx": 70, "next_avail": 70, "used_idx": 70,
+                     "next_used": 70},
+                    {"ready": True, "avail_idx": 5, "next_avail": 3, "used_idx": 3,
+                     "next_used": 3},
+                    {"ready": False},
+                ],
+            }
+        ],
+        "loop_wakeups": 3,
+    }  # fmt: skip
+    text = probe.describe(p)
+    assert (
+        "VirtioVsock@0xd0000000 interrupt_status=0 q1 avail 5/3 used 3/3 "
+        "conns=1 pending_ctrl=0 rx_ready=1 to_guest=22 to_host=0 "
+        "q0 buffers posted 0 q1 buffers posted 2"
+    ) in text

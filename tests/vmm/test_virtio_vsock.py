@@ -675,3 +675,24 @@ def test_restore_from_state_then_transport_reset(guest, uds, tmp_path):
     assert guest.handle_events() == [0]
     host2, _ = host_initiated(guest, uds2)
     host2.close()
+
+
+def test_debug_state_counts_what_the_host_side_holds(guest, uds):
+    """The probe's view of the device after a host connection is made: one connection,
+    nothing queued either way, nothing deferred."""
+    host, _ = host_initiated(guest, uds)
+    guest.barrier()
+    d = guest.dev.debug_state()
+    assert d == {
+        "conns": 1,
+        "handshakes": 0,
+        "deferred": 0,
+        "pending_ctrl": 0,
+        "rx_ready": 0,
+        "to_guest": 0,
+        "to_host": 0,
+        "evt_pending": 0,
+        "reset_unhandled": False,
+    }
+    host.close()
+    guest.barrier()

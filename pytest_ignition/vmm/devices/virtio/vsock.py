@@ -41,6 +41,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pytest_ignition.vmm.devices.virtio.mmio import VirtioDevice
 from pytest_ignition.vmm.devices.virtio.queue import DescriptorChain
@@ -280,6 +281,21 @@ class VirtioVsock(VirtioDevice):
     def idle(self) -> bool:
         """No connection open or being made, nothing queued for the guest (under the lock)."""
         return not (self.conns or self.handshakes or self.deferred or self.pending_ctrl)
+
+    def debug_state(self) -> dict[str, Any]:
+        """What the host side holds, for the VMM's probe (under the lock): connections and
+        the bytes queued each way, control packets and connections waiting for RX buffers."""
+        return {
+            "conns": len(self.conns),
+            "handshakes": len(self.handshakes),
+            "deferred": len(self.deferred),
+            "pending_ctrl": len(self.pending_ctrl),
+            "rx_ready": len(self.rx_ready),
+            "to_guest": sum(len(c.to_guest) for c in self.conns.values()),
+            "to_host": sum(len(c.to_host) for c in self.conns.values()),
+            "evt_pending": self.evt_pending,
+            "reset_unhandled": self._reset_unhandled,
+        }
 
     def state(self) -> dict:
         d = super().state()

@@ -336,6 +336,8 @@ def check_fingerprint(
     fingerprint and ``expected``; keys whose expected value is ``None`` (e.g. no cmdline
     given) are not compared."""
     have = state.get("fingerprint") or {}
+    if not isinstance(have, dict):  # found by tests/fuzz (snapshot_state): AttributeError before
+        raise SnapshotError(f"{os.fspath(where)}: snapshot state has a malformed fingerprint")
     diffs = []
     for key, want in expected.items():
         if want is None and key == "cmdline":

@@ -9,7 +9,8 @@ parser's documented error is a finding. Run by ``tests/fuzz/test_fuzz.py`` (brie
 * ``agent_payloads``: the payload decoders a guest's frames reach (``decode_list``, ``_error_from``).
 * ``snapshot_state``: :func:`pytest_ignition.vmm.snapshot.decode_state` on raw bytes, and on a
   correctly framed and checksummed payload (so that the JSON/tag decoding is reached), then the
-  checks :meth:`Snapshot.load` makes of the decoded state.
+  checks a restore makes of the decoded state (:func:`check_machine`, :func:`check_fingerprint`,
+  :func:`check_state`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def snapshot_state(data: bytes) -> None:
     except snapshot.SnapshotError:
         return
     assert isinstance(state, dict)
+    # the tag and fingerprint checks a restore makes before it reads anything else
+    try:
+        snapshot.check_machine(state, "x86_64", "kvm", "fuzz/vmstate")
+    except snapshot.SnapshotError as e:
+        assert "restore it where it was taken" in str(e)
+    try:
+        snapshot.check_fingerprint(state, {"memory_mib": 256, "cmdline": None}, "fuzz/vmstate")
+    except snapshot.SnapshotError:
+        pass
     try:
         snapshot.check_state(state, "fuzz/vmstate")
     except snapshot.SnapshotError:

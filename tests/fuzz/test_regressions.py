@@ -57,3 +57,12 @@ def test_found_input_replays_cleanly() -> None:
     # the fuzzer's own input (target byte 0 even: framed payload): memory without "size"
     data = b"\0" + json.dumps(dict(BASE, memory={"sizf": 4096})).encode()
     targets.snapshot_state(data)  # raised KeyError before the fix
+
+
+@pytest.mark.parametrize("fingerprint", [[1], 5, "x", True])
+def test_malformed_fingerprint_is_a_snapshot_error(fingerprint: object) -> None:
+    # snapshot_state found this once check_fingerprint joined the target: AttributeError
+    state = dict(BASE, fingerprint=fingerprint)
+    with pytest.raises(snapshot.SnapshotError, match="malformed fingerprint"):
+        snapshot.check_fingerprint(state, {"memory_mib": 256}, "v")
+    targets.snapshot_state(b"\0" + json.dumps(state).encode())

@@ -17,8 +17,10 @@ live (``vmm/arch/x86_64/``), in this order:
   boot MSRs, LAPIC LINT0 = ExtINT / LINT1 = NMI, FPU, and for vCPU 0 the entry registers); one
   :class:`VcpuRunner` thread each.
 
-``config()``, ``fingerprint()`` and the record entries of ``status()`` are shared with the
-aarch64 machine (:mod:`.machine_common`), as is the console wiring (:mod:`.console`).
+``config()``, ``fingerprint()``, the record entries of ``status()`` and the arch-neutral half
+of snapshot files (the spec a restore rebuilds, disk overlays, virtio entries, device state)
+are shared with the aarch64 machine (:mod:`.machine_common`), as is the console wiring
+(:mod:`.console`).
 
 Snapshots (:mod:`.snapshot`): :meth:`Machine.snapshot` writes the paused VM (vCPU, VM and
 device state, RAM, disk overlays) into a store and makes it the rollback base: guest RAM is
@@ -40,7 +42,6 @@ power-off when it has no power-off device: the halt watch, :mod:`.halt`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import logging
 import mmap
@@ -65,7 +66,7 @@ from .devices.bus import Bus
 from .errors import MachineError
 from .eventloop import EventLoop
 from .hypervisor import kvm
-from .machine_common import MachineRecord
+from .machine_common import MachineRecord, spec_from_config
 from .memory import PAGE_SIZE, GuestMemory
 from .vcpu import StopReason, VcpuRunner
 
@@ -479,20 +480,7 @@ class Machine(MachineRecord):
         self._settle_before_snapshot(name, settle)
         with self._snap_lock, self._quiesced(), self._devices_locked():
             state = self.capture_state()
-            file_state = copy.copy(state)
-            file_state["devices"] = copy.deepcopy(
-                {k: v for k, v in state["devices"].items() if k != "virtio"}
-            )
-            virtio_entries = []
-            overlays: list[tuple[int, Any]] = []
-            for i, entry in enumerate(state["devices"]["virtio"]):
-                dev_state = dict(entry["state"]["device"])
-                if "overlay" in dev_state:
-                    overlays.append((i, self.virtio_devices[i][2].device))
-                    dev_state["overlay"] = {}
-                    dev_state["overlay_file"] = f"disk{i}.overlay"
-                virtio_entries.append({**entry, "state": {**entry["state"], "device": dev_state}})
-            file_state["devices"]["virtio"] = virtio_entries
+            file_state, overlays = self._file_state(state)
 
             # A VM mapped from a file needs only its changed pages written over a copy of it.
             # (Only with KVM's dirty log: without it every page is written.)
@@ -504,10 +492,7 @@ class Machine(MachineRecord):
                     snap.write_memory_delta(tmp / snap.MEMORY_FILE, backing, self.mem, dirty_runs)
                 else:
                     snap.write_memory(tmp / snap.MEMORY_FILE, self.mem, anonymous=True)
-                for i, dev in overlays:
-                    path = tmp / f"disk{i}.overlay"
-                    dev.save_overlay(path)
-                    virtio_entries[i]["state"]["device"]["overlay_sha256"] = snap.file_sha256(path)
+                self._write_overlays(tmp, file_state, overlays)
                 snap.write_state(tmp / snap.STATE_FILE, file_state)
 
             path = store.write(name, fill)
@@ -572,23 +557,16 @@ class Machine(MachineRecord):
         cfg = st["config"]
         try:
             spec = MachineSpec(
-                kernel=cfg["kernel"] or "",
-                initrd=cfg["initrd"],
-                mem_size=int(cfg["mem_size"]),
-                cpus=int(cfg["cpus"]),
-                cmdline=cfg["base_cmdline"],
-                vsock=(vsock or cfg["vsock"]) if cfg["vsock"] else None,
-                vsock_cid=int(cfg["vsock_cid"]),
-                net=(net or cfg.get("net")) if cfg.get("net") else None,
-                disks=list(cfg["disks"]),
-                disk_read_only=bool(cfg["disk_read_only"]),
-                rng=bool(cfg["rng"]),
-                boot_timer=bool(cfg["boot_timer"]),
-                log_dirty=rollback,
-                launch_ns=launch_ns,
-                kvm_device=kvm_device,
-                console_out=console_out,
-                console_in=console_in,
+                **spec_from_config(
+                    cfg,
+                    vsock=vsock,
+                    net=net,
+                    rollback=rollback,
+                    launch_ns=launch_ns,
+                    kvm_device=kvm_device,
+                    console_out=console_out,
+                    console_in=console_in,
+                )
             )
         except (KeyError, TypeError, ValueError) as e:
             raise snap.SnapshotError(f"{snapshot.state_path}: bad configuration: {e}") from None
@@ -623,38 +601,7 @@ class Machine(MachineRecord):
         st = snapshot.state
         where = snapshot.state_path
         devs = st["devices"]
-        saved_virtio = devs["virtio"]
-        if len(saved_virtio) != len(self.virtio_devices):
-            raise snap.SnapshotError(
-                f"{where}: {len(saved_virtio)} virtio devices saved, {len(self.virtio_devices)} built"
-            )
-        # blk overlays come from their own files, checked against the state's sha256
-        loaded = []
-        for i, (entry, (addr, irq, t)) in enumerate(
-            zip(saved_virtio, self.virtio_devices, strict=True)
-        ):
-            if (
-                entry["addr"] != addr
-                or entry["irq"] != irq
-                or entry["type"] != type(t.device).__name__
-            ):
-                raise snap.SnapshotError(
-                    f"{where}: virtio slot {i} was {entry['type']} at {entry['addr']:#x}, "
-                    f"rebuilt {type(t.device).__name__} at {addr:#x}"
-                )
-            dev_state = entry["state"]["device"]
-            if "overlay_file" in dev_state:
-                path = snapshot.path / dev_state["overlay_file"]
-                try:
-                    if snap.file_sha256(path) != dev_state.get("overlay_sha256"):
-                        raise snap.SnapshotError(f"{path}: disk overlay is corrupt (sha256)")
-                    t.device.load_overlay(path)
-                except OSError as e:
-                    raise snap.SnapshotError(f"{path}: cannot read disk overlay: {e}") from None
-                except ValueError as e:
-                    raise snap.SnapshotError(str(e)) from None
-                dev_state = {**dev_state, "overlay": dict(t.device.overlay)}
-            loaded.append({**entry, "state": {**entry["state"], "device": dev_state}})
+        loaded = self._load_virtio_entries(snapshot)  # blk overlays from their own files
         try:
             x86_state.restore_vm_state(self.vm, st["vm"])
             for i, vstate in enumerate(st["vcpus"]):
@@ -668,16 +615,6 @@ class Machine(MachineRecord):
         self._base_loads = None
         self._base_memory = self._backing = snapshot.memory_path
         self._devices_after_restore()
-
-    def _load_device_state(self, devs: dict[str, Any], virtio: list[dict[str, Any]]) -> None:
-        if self.uart is not None and devs.get("uart") is not None:
-            self.uart.set_state(devs["uart"])
-        if self.i8042 is not None and devs.get("i8042") is not None:
-            self.i8042.set_state(devs["i8042"])
-        if self.boot_timer is not None and devs.get("boot_timer") is not None:
-            self.boot_timer.set_state(devs["boot_timer"])
-        for entry, (_, _, t) in zip(virtio, self.virtio_devices, strict=True):
-            t.set_state(entry["state"])
 
     def rollback(self, *, resume: bool | None = None) -> dict[str, Any]:
         """Return a live VM to its rollback base (the snapshot it was restored from or last

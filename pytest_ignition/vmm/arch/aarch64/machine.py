@@ -30,7 +30,6 @@ starts ``python -m pytest_ignition.vmm.machine_aarch64 ... --hypervisor hvf`` on
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import mmap
 import os
@@ -48,7 +47,7 @@ from ...errors import MachineError
 from ...eventloop import EventLoop
 from ...hypervisor.arm64_exits import GuestFault
 from ...hypervisor.base import Exit, HypervisorVcpu, HypervisorVm
-from ...machine_common import MachineRecord
+from ...machine_common import MachineRecord, spec_from_config
 from ...memory import PAGE_SIZE, GuestMemory, Region
 from . import fdt, image
 from . import layout as L
@@ -784,26 +783,13 @@ class Aarch64Machine(MachineRecord):
         self._settle_before_snapshot(name, settle)
         with self._snap_lock, self._quiesced():
             state = self.capture_state()
-            file_state = copy.copy(state)
-            virtio_entries = []
-            overlays: list[tuple[int, Any]] = []
-            for i, entry in enumerate(state["devices"]["virtio"]):
-                dev_state = dict(entry["state"]["device"])
-                if "overlay" in dev_state:
-                    overlays.append((i, self.virtio_devices[i][2].device))
-                    dev_state["overlay"] = {}
-                    dev_state["overlay_file"] = f"disk{i}.overlay"
-                virtio_entries.append({**entry, "state": {**entry["state"], "device": dev_state}})
-            file_state["devices"] = {**state["devices"], "virtio": virtio_entries}
+            file_state, overlays = self._file_state(state)
             mem = self.mem
             assert mem is not None
 
             def fill(tmp: Path) -> None:
                 snap.write_memory(tmp / snap.MEMORY_FILE, mem, anonymous=False)
-                for i, dev in overlays:
-                    path = tmp / f"disk{i}.overlay"
-                    dev.save_overlay(path)
-                    virtio_entries[i]["state"]["device"]["overlay_sha256"] = snap.file_sha256(path)
+                self._write_overlays(tmp, file_state, overlays)
                 snap.write_state(tmp / snap.STATE_FILE, file_state)
 
             path = store.write(name, fill)
@@ -851,28 +837,24 @@ class Aarch64Machine(MachineRecord):
         cfg = st["config"]
         try:
             spec = Aarch64Spec(
-                kernel=cfg["kernel"] or "",
-                initrd=cfg["initrd"],
-                mem_size=int(cfg["mem_size"]),
-                cpus=int(cfg["cpus"]),
-                cmdline=cfg["base_cmdline"],
-                vsock=(vsock or cfg["vsock"]) if cfg["vsock"] else None,
-                vsock_cid=int(cfg["vsock_cid"]),
-                net=(net or cfg.get("net")) if cfg.get("net") else None,
-                disks=list(cfg["disks"]),
-                disk_read_only=bool(cfg["disk_read_only"]),
-                rng=bool(cfg["rng"]),
-                boot_timer=bool(cfg["boot_timer"]),
-                log_dirty=rollback,
-                hypervisor=hypervisor_name,
-                launch_ns=launch_ns,
-                console_out=console_out,
-                console_in=console_in,
+                **spec_from_config(
+                    cfg,
+                    vsock=vsock,
+                    net=net,
+                    rollback=rollback,
+                    hypervisor=hypervisor_name,
+                    launch_ns=launch_ns,
+                    console_out=console_out,
+                    console_in=console_in,
+                )
             )
         except (KeyError, TypeError, ValueError, MachineError) as e:
             raise snap.SnapshotError(f"{snapshot.state_path}: bad configuration: {e}") from None
         if int(st["memory"]["size"]) != spec.mem_size:
-            raise snap.SnapshotError(f"{snapshot.state_path}: memory size disagrees with config")
+            raise snap.SnapshotError(
+                f"{snapshot.state_path}: memory is {st['memory']['size']} bytes, "
+                f"the configuration says {spec.mem_size}"
+            )
         m = cls(spec, hypervisor, _restore=snapshot)
         try:
             m.cmdline = cfg["cmdline"]
@@ -890,30 +872,7 @@ class Aarch64Machine(MachineRecord):
 
         st, where = snapshot.state, snapshot.state_path
         devs = st["devices"]
-        saved = devs.get("virtio", [])
-        if len(saved) != len(self.virtio_devices):
-            raise snap.SnapshotError(
-                f"{where}: {len(saved)} virtio devices saved, {len(self.virtio_devices)} built"
-            )
-        loaded = []
-        for i, (entry, (addr, spi, t)) in enumerate(zip(saved, self.virtio_devices, strict=True)):
-            if (
-                entry["addr"] != addr
-                or entry["irq"] != spi
-                or entry["type"] != type(t.device).__name__
-            ):
-                raise snap.SnapshotError(f"{where}: virtio slot {i} does not match the machine")
-            dev_state = entry["state"]["device"]
-            if "overlay_file" in dev_state:
-                path = snapshot.path / dev_state["overlay_file"]
-                try:
-                    if snap.file_sha256(path) != dev_state.get("overlay_sha256"):
-                        raise snap.SnapshotError(f"{path}: disk overlay is corrupt (sha256)")
-                    t.device.load_overlay(path)
-                except OSError as e:
-                    raise snap.SnapshotError(f"{path}: cannot read disk overlay: {e}") from None
-                dev_state = {**dev_state, "overlay": dict(t.device.overlay)}
-            loaded.append({**entry, "state": {**entry["state"], "device": dev_state}})
+        loaded = self._load_virtio_entries(snapshot)  # blk overlays from their own files
         try:
             self._load_cpu_state(st["vm"])
         except ValueError as e:
@@ -940,14 +899,6 @@ class Aarch64Machine(MachineRecord):
         vm.restore_interrupt_controller(blob)
         for t, vs in zip(self.threads, vcpu_states, strict=True):
             t.call(lambda v, vs=vs: v.after_interrupt_controller_restore(vs))
-
-    def _load_device_state(self, devs: dict[str, Any], virtio: list[dict[str, Any]]) -> None:
-        if self.uart is not None and devs.get("uart") is not None:
-            self.uart.set_state(devs["uart"])
-        if self.boot_timer is not None and devs.get("boot_timer") is not None:
-            self.boot_timer.set_state(devs["boot_timer"])
-        for entry, (_, _, t) in zip(virtio, self.virtio_devices, strict=True):
-            t.set_state(entry["state"])
 
     def rollback(self, *, resume: bool | None = None) -> dict[str, Any]:
         """Return a live VM to its rollback base in place: copy back, from the base's memory

@@ -22,7 +22,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import proc_state, require
 from pytest_ignition.guest import cache_dir
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -85,11 +85,7 @@ def _entries(pytester: pytest.Pytester) -> list[dict]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return proc_state(pid) not in (None, "Z")
 
 
 def _vm_pids_of(entry: dict) -> list[int]:

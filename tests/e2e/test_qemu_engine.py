@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ignition._testing import require, sigint_default
+from pytest_ignition._testing import proc_state, require, sigint_default
 from pytest_ignition.engines.base import BootError, SnapshotMismatch, VMConfig
 
 pytestmark = pytest.mark.vm
@@ -347,8 +347,4 @@ def _pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     # A zombie would still answer kill(0): check it is not one.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+    return proc_state(pid) not in (None, "Z")

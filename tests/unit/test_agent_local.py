@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_ignition._testing import require
+from pytest_ignition._testing import proc_state, require
 from pytest_ignition.agent import (
     AgentClient,
     AgentError,
@@ -116,11 +116,7 @@ def client(agent: LocalAgent) -> Iterator[AgentClient]:
 
 def _gone(pid: int) -> bool:
     """No such process, or only a zombie waiting for a reaper that is not ours."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
+    return proc_state(pid) in (None, "Z", "X")
 
 
 def _wait_gone(pid: int, within: float = 10.0) -> bool:

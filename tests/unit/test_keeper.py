@@ -14,15 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from pytest_ignition._testing import proc_state
 from pytest_ignition.engines import _process
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return proc_state(pid) not in (None, "Z")
 
 
 def _child_pid(keeper: subprocess.Popen[bytes]) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_machine_cli import HALT, PRINT_OK, RESET, bzimage, need_kvm
 
+from pytest_ignition._testing import proc_state
 from pytest_ignition.vmm.control import request
 from pytest_ignition.vmm.forkserver import ForkServer, ForkServerError
 
@@ -40,11 +41,7 @@ def children_of(pid: int) -> set[int]:
 def gone(pid: int, timeout: float = 10.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            st = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        if st.rsplit(")", 1)[1].split()[0] == "Z":
+        if proc_state(pid) in (None, "Z"):
             return True
         time.sleep(0.02)
     return False

@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .threads import VmmThread
+
 log = logging.getLogger(__name__)
 # Linux creates the socket close-on-exec atomically; elsewhere (macOS) Python makes every new
 # socket non-inheritable anyway (PEP 446).
@@ -75,7 +77,7 @@ class ControlServer:
             self.sock.close()
             self._unlink_tmp()
             raise
-        self._thread = threading.Thread(target=self._accept_loop, name="vmm-control", daemon=True)
+        self._thread = VmmThread(self._accept_loop, "vmm-control")
 
     def start(self) -> None:
         """Publish the socket under its path and serve."""

@@ -14,9 +14,10 @@ import itertools
 import logging
 import os
 import selectors
-import threading
 import time
 from collections.abc import Callable
+
+from .threads import VmmThread
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class EventLoop:
         self._pending: collections.deque[Callback] = collections.deque()
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
-        self._thread: threading.Thread | None = None
+        self._thread: VmmThread | None = None
         self._stopping = False
         self._closed = False
         self.wakeups = 0  # select() returns (diagnostics: see vmm.probe)
@@ -57,7 +58,7 @@ class EventLoop:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: already started")
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread = VmmThread(self._run, self.name)
         self._thread.start()
 
     def stop(self, timeout: float | None = 5.0) -> None:
@@ -65,7 +66,7 @@ class EventLoop:
         self._stopping = True
         self._wake()
         t = self._thread
-        if t is not None and t is not threading.current_thread():
+        if t is not None and not t.is_current():
             t.join(timeout)
         if t is None or not t.is_alive():
             self._close()
@@ -82,7 +83,7 @@ class EventLoop:
         return self._thread is not None and self._thread.is_alive()
 
     def in_loop_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        return self._thread is not None and self._thread.is_current()
 
     # -- API ------------------------------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callback) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .devices.bus import Bus, RateLimitedLog
 from .hypervisor import kvm
+from .threads import VmmThread
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class VcpuRunner:
         self.name = name or f"vcpu{vcpu.index}"
         self.exits: Counter[int] = Counter()
         self.stop_reason: StopReason | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: VmmThread | None = None
         self._cond = threading.Condition()
         self._pause_req = False
         self._paused = False
@@ -138,7 +139,7 @@ class VcpuRunner:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: already started")
-        self._thread = threading.Thread(target=self._thread_main, name=self.name, daemon=True)
+        self._thread = VmmThread(self._thread_main, self.name)
         self._thread.start()
 
     @property
@@ -154,9 +155,10 @@ class VcpuRunner:
         # Order matters: the flag is set before immediate_exit (see _handle_interrupt).
         self.vcpu.set_immediate_exit(True)  # a no-op once the vCPU is closed
         t = self._thread
-        if t is not None and t is not threading.current_thread() and t.is_alive():
+        # ident None: the thread has not run yet, and its first KVM_RUN sees immediate_exit
+        if t is not None and t.ident is not None and not t.is_current() and t.is_alive():
             try:
-                signal.pthread_kill(t.ident, KICK_SIGNAL)  # type: ignore[arg-type]
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass  # the thread just ended
 
@@ -169,7 +171,7 @@ class VcpuRunner:
         with self._cond:
             self._pause_req = True
         self._kick()
-        if self._thread is None or self._thread is threading.current_thread():
+        if self._thread is None or self._thread.is_current():
             return True
         with self._cond:
             return self._cond.wait_for(
@@ -199,7 +201,7 @@ class VcpuRunner:
 
     def join(self, timeout: float | None = None) -> bool:
         t = self._thread
-        if t is not None and t is not threading.current_thread():
+        if t is not None and not t.is_current():
             t.join(timeout)
             return not t.is_alive()
         return True

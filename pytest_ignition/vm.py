@@ -360,10 +360,9 @@ def _probe(machine: Any) -> str | None:
     if probe_text is None:
         return None
     try:
-        text = probe_text(timeout=5.0)
+        return probe_text(timeout=5.0) or None
     except Exception as exc:  # the diagnosis must not fail for want of a probe
         return f"(no probe: {exc!r})"
-    return str(text) if text else None
 
 
 def _halted(tail: str) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pytest_ignition._testing import require
+from pytest_ignition.engines.ignition import early_triple_fault
 
 AGENT_PORT = 52
 BOOT_TIMEOUT = 240.0  # generous: CPL0 code runs ~15x slower than native in here
@@ -68,10 +69,11 @@ class Vmm:
             client = AgentClient.connect_vsock_uds(self.vsock, AGENT_PORT, timeout=timeout)
             client.wait_ready(timeout=60)
         except Exception as e:
-            if self.restart is not None and self.early_triple_fault():
-                # The engine's policy (IgnitionEngine.boot): in this harness (SVM emulated by
-                # TCG) a cold boot has been seen to triple-fault before the kernel printed a
-                # line, and the same kernel boots the next time. Once, and said.
+            if (
+                self.restart is not None
+                and self.proc.poll() is not None
+                and early_triple_fault(self.log_text(), self.console_text())
+            ):  # the engine's rule (IgnitionEngine.boot): once, and said
                 warnings.warn(
                     f"the guest triple-faulted before its init ran; booting once more\n"
                     f"{self.diagnostics()}",
@@ -84,13 +86,6 @@ class Vmm:
                 return self.agent(timeout)
             pytest.fail(f"agent never answered over vsock ({e})\n{self.diagnostics()}")
         return client
-
-    def early_triple_fault(self) -> bool:
-        return (
-            self.proc.poll() is not None
-            and "triple_fault" in self.log_text()
-            and "init done" not in self.console_text()
-        )
 
 
 def start_vmm(guest, tmp_path: Path, *extra: str, kernel: Path | None = None) -> Vmm:

@@ -112,7 +112,8 @@ def test_two_restores_are_independent(engine, config, booted, tmp_path):
         try:
             for m in (a, b):
                 assert _sh(m, f"cat {PREPARED}") == "prepared\n"
-            _sh(a, "echo only-in-a > /root/isolation && sleep 1000 >/dev/null 2>&1 &")
+            # `a && b &` would background the echo too and race the cat below.
+            _sh(a, "echo only-in-a > /root/isolation; sleep 1000 >/dev/null 2>&1 &")
             assert _sh(a, "cat /root/isolation") == "only-in-a\n"
             assert b.agent.exec("test -e /root/isolation").exit_code == 1
             assert b.agent.exec("pidof sleep").exit_code == 1

@@ -115,6 +115,12 @@ EXIT_INTERRUPTED = 130
 # The console tail kept for error reports, and how long QEMU may take to go away after CMD ended.
 _TAIL_BYTES = 16 * 1024
 _SHUTDOWN_GRACE = 20.0
+# How long QEMU may take to exit once its console closed: a kill before that would turn the
+# status of a host that reset itself (-no-reboot: QEMU exits 0) into a bare -9.
+_EXIT_GRACE = 15.0
+# QEMU's reset log (-d cpu_reset): says "Triple fault" when the host's CPU reset it that way.
+_QEMU_LOG = "qemu-reset.log"
+_QEMU_LOG_TAIL = 64 * 1024
 
 # Variables carried into the host. Others (SSH agents, terminals, pytest-xdist internals) mean
 # nothing in there.
@@ -127,14 +133,21 @@ _ENV_DROP = {"PYTHONHOME"}  # would point python at nothing useful if it was set
 class NestedError(RuntimeError):
     """The harness failed (not the command): boot failure, panic, missing kernel or QEMU."""
 
-    def __init__(self, message: str, console_tail: str = "") -> None:
+    def __init__(self, message: str, console_tail: str = "", *, host_reset: bool = False) -> None:
         super().__init__(message)
         self.console_tail = console_tail
+        self.host_reset = host_reset
 
     @property
     def host_panicked(self) -> bool:
         """The host's own kernel died (not the command): worth one more try in a new host."""
         return _panicked(self.console_tail)
+
+    @property
+    def host_died(self) -> bool:
+        """The host went away under CMD (a panic, or a reset it asked for or triple-faulted
+        into): CMD's result is unknown, not failed, so one more try in a new host is fair."""
+        return self.host_panicked or self.host_reset
 
     def __str__(self) -> str:
         msg = super().__str__()
@@ -448,6 +461,20 @@ def _read_rc(path: Path) -> int | None:
         os.close(fd)
 
 
+def _reset_cause(log: Path) -> str | None:
+    """Why a host whose QEMU exited 0 under -no-reboot went away; None when it powered off."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - _QEMU_LOG_TAIL))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    if "Triple fault" in text:
+        return "the host's CPU triple-faulted; QEMU reset it"
+    # -no-reboot turns any reset into an exit 0: the kernel's reboot, or a firmware reset.
+    return "the host reset itself without a kernel panic"
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -538,6 +565,9 @@ def run(
             script = _run_script(cmd, workdir, _child_env(env))
             argv = build_qemu_argv(kpath, ctl, share, mem_mb=mem_mb, cpus=cpus, verbose=verbose)
         (ctl / "run.sh").write_text(script)
+        # A host that resets under CMD says nothing on its console; QEMU's reset log tells a
+        # triple fault (TCG's emulated CPU) from a reset the host's kernel asked for.
+        argv += ["-d", "cpu_reset", "-D", os.fspath(ctl / _QEMU_LOG)]
         stderr_file = tempfile.TemporaryFile(prefix="ignition-nested-qemu-")
         from . import _harness_slots
         from .guest.build import cache_dir
@@ -577,6 +607,9 @@ def run(
                 continue
             data = os.read(fd, 65536)
             if not data:
+                grace = _EXIT_GRACE if deadline is None else min(_EXIT_GRACE, deadline - now)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, grace))
                 break
             was_started = splitter.started
             splitter.feed(data)
@@ -596,12 +629,15 @@ def run(
             stderr_file.seek(0)
             qerr = stderr_file.read()[-4096:].decode("utf-8", "replace").strip()
             why = "the command never started" if not splitter.started else "the command never ended"
+            reset = _reset_cause(ctl / _QEMU_LOG) if proc.returncode == 0 else None
             if _panicked(tail):
                 why += " (kernel panic)"
+            elif reset is not None:
+                why += f" ({reset})"
             msg = f"nested host exited (QEMU status {proc.returncode}): {why}"
             if qerr:
                 msg += f"\nQEMU said: {qerr}"
-            raise NestedError(msg, tail)
+            raise NestedError(msg, tail, host_reset=reset is not None and splitter.started)
         output = b"".join(chunks).decode("utf-8", "surrogateescape")
         return NestedResult(exit_code=rc, output=output, duration=duration, boot_time=boot_time)
     finally:
@@ -643,8 +679,8 @@ def _parser() -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=0,
-        help="run CMD again in a new host this many times when the host's kernel panics "
-        "(never when CMD fails or times out)",
+        help="run CMD again in a new host this many times when the host's kernel panics or "
+        "the host resets under CMD (never when CMD fails or times out)",
     )
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     sub.add_parser("check", help="say whether the harness can run here")
@@ -715,13 +751,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_TIMEOUT
         except NestedError as e:
             print(f"pytest_ignition.nested: {e}", file=sys.stderr)
-            if not (e.host_panicked and attempt < args.retries):
+            if not (e.host_died and attempt < args.retries):
                 return EXIT_HARNESS
             attempt += 1
-            # The TCG-emulated host's kernel died under CMD (see the oops above): CMD's result
-            # is unknown, not failed, so it runs once more in a fresh host, saying so.
+            # The TCG-emulated host died under CMD (see the oops or the reset cause above):
+            # CMD's result is unknown, not failed, so it runs once more in a fresh host, saying so.
+            what = "kernel panicked" if e.host_panicked else "machine reset"
             print(
-                "pytest_ignition.nested: the host's kernel panicked (not the command); "
+                f"pytest_ignition.nested: the host's {what} (not the command); "
                 f"running the command again in a new host (retry {attempt} of {args.retries})",
                 file=sys.stderr,
                 flush=True,

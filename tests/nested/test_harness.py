@@ -101,3 +101,41 @@ def test_cli_returns_the_command_exit_code(usable: None, tmp_path: Path) -> None
     )
     assert p.returncode == 3, p.stderr.decode(errors="replace")
     assert p.stdout == b"hi\n"
+
+
+# Resets the host the first time (sysrq b: an immediate reset, no panic, nothing on the console),
+# and exits 4 in the second host; the shared working directory remembers the first try.
+RESET_ONCE = (
+    "if [ -e tried ]; then exit 4; fi; : > tried && sync && echo b > /proc/sysrq-trigger; sleep 600"
+)
+
+
+def test_a_host_reset_under_the_command_is_retried_in_a_new_host(
+    usable: None, tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "pytest_ignition.nested", "run", "--timeout", "600"]
+    p = subprocess.run(
+        [*argv, "--", "sh", "-c", RESET_ONCE], cwd=tmp_path, capture_output=True, timeout=900
+    )
+    err = p.stderr.decode(errors="replace")
+    assert "(QEMU status 0): the command never ended (the host reset itself" in err, err
+    assert p.returncode == nested.EXIT_HARNESS, err  # no --retries: the harness's failure
+    p = subprocess.run(
+        [*argv, "--retries", "1", "--", "sh", "-c", RESET_ONCE],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=900,
+    )
+    err = p.stderr.decode(errors="replace")
+    assert "the host's machine reset (not the command)" not in err, err  # tried exists already
+    assert p.returncode == 4, err
+    (tmp_path / "tried").unlink()
+    p = subprocess.run(
+        [*argv, "--retries", "1", "--", "sh", "-c", RESET_ONCE],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=900,
+    )
+    err = p.stderr.decode(errors="replace")
+    assert "the host's machine reset (not the command); running the command again" in err, err
+    assert p.returncode == 4, err  # the second host's answer

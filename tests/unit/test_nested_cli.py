@@ -376,3 +376,29 @@ def test_rc_file_symlink_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "rc").symlink_to(tmp_path / "target")
     assert nested._read_rc(tmp_path / "rc") is None
     assert nested._read_rc(tmp_path / "missing") is None
+
+
+def test_reset_cause_tells_a_triple_fault_from_a_requested_reset(tmp_path: Path) -> None:
+    log = tmp_path / "reset.log"
+    log.write_text("CPU Reset (CPU 0)\nEAX=00000000\n" * 3 + "Triple fault\n")
+    assert nested._reset_cause(log) == "the host's CPU triple-faulted; QEMU reset it"
+    log.write_text("CPU Reset (CPU 0)\nEAX=00000000\n")
+    assert nested._reset_cause(log) == "the host reset itself without a kernel panic"
+    assert (
+        nested._reset_cause(tmp_path / "absent") == "the host reset itself without a kernel panic"
+    )
+
+
+def test_a_host_reset_runs_the_command_again_and_a_boot_failure_does_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok = nested.NestedResult(exit_code=0, output="", duration=1.0, boot_time=0.5)
+    reset = nested.NestedError("host exited (QEMU status 0)", "tests/x.py::t ", host_reset=True)
+    assert reset.host_died and not reset.host_panicked
+    calls = _fake_runs(monkeypatch, [reset, ok])
+    assert nested.main(["run", "--retries", "1", "--", "true"]) == 0
+    assert len(calls) == 2
+    assert "the host's machine reset (not the command)" in capsys.readouterr().err
+    calls = _fake_runs(monkeypatch, [nested.NestedError("host exited (QEMU status 0)", "boot")])
+    assert nested.main(["run", "--retries", "1", "--", "true"]) == nested.EXIT_HARNESS
+    assert len(calls) == 1

@@ -113,29 +113,23 @@ RESET_ONCE = (
 def test_a_host_reset_under_the_command_is_retried_in_a_new_host(
     usable: None, tmp_path: Path
 ) -> None:
-    argv = [sys.executable, "-m", "pytest_ignition.nested", "run", "--timeout", "600"]
-    p = subprocess.run(
-        [*argv, "--", "sh", "-c", RESET_ONCE], cwd=tmp_path, capture_output=True, timeout=900
-    )
-    err = p.stderr.decode(errors="replace")
+    def run(*opts: str) -> tuple[int, str]:
+        p = subprocess.run(
+            [sys.executable, "-m", "pytest_ignition.nested", "run", "--timeout", "600", *opts]
+            + ["--", "sh", "-c", RESET_ONCE],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=900,
+        )
+        return p.returncode, p.stderr.decode(errors="replace")
+
+    rc, err = run()
     assert "(QEMU status 0): the command never ended (the host reset itself" in err, err
-    assert p.returncode == nested.EXIT_HARNESS, err  # no --retries: the harness's failure
-    p = subprocess.run(
-        [*argv, "--retries", "1", "--", "sh", "-c", RESET_ONCE],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=900,
-    )
-    err = p.stderr.decode(errors="replace")
+    assert rc == nested.EXIT_HARNESS, err  # no --retries: the harness's failure
+    rc, err = run("--retries", "1")
     assert "the host's machine reset (not the command)" not in err, err  # tried exists already
-    assert p.returncode == 4, err
+    assert rc == 4, err
     (tmp_path / "tried").unlink()
-    p = subprocess.run(
-        [*argv, "--retries", "1", "--", "sh", "-c", RESET_ONCE],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=900,
-    )
-    err = p.stderr.decode(errors="replace")
+    rc, err = run("--retries", "1")
     assert "the host's machine reset (not the command); running the command again" in err, err
-    assert p.returncode == 4, err  # the second host's answer
+    assert rc == 4, err  # the second host's answer

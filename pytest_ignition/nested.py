@@ -461,8 +461,8 @@ def _read_rc(path: Path) -> int | None:
         os.close(fd)
 
 
-def _reset_cause(log: Path) -> str | None:
-    """Why a host whose QEMU exited 0 under -no-reboot went away; None when it powered off."""
+def _reset_cause(log: Path) -> str:
+    """Why a host whose QEMU exited 0 under -no-reboot (and left no exit code) went away."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - _QEMU_LOG_TAIL))

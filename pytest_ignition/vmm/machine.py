@@ -28,8 +28,9 @@ remapped in place as a private mapping of the new ``memory.bin`` and KVM's dirty
 afresh. :meth:`Machine.restore` rebuilds a VM from a snapshot with RAM mapped privately and
 lazily from ``memory.bin`` (logging ``Restore-time = <us> us <ms> ms``, entry to vCPUs in
 their run loops). :meth:`Machine.rollback` returns a live VM to its base in place:
-``MADV_DONTNEED`` over exactly the pages dirtied since (KVM's dirty log + the VMM's own
-writes, one call per run of adjacent pages), then state reloaded and the vsock reset posted.
+exactly the pages dirtied since (KVM's dirty log + the VMM's own writes) copied back from
+``memory.bin``, one read per run of adjacent pages, then state reloaded and the vsock reset
+posted.
 
 Lifecycle: ``created`` -> ``running`` <-> ``paused`` -> ``stopped``. The first vCPU to stop
 (guest reboot via i8042, triple fault, SYSTEM_EVENT, an error, or :meth:`shutdown`) stops
@@ -151,7 +152,8 @@ _MAP_FIXED = 0x10
 def _remap_private(mem: GuestMemory, path: str | os.PathLike[str]) -> None:
     """Replace guest RAM's host mappings, in place (same addresses, so KVM's slots and every
     view stay valid), by private mappings of ``path``, which must hold the same bytes: pages
-    then load from the file, and MADV_DONTNEED brings a page back to its file contents."""
+    then load from the file, and ``mem.copy_back`` brings a page back to its file contents
+    (``mem`` keeps the file open for that)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if os.fstat(fd).st_size != mem.size:
@@ -172,8 +174,10 @@ def _remap_private(mem: GuestMemory, path: str | os.PathLike[str]) -> None:
                 raise MachineError(f"cannot map {path} over guest RAM: {os.strerror(err)}")
             r.file_offset = offset
             offset += r.size
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    mem.set_backing(fd)
 
 
 class _Irqfd:
@@ -618,8 +622,8 @@ class Machine(MachineRecord):
 
     def rollback(self, *, resume: bool | None = None) -> dict[str, Any]:
         """Return a live VM to its rollback base (the snapshot it was restored from or last
-        took) in place: revert exactly the pages dirtied since (KVM's dirty log plus the
-        VMM's own writes) with ``MADV_DONTNEED`` on the private file mapping, reload vCPU, VM
+        took) in place: copy back from its memory file exactly the pages dirtied since (KVM's
+        dirty log plus the VMM's own writes), reload vCPU, VM
         and device state, revert disk overlays, settle vsock (``after_restore``). A VM that was
         running resumes unless ``resume`` is False. Returns what was done and how long it took."""
         if self._base_state is None or self._base_memory is None:
@@ -690,12 +694,14 @@ class Machine(MachineRecord):
         return out
 
     def _revert_memory(self) -> tuple[int, int]:
-        """DONTNEED every page dirtied since the base (vCPU or VMM writes), one call per run of
-        adjacent pages. Returns (pages, runs)."""
+        """Copy every page dirtied since the base (vCPU or VMM writes) back from the base's
+        memory file, one read per run of adjacent pages (``GuestMemory.copy_back`` says why
+        not ``MADV_DONTNEED``). Returns (pages, runs)."""
         total = nruns = 0
-        for r, runs in zip(self.mem.regions, self._dirty_runs(), strict=True):
+        mem = self.mem
+        for r, runs in zip(mem.regions, self._dirty_runs(), strict=True):
             for start, count in runs:
-                r.mm.madvise(mmap.MADV_DONTNEED, start * PAGE_SIZE, count * PAGE_SIZE)
+                mem.copy_back(r, start, count)
                 total += count
                 nruns += 1
         self._dirty_acc = None

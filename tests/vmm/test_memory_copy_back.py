@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,52 +24,46 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_copy_back_restores_exactly_the_pages_asked(tmp_path: Path) -> None:
+@pytest.fixture
+def mapped(tmp_path: Path) -> Iterator[tuple[GuestMemory, Path, bytes]]:
+    """Guest RAM privately mapped from a memory file of known bytes."""
     path, data = _file(tmp_path)
     mem = GuestMemory.from_file(path, SIZE)
-    try:
-        r = mem.regions[0]
-        mem.write(3 * PAGE_SIZE, b"\xaa" * (4 * PAGE_SIZE))  # pages 3..6
-        mem.copy_back(r, 4, 2)  # pages 4, 5 back; 3 and 6 keep the write
-        got = mem.read(0, SIZE)
-        assert got[3 * PAGE_SIZE : 4 * PAGE_SIZE] == b"\xaa" * PAGE_SIZE
-        assert got[4 * PAGE_SIZE : 6 * PAGE_SIZE] == data[4 * PAGE_SIZE : 6 * PAGE_SIZE]
-        assert got[6 * PAGE_SIZE : 7 * PAGE_SIZE] == b"\xaa" * PAGE_SIZE
-        mem.copy_back(r, 0, SIZE // PAGE_SIZE)
-        assert mem.read(0, SIZE) == data
-        assert path.read_bytes() == data  # the file itself is never written
-    finally:
-        mem.close()
+    yield mem, path, data
+    mem.close()
+
+
+def test_copy_back_restores_exactly_the_pages_asked(mapped) -> None:
+    mem, path, data = mapped
+    r = mem.regions[0]
+    mem.write(3 * PAGE_SIZE, b"\xaa" * (4 * PAGE_SIZE))  # pages 3..6
+    mem.copy_back(r, 4, 2)  # pages 4, 5 back; 3 and 6 keep the write
+    got = mem.read(0, SIZE)
+    assert got[3 * PAGE_SIZE : 4 * PAGE_SIZE] == b"\xaa" * PAGE_SIZE
+    assert got[4 * PAGE_SIZE : 6 * PAGE_SIZE] == data[4 * PAGE_SIZE : 6 * PAGE_SIZE]
+    assert got[6 * PAGE_SIZE : 7 * PAGE_SIZE] == b"\xaa" * PAGE_SIZE
+    mem.copy_back(r, 0, SIZE // PAGE_SIZE)
+    assert mem.read(0, SIZE) == data
+    assert path.read_bytes() == data  # the file itself is never written
 
 
 def test_copy_back_reads_the_file_that_was_mapped_even_if_the_path_is_replaced(
-    tmp_path: Path,
+    mapped, tmp_path: Path
 ) -> None:
-    path, data = _file(tmp_path)
-    mem = GuestMemory.from_file(path, SIZE)
-    try:
-        mem.write(0, b"\x01" * PAGE_SIZE)
-        replacement = tmp_path / "new.bin"
-        replacement.write_bytes(b"\xee" * SIZE)
-        os.replace(replacement, path)  # a snapshot store replacing its entry
-        mem.copy_back(mem.regions[0], 0, 1)
-        assert mem.read(0, PAGE_SIZE) == data[:PAGE_SIZE]
-    finally:
-        mem.close()
+    mem, path, data = mapped
+    mem.write(0, b"\x01" * PAGE_SIZE)
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"\xee" * SIZE)
+    os.replace(replacement, path)  # a snapshot store replacing its entry
+    mem.copy_back(mem.regions[0], 0, 1)
+    assert mem.read(0, PAGE_SIZE) == data[:PAGE_SIZE]
 
 
-def test_copy_back_refuses_ranges_outside_the_region_and_anonymous_memory(
-    tmp_path: Path,
-) -> None:
-    path, _ = _file(tmp_path)
-    mem = GuestMemory.from_file(path, SIZE)
-    try:
-        r = mem.regions[0]
-        for first, count in [(-1, 1), (0, -1), (63, 2), (64, 1)]:
-            with pytest.raises(GuestMemoryError):
-                mem.copy_back(r, first, count)
-    finally:
-        mem.close()
+def test_copy_back_refuses_ranges_outside_the_region_and_anonymous_memory(mapped) -> None:
+    mem = mapped[0]
+    for first, count in [(-1, 1), (0, -1), (63, 2), (64, 1)]:
+        with pytest.raises(GuestMemoryError):
+            mem.copy_back(mem.regions[0], first, count)
     anon = GuestMemory.anonymous(SIZE)
     try:
         with pytest.raises(GuestMemoryError, match="not mapped from a file"):

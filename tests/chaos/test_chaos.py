@@ -282,7 +282,11 @@ def test_chaos_session(pytester: pytest.Pytester, needs_guest: None, tmp_path: P
         )
     took = time.monotonic() - t0
     out = result.stdout.str() + result.stderr.str()
-    result.assert_outcomes(passed=11, failed=1)
+    try:
+        result.assert_outcomes(passed=11, failed=1)
+    except AssertionError as e:  # say which inner test failed (a nested tier shows only a tail)
+        inner = "\n".join(ln for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR ")))
+        raise AssertionError(f"{e}\ninner session's failures (-rf):\n{inner}") from None
     # the one unhandled panic: its report says what happened and that the VM is discarded
     assert "test_panic_unhandled_fails_with_status" in out
     assert "ignition ignition_vm: VM status" in out

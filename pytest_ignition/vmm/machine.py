@@ -623,9 +623,9 @@ class Machine(MachineRecord):
     def rollback(self, *, resume: bool | None = None) -> dict[str, Any]:
         """Return a live VM to its rollback base (the snapshot it was restored from or last
         took) in place: copy back from its memory file exactly the pages dirtied since (KVM's
-        dirty log plus the VMM's own writes), reload vCPU, VM
-        and device state, revert disk overlays, settle vsock (``after_restore``). A VM that was
-        running resumes unless ``resume`` is False. Returns what was done and how long it took."""
+        dirty log plus the VMM's own writes), reload vCPU, VM and device state, revert disk
+        overlays, settle vsock (``after_restore``). A VM that was running resumes unless
+        ``resume`` is False. Returns what was done and how long it took."""
         if self._base_state is None or self._base_memory is None:
             raise MachineError("no snapshot to roll back to: restore from one or take one first")
         if not self._log_dirty:

@@ -15,8 +15,10 @@ Metrics (records in ``benchmarks/results/vmm.json``, which this script rewrites)
   (a fork of the warm fork server, :mod:`pytest_ignition.vmm.forkserver`, as the ignition
   engine does) or ``spawn`` (a new ``python -m pytest_ignition.vmm restore`` process).
 * ``rollback_time``: ``Machine.rollback`` on a running VM whose guest dirtied N pages
-  (1, 1k, 10k, 100k) since the snapshot: pause, dirty log, MADV_DONTNEED per run of
-  adjacent pages, vCPU/VM/device state, resume. ``memory_ms`` is the page-revert part.
+  (1, 1k, 10k, 100k) since the snapshot: pause, dirty log, one ``preadv`` from
+  ``memory.bin`` per run of adjacent pages, vCPU/VM/device state (regs, sregs and events
+  staged in ``kvm_run`` for the resumed vCPU's next KVM_RUN), resume. ``memory_ms`` is
+  the page-revert part.
 
 Usage: ``python -m benchmarks.vmm_restore [--restores 20] [--rollbacks 20]
 [--sizes 128,512,2048] [--pages 1,1000,10000,100000] [--quick]``.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -569,10 +570,24 @@ def bitmap_pages(bitmap: bytes | bytearray, first_page: int = 0) -> list[int]:
     return [s + i for s, n in bitmap_runs(bitmap, first_page) for i in range(n)]
 
 
-def or_bitmaps(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
-    n = max(len(a), len(b))
-    x = int.from_bytes(a, "little") | int.from_bytes(b, "little")
-    return x.to_bytes(n, "little")
+def merge_runs(*lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of (first page, count) run lists, each sorted: sorted, overlapping and
+    adjacent runs merged. One non-empty list is returned as it is (no copy)."""
+    nonempty = [r for r in lists if r]
+    if len(nonempty) <= 1:
+        return nonempty[0] if nonempty else []
+    out: list[tuple[int, int]] = []
+    start = end = -1
+    for s, n in heapq.merge(*nonempty):
+        if s <= end:
+            end = max(end, s + n)
+            continue
+        if end > start:
+            out.append((start, end - start))
+        start, end = s, s + n
+    if end > start:
+        out.append((start, end - start))
+    return out
 
 
 __all__ = [

@@ -279,9 +279,10 @@ class VcpuRunner:
                     continue
                 if err == errno.EAGAIN:
                     continue
-                return StopReason(
-                    "kvm_error", str(kvm.KvmError("KVM_RUN", err)) + "; " + format_regs(vcpu), idx
-                )
+                detail = str(kvm.KvmError("KVM_RUN", err))
+                if vcpu.staged:  # KVM refused the registers a rollback left for this run
+                    detail += f" loading the registers staged in kvm_run ({vcpu.staged:#x})"
+                return StopReason("kvm_error", detail + "; " + format_regs(vcpu), idx)
             er = run.exit_reason
             exits[er] += 1
             if er == kvm.KVM_EXIT_IO:

@@ -1,4 +1,5 @@
-"""Dirty-page bitmaps decoded into runs (rollback reverts one run per madvise call)."""
+"""Dirty-page bitmaps decoded into runs (rollback copies one run back per read), and
+run lists merged."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_ignition.vmm.memory import GuestMemory
-from pytest_ignition.vmm.snapshot import bitmap_pages, bitmap_runs, is_zero
+from pytest_ignition.vmm.snapshot import bitmap_pages, bitmap_runs, is_zero, merge_runs
 
 
 def _naive(bitmap: bytes, first: int) -> list[tuple[int, int]]:
@@ -57,3 +58,29 @@ def test_take_vmm_dirty_returns_and_clears(tmp_path) -> None:
     mem._mark((100 << 12) + 4000, 200)  # spans pages 100 and 101
     assert mem.take_vmm_dirty() == [3, 100, 101]
     assert mem.take_vmm_dirty() == []
+
+
+@settings(max_examples=300)
+@given(st.lists(st.lists(st.integers(0, 600), max_size=60), max_size=4))
+def test_merged_runs_are_the_union_of_the_pages(page_sets: list[list[int]]) -> None:
+    """Run lists decoded from separate bitmaps (KVM's log, the VMM's own, what an earlier
+    read kept) merge into the runs of their union: sorted, adjacent runs joined."""
+    lists = []
+    for pages in page_sets:
+        bm = bytearray(80)
+        for p in pages:
+            bm[p >> 3] |= 1 << (p & 7)
+        lists.append(bitmap_runs(bytes(bm)))
+    union = bytearray(80)
+    for pages in page_sets:
+        for p in pages:
+            union[p >> 3] |= 1 << (p & 7)
+    assert merge_runs(*lists) == bitmap_runs(bytes(union))
+
+
+def test_merging_one_list_returns_it_and_none_returns_empty() -> None:
+    runs = [(3, 2), (9, 1)]
+    assert merge_runs(runs) is runs
+    assert merge_runs([], runs, []) is runs
+    assert merge_runs() == [] and merge_runs([], []) == []
+    assert merge_runs([(0, 4)], [(2, 6)], [(8, 1)]) == [(0, 9)]

@@ -66,7 +66,7 @@ def test_rollback_reverts_exactly_the_dirty_pages(tmp_path, kvm_system, n):
             m.mem.regions[0].mm[sneaky * 4096 : sneaky * 4096 + 6] = b"sneaky"
             info = m.rollback(resume=False)
             assert info["pages"] == n  # exactly the guest's pages: no more, no fewer
-            assert info["ranges"] == 1  # adjacent pages: one madvise
+            assert info["ranges"] == 1  # adjacent pages: one copy
             assert m.state == "paused"
             assert m.runners[0].vcpu.get_regs().to_dict() == regs0
             assert m.mem.read_u8(FIRST) == 0 and m.mem.read_u8(FIRST + (n - 1) * 4096) == 0

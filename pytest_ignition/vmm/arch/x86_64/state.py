@@ -17,15 +17,21 @@ from ...hypervisor.kvm import (
     KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
+    KVM_SET_CLOCK,
     KVM_SET_DEBUGREGS,
+    KVM_SET_IRQCHIP,
     KVM_SET_LAPIC,
     KVM_SET_MP_STATE,
     KVM_SET_MSRS,
+    KVM_SET_PIT2,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_SET_VCPU_EVENTS,
     KVM_SET_XCRS,
     KVM_SET_XSAVE,
+    KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
     ClockData,
     KvmError,
     Vcpu,
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 
 VCPU_STATE_VERSION = 1
+_APIC_TPR = 0x80  # the task-priority register's offset in kvm_lapic_state.regs
 
 
 def readable_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
@@ -229,12 +236,31 @@ class VcpuRegisterLoad:
         self._msrs_buf, self.msrs = _msrs_cdata(self.msr_items)
         self.events = _from_bytes("struct kvm_vcpu_events", state["vcpu_events"], "vcpu_events")
         self.kvmclock = bool(msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0) & 1)
+        # Staged sregs are loaded after the LAPIC, and their CR8 then sets the TPR to CR8 << 4:
+        # the same TPR only when its low nibble (the priority sub-class) is zero.
+        self._sregs_after_lapic_ok = lapic is None or not lapic[_APIC_TPR] & 0x0F
 
-    def apply(self, vcpu: Vcpu, during: str = "restore") -> None:
+    def apply(self, vcpu: Vcpu, during: str = "restore", *, stage: bool = False) -> None:
+        """Load the state. ``stage`` (the vCPU runs next, from its own thread): regs, events
+        and, where that is the same, sregs are left in ``kvm_run`` for that KVM_RUN to load
+        (:meth:`Vcpu.stage`), which saves up to three vCPU ioctls."""
         fd = vcpu.fd
+        parts = vcpu.sync_parts if stage else 0
         _ioctl(fd, KVM_SET_MP_STATE, self.mp_state)
-        _ioctl(fd, KVM_SET_REGS, self.regs)
-        _ioctl(fd, KVM_SET_SREGS, self.sregs)
+        if parts & KVM_SYNC_X86_REGS:
+            vcpu.stage(KVM_SYNC_X86_REGS, self.regs)
+        else:
+            _ioctl(fd, KVM_SET_REGS, self.regs)
+        # Staged sregs would be loaded after the LAPIC and MSRs: only when their APIC base is
+        # the vCPU's (kvm_run.apic_base, as of its last exit), so that it changes no LAPIC mode.
+        if (
+            parts & KVM_SYNC_X86_SREGS
+            and self._sregs_after_lapic_ok
+            and vcpu.kvm_run.apic_base == self.sregs.apic_base
+        ):
+            vcpu.stage(KVM_SYNC_X86_SREGS, self.sregs)
+        else:
+            _ioctl(fd, KVM_SET_SREGS, self.sregs)
         _ioctl(fd, KVM_SET_XSAVE, self.xsave)
         _ioctl(fd, KVM_SET_XCRS, self.xcrs)
         _ioctl(fd, KVM_SET_DEBUGREGS, self.debugregs)
@@ -247,7 +273,10 @@ class VcpuRegisterLoad:
             refused = [items[n][0]] + set_msrs_each(vcpu, dict(items[n + 1 :]))
             for index in refused:
                 log.warning("vcpu%d: KVM refused MSR %#x on %s", vcpu.index, index, during)
-        _ioctl(fd, KVM_SET_VCPU_EVENTS, self.events)
+        if parts & KVM_SYNC_X86_EVENTS:
+            vcpu.stage(KVM_SYNC_X86_EVENTS, self.events)
+        else:
+            _ioctl(fd, KVM_SET_VCPU_EVENTS, self.events)
         if self.kvmclock:
             try:
                 vcpu.kvmclock_ctrl()
@@ -272,11 +301,28 @@ def save_vm_state(vm: Vm) -> dict[str, Any]:
     }
 
 
+class VmStateLoad:
+    """:func:`save_vm_state` output as its ioctl arguments, built once for a state loaded many
+    times (the rollback base): PIC master, PIC slave, IOAPIC, PIT, then kvmclock (without
+    ``KVM_CLOCK_REALTIME``: see ``Vm.set_clock``). The arguments are inputs only."""
+
+    def __init__(self, state: dict[str, Any]):
+        if state.get("version") != VM_STATE_VERSION:
+            raise ValueError(f"VM state version {state.get('version')!r}, need {VM_STATE_VERSION}")
+        self.irqchips = [_from_bytes("struct kvm_irqchip", c, "irqchip") for c in state["irqchips"]]
+        self.pit2 = _from_bytes("struct kvm_pit_state2", state["pit2"], "pit_state2")
+        clock = ClockData.from_dict(state["clock"])
+        self.clock = ffi.new("struct kvm_clock_data *", {"clock": clock.clock, "flags": 0})
+        self.clock.realtime = clock.realtime
+
+    def apply(self, vm: Vm) -> None:
+        fd = vm.fd
+        for chip in self.irqchips:
+            _ioctl(fd, KVM_SET_IRQCHIP, chip)
+        _ioctl(fd, KVM_SET_PIT2, self.pit2)
+        _ioctl(fd, KVM_SET_CLOCK, self.clock)
+
+
 def restore_vm_state(vm: Vm, state: dict[str, Any]) -> None:
     """Load :func:`save_vm_state` output into a VM that has its irqchip and PIT created."""
-    if state.get("version") != VM_STATE_VERSION:
-        raise ValueError(f"VM state version {state.get('version')!r}, need {VM_STATE_VERSION}")
-    for chip in state["irqchips"]:
-        vm.set_irqchip(chip)
-    vm.set_pit2(state["pit2"])
-    vm.set_clock(ClockData.from_dict(state["clock"]))
+    VmStateLoad(state).apply(vm)

@@ -357,6 +357,162 @@ def test_snapshot_rollback_and_restore(files, tmp_path) -> None:
     assert vm2.violations == [] and vm.violations == []
 
 
+def _replace_memory_file(path: Path, fill: int = 0xEE) -> None:
+    """Put a different file of the same size at ``path`` (a store replacing its entry)."""
+    size = os.path.getsize(path)
+    new = path.with_name("replacement.bin")
+    with open(new, "wb") as f:
+        f.truncate(size)
+        f.write(bytes([fill]) * (32 * GRANULE))  # the granules the tests look at
+    os.replace(new, path)
+
+
+def _held_file(m: ma.Aarch64Machine) -> tuple[int, int]:
+    st = os.fstat(m.mem.backing_fd)
+    return st.st_dev, st.st_ino
+
+
+def _copy_back_calls(m: ma.Aarch64Machine, monkeypatch) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    real = m.mem.copy_back
+
+    def spy(region, first, count):
+        assert region is m.mem.regions[0]
+        calls.append((first, count))
+        real(region, first, count)
+
+    monkeypatch.setattr(m.mem, "copy_back", spy)
+    return calls
+
+
+PER_GRANULE = GRANULE // 4096  # 4 KiB pages in a granule
+
+
+def test_rollback_copies_back_exactly_the_dirty_granules_through_the_fd_it_holds(
+    files, tmp_path, monkeypatch
+) -> None:
+    vm = FakeVm()
+    m, _ = make(vm, files, tmp_path)
+    try:
+        m.start()
+        path = m.snapshot(tmp_path / "store", "s1")
+        mem_file = path / snap.MEMORY_FILE
+        st = os.stat(mem_file)
+        assert _held_file(m) == (st.st_dev, st.st_ino)  # the base file, opened once
+        assert m.mem.regions[0].file_offset == 0
+        base = m.mem.read(L.DRAM_START, 32 * GRANULE)
+        # the store replaces the snapshot's file: rollback must still read the base's bytes
+        _replace_memory_file(mem_file)
+        for g in (2, 3, 4, 7):  # the guest: one run of three granules, one alone
+            vm.guest_write(L.DRAM_START + g * GRANULE + 100, b"\x11" * 200)
+        m.mem.write(L.DRAM_START + 10 * GRANULE + 5, b"vmm")  # the VMM (a used ring)
+        # granule 12 changes with no dirty record: rollback must leave it as it is in RAM
+        host = vm.maps[0][1]
+        ctypes.memmove(host + 12 * GRANULE, b"\x22" * 64, 64)
+        calls = _copy_back_calls(m, monkeypatch)
+        info = m.rollback()
+        assert info["granules"] == 5 and info["pages"] == 5 * PER_GRANULE
+        assert calls == [
+            (2 * PER_GRANULE, 3 * PER_GRANULE),
+            (7 * PER_GRANULE, PER_GRANULE),
+            (10 * PER_GRANULE, PER_GRANULE),
+        ]
+        expected = bytearray(base)
+        expected[12 * GRANULE : 12 * GRANULE + 64] = b"\x22" * 64
+        assert m.mem.read(L.DRAM_START, 32 * GRANULE) == bytes(expected)
+        # the next rollback has nothing to copy
+        calls.clear()
+        assert m.rollback()["granules"] == 0 and calls == []
+        fd_link = os.readlink(f"/proc/self/fd/{m.mem.backing_fd}")
+        fd = m.mem.backing_fd
+    finally:
+        m.close()
+    assert not os.path.exists(f"/proc/self/fd/{fd}") or os.readlink(f"/proc/self/fd/{fd}") != (
+        fd_link
+    )  # closed with the machine
+    assert vm.violations == []
+
+
+def test_a_new_snapshot_moves_the_held_file_to_the_new_base(files, tmp_path) -> None:
+    vm = FakeVm()
+    m, _ = make(vm, files, tmp_path)
+    try:
+        m.start()
+        p1 = m.snapshot(tmp_path / "store", "s1")
+        first = m.mem.backing_fd
+        vm.guest_write(L.DRAM_START + 3 * GRANULE, b"second base")
+        p2 = m.snapshot(tmp_path / "store", "s1")  # the same name: a new file at that path
+        assert p1 == p2
+        st = os.stat(p2 / snap.MEMORY_FILE)
+        assert _held_file(m) == (st.st_dev, st.st_ino)
+        assert not os.path.exists(f"/proc/self/fd/{first}") or first == m.mem.backing_fd
+        vm.guest_write(L.DRAM_START + 3 * GRANULE, b"after both")
+        m.rollback()
+        assert m.mem.read(L.DRAM_START + 3 * GRANULE, 11) == b"second base"
+    finally:
+        m.close()
+
+
+def test_a_restored_vm_rolls_back_from_the_file_it_was_mapped_from(
+    files, tmp_path, monkeypatch
+) -> None:
+    m, _ = make(FakeVm(), files, tmp_path)
+    try:
+        m.mem.write(L.DRAM_START + 6 * GRANULE, b"in the snapshot")
+        path = m.snapshot(tmp_path / "store", "s1")
+    finally:
+        m.close()
+    mem_file = path / snap.MEMORY_FILE
+    base = mem_file.read_bytes()[: 32 * GRANULE]
+    vm2 = FakeVm()
+    opened: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(ma.os, "open", lambda p, *a: opened.append(str(p)) or real_open(p, *a))
+    m2 = ma.Aarch64Machine.restore(path, lambda: vm2, start=False, hypervisor_name="fake")
+    try:
+        assert opened.count(str(mem_file)) == 1  # mapped and held: one open
+        st = os.stat(mem_file)
+        assert _held_file(m2) == (st.st_dev, st.st_ino)
+        _replace_memory_file(mem_file)
+        m2.start()
+        vm2.guest_write(L.DRAM_START + 6 * GRANULE, b"a test's write")
+        vm2.guest_write(L.DRAM_START + 7 * GRANULE + 9, b"another")
+        calls = _copy_back_calls(m2, monkeypatch)
+        assert m2.rollback()["granules"] == 2
+        assert calls == [(6 * PER_GRANULE, 2 * PER_GRANULE)]  # adjacent: one read
+        assert opened.count(str(mem_file)) == 1  # rollback reopens nothing
+        assert m2.mem.read(L.DRAM_START, 32 * GRANULE) == base
+        assert m2.mem.read(L.DRAM_START + 6 * GRANULE, 15) == b"in the snapshot"
+    finally:
+        m2.close()
+    assert vm2.violations == []
+
+
+def test_rollback_without_a_base_memory_file_says_so(files, tmp_path) -> None:
+    vm = FakeVm()
+    m, _ = make(vm, files, tmp_path)
+    try:
+        m.snapshot(tmp_path / "store", "s1")
+        m.mem.set_backing(-1)  # as if the base file had never been opened
+        vm.guest_write(L.DRAM_START, b"x")
+        with pytest.raises(ma.MachineError, match="no rollback base memory file"):
+            m.rollback()
+    finally:
+        m.close()
+
+
+def test_a_base_memory_file_of_the_wrong_size_is_refused(files, tmp_path) -> None:
+    m, _ = make(FakeVm(), files, tmp_path)
+    try:
+        bad = tmp_path / "short.bin"
+        bad.write_bytes(bytes(GRANULE))
+        with pytest.raises(ma.MachineError, match="is 16384 bytes, guest RAM is"):
+            m._set_rollback_base(bad, {})
+        assert m.mem.backing_fd == -1 and m._base_state is None  # nothing changed
+    finally:
+        m.close()
+
+
 def test_snapshots_of_other_machines_are_refused(files, tmp_path) -> None:
     vm = FakeVm()
     m, _ = make(vm, files, tmp_path)

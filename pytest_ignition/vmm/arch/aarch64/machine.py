@@ -48,7 +48,7 @@ from ...eventloop import EventLoop
 from ...hypervisor.arm64_exits import GuestFault
 from ...hypervisor.base import Exit, HypervisorVcpu, HypervisorVm
 from ...machine_common import MachineRecord, spec_from_config
-from ...memory import PAGE_SIZE, GuestMemory, Region
+from ...memory import PAGE_SIZE, GuestMemory, GuestMemoryError, Region
 from . import fdt, image
 from . import layout as L
 
@@ -165,6 +165,23 @@ def check_kernel_file(path: str) -> image.ArmImage:
         return image.parse_header(data)
     except image.ImageError as e:
         raise MachineError(f"kernel {path!r}: {e}") from None
+
+
+def _open_base_memory(path: Path, size: int) -> int:
+    """An fd of the rollback base's memory file (``size`` bytes), for ``GuestMemory.set_backing``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MachineError(f"cannot open the rollback base memory file {path}: {e}") from None
+    try:
+        actual = os.fstat(fd).st_size
+    except OSError as e:
+        os.close(fd)
+        raise MachineError(f"{path}: {e}") from None
+    if actual != size:
+        os.close(fd)
+        raise MachineError(f"{path}: memory file is {actual} bytes, guest RAM is {size}")
+    return fd
 
 
 def _install_fence(fence: Callable[[], None]) -> None:
@@ -395,24 +412,30 @@ class Aarch64Machine(MachineRecord):
                 f"{vm.granule // 1024} KiB granule (try {size >> 20} MiB)"
             )
         restoring = self._restore is not None
+        fd = -1  # a restore: the memory file RAM is privately mapped from, kept open
         try:
             if restoring:
-                with open(self._restore.memory_path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size != size:
-                        raise MachineError(f"{self._restore.memory_path}: not {size} bytes")
-                    mm = mmap.mmap(
-                        f.fileno(),
-                        size,
-                        flags=mmap.MAP_PRIVATE,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    )
+                path = self._restore.memory_path
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(fd).st_size != size:
+                    raise MachineError(f"{path}: not {size} bytes")
+                mm = mmap.mmap(
+                    fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                )
             else:
                 mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        except OSError as e:
-            raise MachineError(f"cannot map {size >> 20} MiB of guest memory: {e}") from None
+        except BaseException as e:
+            if fd >= 0:
+                os.close(fd)
+            if isinstance(e, OSError):
+                raise MachineError(f"cannot map {size >> 20} MiB of guest memory: {e}") from None
+            raise
         self._mm = mm
-        region = Region(L.DRAM_START, size, mm)
+        # One region; memory.bin holds it from offset 0 (snapshot.write_memory).
+        region = Region(L.DRAM_START, size, mm, file_offset=0)
         self.mem = GuestMemory([region])
+        if fd >= 0:
+            self.mem.set_backing(fd)  # the restore's rollback base (_load_snapshot_state)
         vm.map(L.DRAM_START, region.host_addr, size)
         # HVF: hv_gic_create after the VM, before the first vCPU.
         vm.create_interrupt_controller(spec.cpus)
@@ -712,6 +735,9 @@ class Aarch64Machine(MachineRecord):
             with contextlib.suppress(BufferError, ValueError):
                 self._mm.close()
             self._mm = None
+        if self.mem is not None:
+            with contextlib.suppress(OSError):
+                self.mem.set_backing(-1)  # the rollback base's memory file
         self.mem = None
 
     def __enter__(self) -> Aarch64Machine:
@@ -797,11 +823,24 @@ class Aarch64Machine(MachineRecord):
         log.info("snapshot %s written in %.1f ms", path, (time.perf_counter() - t0) * 1000)
         return path
 
-    def _set_rollback_base(self, memory_path: Path, state: dict[str, Any]) -> None:
+    def _set_rollback_base(
+        self, memory_path: Path, state: dict[str, Any], *, mapped_from: bool = False
+    ) -> None:
         """From now on :meth:`rollback` returns here: dirty tracking restarts (everything
-        written since is copied back from ``memory_path``, which holds RAM as it is now)."""
+        written since is copied back from ``memory_path``, which holds RAM as it is now).
+
+        The file is opened once, here, and held as ``mem.backing_fd``: rollback copies back
+        through that fd, so a snapshot replacing the file at ``memory_path`` later (same name)
+        cannot change what it reads. ``mapped_from``: RAM was just mapped from this file and
+        ``mem`` already holds it (a restore, :meth:`_build`). Unlike the x86 machine, RAM is
+        not remapped privately over the new file after a snapshot: under HVF, replacing the
+        host mapping behind ``hv_vm_map`` is not known to reach the guest. The region stays as
+        it is (anonymous after a boot, the previous file's private mapping after a restore),
+        which holds the same bytes as the file."""
         vm, mem = self.vm, self.mem
         assert vm is not None and mem is not None
+        if not mapped_from or mem.backing_fd < 0:
+            mem.set_backing(_open_base_memory(memory_path, mem.size))  # before any other change
         vm.start_dirty_tracking()
         vm.take_dirty()
         mem.take_vmm_dirty_bitmap()  # reading clears it
@@ -880,7 +919,7 @@ class Aarch64Machine(MachineRecord):
         self._load_device_state(devs, loaded)
         base = {**st, "devices": {**devs, "virtio": loaded}}
         if self.spec.log_dirty:
-            self._set_rollback_base(snapshot.memory_path, base)
+            self._set_rollback_base(snapshot.memory_path, base, mapped_from=True)
         self._devices_after_restore()
 
     def _load_cpu_state(self, plain: dict[str, Any]) -> None:
@@ -946,21 +985,33 @@ class Aarch64Machine(MachineRecord):
         return sorted(dirty)
 
     def _revert_memory(self) -> int:
+        """Copy every granule written since the base back from the base's memory file (the fd
+        :meth:`_set_rollback_base` opened), one ``GuestMemory.copy_back`` (a ``preadv``, not a
+        VMM write) per run of adjacent granules. Returns the number of dirty granules."""
         mem = self.mem
-        assert mem is not None and self._base_memory is not None
+        assert mem is not None
+        if mem.backing_fd < 0:
+            raise MachineError(
+                f"this VM has no rollback base memory file open ({self._base_memory}): "
+                "nothing to copy its memory back from"
+            )
         region = mem.regions[0]
         g = self.vm.granule if self.vm is not None else PAGE_SIZE
         granules = self.dirty_granules()
-        fd = os.open(self._base_memory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        runs: list[tuple[int, int]] = []  # (start, end) byte offsets in the region
+        for gpa in granules:  # sorted
+            off = gpa - region.gpa
+            if not 0 <= off < region.size:
+                continue
+            end = min(off + g, region.size)
+            if runs and runs[-1][1] == off:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((off, end))
         try:
-            for gpa in granules:
-                off = gpa - region.gpa
-                if not 0 <= off < region.size:
-                    continue
-                data = os.pread(fd, g, off)
-                if len(data) != g:
-                    raise MachineError(f"{self._base_memory}: short read at {off:#x}")
-                region.mm[off : off + g] = data  # not mem.write: not a new VMM write
-        finally:
-            os.close(fd)
+            for start, end in runs:
+                first = start // PAGE_SIZE
+                mem.copy_back(region, first, -(-end // PAGE_SIZE) - first)
+        except (GuestMemoryError, OSError) as e:
+            raise MachineError(f"rollback from {self._base_memory}: {e}") from None
         return len(granules)

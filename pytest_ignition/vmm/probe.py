@@ -175,9 +175,14 @@ def describe(p: dict[str, Any]) -> str:
             timer += " masked"
         if timer.startswith("tsc-deadline"):
             timer += f" in {v['deadline_in_ms']:g} ms" if "deadline_in_ms" in v else " not armed"
+        tpr = f" tpr={v['tpr']:#x}" if v.get("tpr") else ""  # nonzero: it masks vectors below
+        exits = p.get("exits", {}).get(f"vcpu{i}", {})
+        top = sorted(exits.items(), key=lambda kv: -kv[1])[:3]
         parts.append(
             f"vcpu{i} {v.get('mp_state', '?')} IF={int(bool(v.get('if')))} rip={v.get('rip')} "
-            f"timer {timer} irr={v.get('irr', [])} isr={v.get('isr', [])}"
+            f"timer {timer} irr={v.get('irr', [])} isr={v.get('isr', [])}{tpr} "
+            f"exits {sum(exits.values())}"
+            + (f" ({', '.join(f'{k} {n}' for k, n in top)})" if top else "")
         )
     for d in p.get("virtio", []):
         odd = []

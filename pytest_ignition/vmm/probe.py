@@ -36,6 +36,8 @@ MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 
 # LAPIC register offsets in struct kvm_lapic_state (the 1 KiB register page)
 APIC_TPR = 0x80
+APIC_PPR = 0xA0  # processor priority: max(TPR, the ISR's highest class)
+APIC_SVR = 0xF0  # bit 8: the LAPIC is software-enabled (it accepts no interrupt otherwise)
 APIC_ISR = 0x100
 APIC_IRR = 0x200
 APIC_LVTT = 0x320
@@ -102,6 +104,8 @@ def vcpu_timers(vcpu: kvm.Vcpu) -> dict[str, Any]:
         "kvmclock_msr": hex(msrs.get(MSR_KVM_SYSTEM_TIME_NEW, 0)),
         "timer": timer,
         "tpr": _reg(page, APIC_TPR),
+        "ppr": _reg(page, APIC_PPR),
+        "apic_sw_enabled": bool(_reg(page, APIC_SVR) & 0x100),
         "irr": vectors(page, APIC_IRR),
         "isr": vectors(page, APIC_ISR),
     }
@@ -176,6 +180,10 @@ def describe(p: dict[str, Any]) -> str:
         if timer.startswith("tsc-deadline"):
             timer += f" in {v['deadline_in_ms']:g} ms" if "deadline_in_ms" in v else " not armed"
         tpr = f" tpr={v['tpr']:#x}" if v.get("tpr") else ""  # nonzero: it masks vectors below
+        if v.get("ppr"):
+            tpr += f" ppr={v['ppr']:#x}"
+        if v.get("apic_sw_enabled") is False:  # pending vectors are then never delivered
+            tpr += " apic-sw-disabled"
         exits = p.get("exits", {}).get(f"vcpu{i}", {})
         top = sorted(exits.items(), key=lambda kv: -kv[1])[:3]
         parts.append(

@@ -215,7 +215,6 @@ class Machine(MachineRecord):
         # The snapshot an in-place rollback returns to: its memory file (mapped privately
         # under guest RAM) and its state, device overlays included (see _set_rollback_base).
         self._base_state: dict[str, Any] | None = None
-        # the base's vCPU register loads, built on the first rollback to it (x86_state.VcpuRegisterLoad)
         # the rollback base's VM and vCPU state as ioctl arguments, built at the first rollback
         self._base_loads: tuple[x86_state.VmStateLoad, list[x86_state.VcpuRegisterLoad]] | None = (
             None
@@ -637,25 +636,26 @@ class Machine(MachineRecord):
                 "so it cannot be rolled back; take a snapshot first or restore without it"
             )
         t0 = time.perf_counter_ns()
-        base = self._base_state
-        with self._snap_lock, self._quiesced(resume is not False) as was_running:
-            with self._devices_locked():
-                pages, ranges = self._revert_memory()
-                t_mem = time.perf_counter_ns()
-                if self._base_loads is None:
-                    self._base_loads = (
-                        x86_state.VmStateLoad(base["vm"]),
-                        [x86_state.VcpuRegisterLoad(v) for v in base["vcpus"]],
-                    )
-                vm_load, vcpu_loads = self._base_loads
-                vm_load.apply(self.vm)
-                # Resumed at once: the vCPU threads' next KVM_RUN loads what can be staged.
-                stage = was_running and resume is not False
-                for r, load in zip(self.runners, vcpu_loads, strict=True):
-                    load.apply(r.vcpu, during="rollback", stage=stage)
-                self._load_device_state(base["devices"], base["devices"]["virtio"])
-            self._devices_after_restore()
-            t1 = time.perf_counter_ns()
+        with self._snap_lock:  # a snapshot replaces the base (and drops its loads) under it
+            base = self._base_state
+            if self._base_loads is None:  # built before the pause, not during it
+                self._base_loads = (
+                    x86_state.VmStateLoad(base["vm"]),
+                    [x86_state.VcpuRegisterLoad(v) for v in base["vcpus"]],
+                )
+            vm_load, vcpu_loads = self._base_loads
+            with self._quiesced(resume is not False) as was_running:
+                with self._devices_locked():
+                    pages, ranges = self._revert_memory()
+                    t_mem = time.perf_counter_ns()
+                    vm_load.apply(self.vm)
+                    # Resumed at once: the vCPU threads' next KVM_RUN loads what can be staged.
+                    stage = was_running and resume is not False
+                    for r, load in zip(self.runners, vcpu_loads, strict=True):
+                        load.apply(r.vcpu, during="rollback", stage=stage)
+                    self._load_device_state(base["devices"], base["devices"]["virtio"])
+                self._devices_after_restore()
+                t1 = time.perf_counter_ns()
         info = {
             "pages": pages,
             "ranges": ranges,
@@ -684,6 +684,8 @@ class Machine(MachineRecord):
         mem = self.mem
         acc = self._dirty_acc or [[] for _ in mem.regions]
         self._dirty_acc = acc  # filled in as each log is read
+        # The VMM's bits go into every region's runs before any KVM log is read: taking the
+        # bitmap cleared all of it, so a KVM read that fails must not lose them.
         vmm_bm = mem.take_vmm_dirty_bitmap()
         for slot, r in enumerate(mem.regions):
             first = r.gpa // PAGE_SIZE

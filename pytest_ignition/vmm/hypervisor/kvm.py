@@ -301,6 +301,14 @@ def _set_struct(fd: int, request: int, ctype: str, data: bytes, what: str) -> No
     _ioctl(fd, request, _from_bytes(ctype, data, what))
 
 
+def _clock_cdata(clock: ClockData, *, realtime: bool = False) -> Any:
+    """``KVM_SET_CLOCK``'s argument (``Vm.set_clock`` says what ``realtime`` does)."""
+    flags = KVM_CLOCK_REALTIME if realtime and clock.flags & KVM_CLOCK_REALTIME else 0
+    c = ffi.new("struct kvm_clock_data *", {"clock": clock.clock, "flags": flags})
+    c.realtime = clock.realtime
+    return c
+
+
 def _regs_cdata(regs: Regs | dict[str, int]) -> Any:
     if isinstance(regs, dict):
         regs = Regs.from_dict(regs)
@@ -696,10 +704,7 @@ class Vm:
         so restores and rollbacks do not ask for it (the agent's SYNC sets the wall clock)."""
         if isinstance(clock, int):
             clock = ClockData(clock)
-        flags = KVM_CLOCK_REALTIME if realtime and clock.flags & KVM_CLOCK_REALTIME else 0
-        c = ffi.new("struct kvm_clock_data *", {"clock": clock.clock, "flags": flags})
-        c.realtime = clock.realtime
-        _ioctl(self.fd, KVM_SET_CLOCK, c)
+        _ioctl(self.fd, KVM_SET_CLOCK, _clock_cdata(clock, realtime=realtime))
 
     def get_irqchip(self, chip_id: int) -> bytes:
         """Raw ``struct kvm_irqchip`` (520 bytes) of PIC master (0), PIC slave (1) or IOAPIC (2)."""

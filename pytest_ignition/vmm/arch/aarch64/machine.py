@@ -412,13 +412,10 @@ class Aarch64Machine(MachineRecord):
                 f"{vm.granule // 1024} KiB granule (try {size >> 20} MiB)"
             )
         restoring = self._restore is not None
-        fd = -1  # a restore: the memory file RAM is privately mapped from, kept open
+        # a restore: the memory file RAM is privately mapped from, kept open for rollback
+        fd = _open_base_memory(self._restore.memory_path, size) if restoring else -1
         try:
             if restoring:
-                path = self._restore.memory_path
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                if os.fstat(fd).st_size != size:
-                    raise MachineError(f"{path}: not {size} bytes")
                 mm = mmap.mmap(
                     fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
                 )
@@ -731,13 +728,13 @@ class Aarch64Machine(MachineRecord):
             with contextlib.suppress(Exception):
                 vm.destroy()
             self.vm = None
-        if self._mm is not None:
-            with contextlib.suppress(BufferError, ValueError):
-                self._mm.close()
-            self._mm = None
         if self.mem is not None:
             with contextlib.suppress(OSError):
-                self.mem.set_backing(-1)  # the rollback base's memory file
+                self.mem.close()  # its one region is self._mm, and the rollback base's file
+        elif self._mm is not None:  # GuestMemory was never made around it
+            with contextlib.suppress(BufferError, ValueError):
+                self._mm.close()
+        self._mm = None
         self.mem = None
 
     def __enter__(self) -> Aarch64Machine:

@@ -36,6 +36,7 @@ from ...hypervisor.kvm import (
     KvmError,
     Vcpu,
     Vm,
+    _clock_cdata,
     _from_bytes,
     _ioctl,
     _msrs_cdata,
@@ -311,9 +312,7 @@ class VmStateLoad:
             raise ValueError(f"VM state version {state.get('version')!r}, need {VM_STATE_VERSION}")
         self.irqchips = [_from_bytes("struct kvm_irqchip", c, "irqchip") for c in state["irqchips"]]
         self.pit2 = _from_bytes("struct kvm_pit_state2", state["pit2"], "pit_state2")
-        clock = ClockData.from_dict(state["clock"])
-        self.clock = ffi.new("struct kvm_clock_data *", {"clock": clock.clock, "flags": 0})
-        self.clock.realtime = clock.realtime
+        self.clock = _clock_cdata(ClockData.from_dict(state["clock"]))
 
     def apply(self, vm: Vm) -> None:
         fd = vm.fd
